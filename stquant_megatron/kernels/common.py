@@ -1,0 +1,85 @@
+"""What the Triton kernel and its PyTorch twin share: scalar preparation and the RNG hash.
+
+Both paths take the same fp32-rounded scalars, computed once on the host here, so their
+arithmetic is identical operation for operation.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from typing import NamedTuple
+
+MASK32 = 0xFFFFFFFF
+# lowbias32 multipliers (C. Wellons, "Hash Prospector"): a 32-bit integer hash with good avalanche.
+HASH_MUL1 = 0x7FEB352D
+HASH_MUL2 = 0x846CA68B
+# Salts that give each moment its own random stream.
+SALT_EXP_AVG = 0x3C6EF372
+SALT_EXP_AVG_SQ = 0x1B873593
+
+
+def f32(x: float) -> float:
+    """Round a Python float to the nearest fp32 value (what a Triton fp32 scalar argument holds)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+class StepScalars(NamedTuple):
+    """Per-step scalars of one Adam update, already rounded to fp32."""
+
+    beta1: float
+    one_minus_beta1: float
+    beta2: float
+    one_minus_beta2: float
+    eps: float
+    l2: float
+    """L2 weight decay added to the gradient (Adam); 0 for AdamW."""
+    decay: float
+    """Decoupled weight-decay factor 1 - lr * wd (AdamW); 1 for Adam."""
+    step_size: float
+    """lr / (1 - beta1**step)."""
+    inv_bias_correction2_sqrt: float
+    """1 / sqrt(1 - beta2**step) (a multiplier: PyTorch divides by a scalar through its
+    reciprocal, so a division here could not be matched bit for bit)."""
+
+
+def step_scalars(
+    *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int, adamw: bool
+) -> StepScalars:
+    return StepScalars(
+        beta1=f32(beta1),
+        one_minus_beta1=f32(1.0 - beta1),
+        beta2=f32(beta2),
+        one_minus_beta2=f32(1.0 - beta2),
+        eps=f32(eps),
+        l2=0.0 if adamw else f32(weight_decay),
+        decay=f32(1.0 - lr * weight_decay) if adamw else 1.0,
+        step_size=f32(lr / (1.0 - beta1**step)),
+        inv_bias_correction2_sqrt=f32(1.0 / math.sqrt(1.0 - beta2**step)),
+    )
+
+
+def mix32(x: int) -> int:
+    """lowbias32 on a Python int (host side of the RNG)."""
+    x &= MASK32
+    x ^= x >> 16
+    x = (x * HASH_MUL1) & MASK32
+    x ^= x >> 15
+    x = (x * HASH_MUL2) & MASK32
+    x ^= x >> 16
+    return x
+
+
+def unit_id(name: str) -> int:
+    """A 32-bit id of a unit name, identical on every rank and across runs."""
+    return zlib.crc32(name.encode())
+
+
+def rng_key(seed: int, step: int, unit: int, salt: int) -> int:
+    """The 32-bit key of one (seed, step, unit, moment) random stream.
+
+    The per-element random number is ``hash(key, global element index)`` (see ``uniform``
+    in the kernels), so it does not depend on how the tensor is sharded or chunked.
+    """
+    return mix32(mix32(mix32(mix32(seed) ^ step) ^ unit) ^ salt)

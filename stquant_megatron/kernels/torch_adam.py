@@ -1,0 +1,224 @@
+"""PyTorch twin of the fused packed-Adam step: the CPU path and the reference.
+
+``torch_packed_adam_step`` has the same signature as ``triton_packed_adam_step``
+(``kernels/triton_adam.py``) and produces the same packed codes, bit for bit. It walks a unit in
+chunks of whole blocks; per chunk it unpacks and dequantizes both moments, applies the Adam or
+AdamW update to the parameter, requantizes and packs. Temporaries are O(chunk), never a whole
+fp32 moment tensor.
+
+Per chunk the work is one function, ``_adam_chunk``. Eagerly it runs as a sequence of PyTorch
+ops; ``compile=True`` fuses it with ``torch.compile`` (one graph per (bits, bits, rounding,
+stats) combination; shapes are dynamic, runtime scalars are tensors so nothing recompiles per
+step).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..formats.packing import pack_codes, unpack_codes
+from ..formats.codebooks import Codebook, level_values
+from .common import HASH_MUL1, HASH_MUL2, MASK32, StepScalars
+
+CHUNK_ELEMENTS = 1 << 18  # 256K elements: fp32 temporaries of 1 MiB, cache friendly on CPU
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = (x * HASH_MUL1) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * HASH_MUL2) & MASK32
+    return x ^ (x >> 16)
+
+
+def uniform(index: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Counter-based uniform [0, 1) from int64 global element indices and a 32-bit key."""
+    h = _mix32((index & MASK32) ^ key)
+    h = _mix32(h ^ (index >> 32))
+    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded fp32 square root (Triton's ``sqrt_rn``).
+
+    PyTorch's CPU fp32 ``sqrt`` is vectorized with a 1-ulp approximation; the square root of an
+    fp32 value taken in fp64 and rounded back is exact (fp64 has more than 2 * 24 + 2 bits).
+    """
+    if x.device.type == "cpu":
+        return torch.sqrt(x.to(torch.float64)).to(torch.float32)
+    return torch.sqrt(x)
+
+
+def encode(x: torch.Tensor, cb: Codebook, u: torch.Tensor | None) -> torch.Tensor:
+    """Normalized fp32 values -> uint8 codes (nearest if ``u`` is None, else stochastic)."""
+    bits = cb.bits
+    if cb.kind == "log":
+        lo = torch.searchsorted(cb.bounds, x, right=True).clamp_max(cb.levels - 2)
+        qlo, qhi = cb.qmap[lo], cb.qmap[lo + 1]
+        lo = lo.to(torch.float32)
+    else:
+        if cb.signed:
+            top = float(2 ** (bits - 1) - 1)
+            t = x * top if cb.kind == "linear" else sqrt_rn(x.abs()) * top * torch.where(x < 0, -1.0, 1.0)
+            lo = torch.floor(t).clamp(-top, top - 1.0)
+        else:
+            n = float(2**bits)
+            t = (x if cb.kind == "linear" else sqrt_rn(x)) * n - 1.0
+            lo = torch.floor(t).clamp(0.0, n - 2.0)
+        qlo = level_values(lo, cb.kind, bits, cb.signed)
+        qhi = level_values(lo + 1.0, cb.kind, bits, cb.signed)
+    if u is None:
+        up = (x - qlo) > (qhi - x)
+    else:
+        up = u < (x - qlo) / (qhi - qlo)
+    return (lo + up.to(torch.float32) + float(cb.offset)).to(torch.uint8)
+
+
+def decode(codes: torch.Tensor, cb: Codebook) -> torch.Tensor:
+    """uint8 codes -> normalized fp32 values."""
+    if cb.kind == "log":
+        return cb.qmap[codes.to(torch.int64)]
+    return level_values(codes.to(torch.float32) - float(cb.offset), cb.kind, cb.bits, cb.signed)
+
+
+def quantize_blocks(
+    x: torch.Tensor, cb: Codebook, scale_dtype: torch.dtype, u: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``[nb, block]`` -> (uint8 codes ``[nb, block]``, absmax scale ``[nb]``)."""
+    absmax = x.abs().amax(1) if cb.signed else x.amax(1)
+    scale = absmax.to(scale_dtype)
+    s = scale.to(torch.float32)
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    return encode(x / s[:, None], cb, u), scale
+
+
+def dequantize_blocks(codes: torch.Tensor, scale: torch.Tensor, cb: Codebook) -> torch.Tensor:
+    """uint8 codes ``[nb, block]`` and scale ``[nb]`` -> fp32 ``[nb, block]``."""
+    return decode(codes, cb) * scale.to(torch.float32)[:, None]
+
+
+def _adam_chunk(
+    p: torch.Tensor,  # fp32 [nb, block]
+    g: torch.Tensor,  # fp32 or bf16 [nb, block]
+    mc: torch.Tensor,  # uint8 [nb, m_bits, block/8]
+    ms: torch.Tensor,  # [nb]
+    vc: torch.Tensor,
+    vs: torch.Tensor,
+    mcb: Codebook,
+    vcb: Codebook,
+    hyper: torch.Tensor,  # fp32 [10], StepScalars order
+    first_index: torch.Tensor,  # int64 0-d: global index of p[0, 0]
+    keys: torch.Tensor,  # int64 [2]: RNG keys for exp_avg, exp_avg_sq
+    valid: torch.Tensor,  # int64 0-d: elements of the chunk inside the tensor
+    stochastic: bool,
+    with_stats: bool,
+    has_tail: bool,
+):
+    beta1, omb1, beta2, omb2, eps, l2, decay, step_size, inv_bc2 = (hyper[i] for i in range(9))
+    g = g.to(torch.float32)
+    g = g + p * l2
+    m = dequantize_blocks(unpack_codes(mc, mcb.bits), ms, mcb)
+    v = dequantize_blocks(unpack_codes(vc, vcb.bits), vs, vcb)
+    m = m * beta1 + g * omb1
+    v = v * beta2 + (g * g) * omb2
+    p = p * decay
+    denom = sqrt_rn(v) * inv_bc2 + eps
+    p = p - (m / denom) * step_size
+    offset = torch.arange(p.numel(), device=p.device).view(p.shape)
+    if has_tail:  # padding past the tensor's end holds zero moments, so it never sets a scale
+        inside = offset < valid
+        m = torch.where(inside, m, 0.0)
+        v = torch.where(inside, v, 0.0)
+    if stochastic:
+        index = first_index + offset
+        um, uv = uniform(index, keys[0]), uniform(index, keys[1])
+    else:
+        um = uv = None
+    m_codes, m_scale = quantize_blocks(m, mcb, ms.dtype, um)
+    v_codes, v_scale = quantize_blocks(v, vcb, vs.dtype, uv)
+    stats = None
+    if with_stats:
+        # Damage of each moment's quantization to the update direction U = m / denom.
+        mq = dequantize_blocks(m_codes, m_scale, mcb)
+        vq = dequantize_blocks(v_codes, v_scale, vcb)
+        ref = m / denom
+        err_m = mq / denom - ref
+        err_v = m / (sqrt_rn(vq) * inv_bc2 + eps) - ref
+        stats = torch.stack([(err_m * err_m).sum(), (err_v * err_v).sum(), (ref * ref).sum()])
+    return p, pack_codes(m_codes, mcb.bits), m_scale, pack_codes(v_codes, vcb.bits), v_scale, stats
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_adam_chunk():
+    return torch.compile(_adam_chunk, dynamic=True, fullgraph=True)
+
+
+def torch_packed_adam_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg_codes: torch.Tensor,
+    exp_avg_scale: torch.Tensor,
+    exp_avg_sq_codes: torch.Tensor,
+    exp_avg_sq_scale: torch.Tensor,
+    exp_avg_codebook,
+    exp_avg_sq_codebook,
+    scalars: StepScalars,
+    *,
+    block_size: int,
+    stochastic: bool = False,
+    rng_keys: tuple[int, int] = (0, 0),
+    index_offset: int = 0,
+    stats: torch.Tensor | None = None,
+    compile: bool = False,
+) -> None:
+    """One fused Adam/AdamW step on a packed unit, in place.
+
+    Args:
+        param: the fp32 (or bf16) parameter, any shape, contiguous; updated in place.
+        grad: its gradient, same numel, fp32 or bf16.
+        exp_avg_codes / exp_avg_sq_codes: uint8 ``[num_blocks, bits, block_size // 8]``; updated.
+        exp_avg_scale / exp_avg_sq_scale: fp32 or bf16 ``[num_blocks]``; updated.
+        exp_avg_codebook / exp_avg_sq_codebook: ``formats.codebooks.Codebook`` on the device.
+        scalars: ``kernels.common.step_scalars(...)``.
+        block_size: elements per scale block (power of two, >= 32).
+        stochastic: stochastic instead of nearest rounding.
+        rng_keys: 32-bit keys of the (exp_avg, exp_avg_sq) random streams this step.
+        index_offset: global index of ``param``'s first element within its unit (shards).
+        stats: fp32 ``[3]`` or None; if given, adds (sum err_m^2, sum err_v^2, sum U^2) to it.
+        compile: run each chunk through ``torch.compile`` (PyTorch path only; ignored by Triton).
+    """
+    mcb, vcb = exp_avg_codebook, exp_avg_sq_codebook
+    assert exp_avg_codes.shape[1] == mcb.bits and exp_avg_sq_codes.shape[1] == vcb.bits
+    dev = param.device
+    hyper = torch.tensor(list(scalars), dtype=torch.float32, device=dev)
+    keys = torch.tensor(rng_keys, dtype=torch.int64, device=dev)
+    fn = _compiled_adam_chunk() if compile else _adam_chunk
+    flat_p, flat_g = param.view(-1), grad.view(-1)
+    numel = flat_p.numel()
+    nblocks = exp_avg_codes.shape[0]
+    chunk_blocks = max(1, CHUNK_ELEMENTS // block_size)
+    for b0 in range(0, nblocks, chunk_blocks):
+        b1 = min(nblocks, b0 + chunk_blocks)
+        e0, e1 = b0 * block_size, min(numel, b1 * block_size)
+        p, g = flat_p[e0:e1], flat_g[e0:e1]
+        pad = (b1 - b0) * block_size - (e1 - e0)
+        if pad:  # the unit's last, partial block
+            p = torch.nn.functional.pad(p, (0, pad))
+            g = torch.nn.functional.pad(g, (0, pad))
+        p32 = p.to(torch.float32).view(b1 - b0, block_size)
+        first = torch.tensor(index_offset + e0, dtype=torch.int64, device=dev)
+        valid = torch.tensor(e1 - e0, dtype=torch.int64, device=dev)
+        new_p, mc, ms, vc, vs, st = fn(
+            p32, g.view(b1 - b0, block_size),
+            exp_avg_codes[b0:b1], exp_avg_scale[b0:b1], exp_avg_sq_codes[b0:b1], exp_avg_sq_scale[b0:b1],
+            mcb, vcb, hyper, first, keys, valid, stochastic, stats is not None, pad > 0,
+        )  # fmt: skip
+        flat_p[e0:e1].copy_(new_p.view(-1)[: e1 - e0])
+        exp_avg_codes[b0:b1].copy_(mc)
+        exp_avg_scale[b0:b1].copy_(ms)
+        exp_avg_sq_codes[b0:b1].copy_(vc)
+        exp_avg_sq_scale[b0:b1].copy_(vs)
+        if st is not None:
+            stats.add_(st)
