@@ -222,3 +222,20 @@ def torch_packed_adam_step(
         exp_avg_sq_scale[b0:b1].copy_(vs)
         if st is not None:
             stats.add_(st)
+
+
+def dense_adam_step(
+    param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, scalars: StepScalars
+) -> None:
+    """Adam/AdamW on fp32 moments (units below ``min_numel``), with the fused step's arithmetic."""
+    beta1, omb1, beta2, omb2, eps, l2, decay, step_size, inv_bc2 = scalars
+    p = param.to(torch.float32)
+    g = grad.to(torch.float32)
+    if l2:
+        g = g + p * l2
+    exp_avg.mul_(beta1).add_(g * omb1)
+    exp_avg_sq.mul_(beta2).add_((g * g) * omb2)
+    if decay != 1.0:
+        p = p * decay
+    p = p - (exp_avg / (sqrt_rn(exp_avg_sq) * inv_bc2 + eps)) * step_size
+    param.copy_(p)

@@ -1,0 +1,301 @@
+"""``STQuantAdamW``: Adam/AdamW with packed variable-bit moments, for any PyTorch model.
+
+Each parameter with at least ``config.min_numel`` elements keeps ``exp_avg`` and ``exp_avg_sq``
+as ``PackedState`` (b-bit codes + block scales); smaller ones keep fp32 moments. A step is one
+fused pass per parameter (``kernels``): unpack, dequantize, update, requantize, pack.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from .config import MOMENTS, STQuantConfig
+from .kernels import get_step_fn, rng_key, step_scalars, unit_id
+from .kernels.common import SALT_EXP_AVG, SALT_EXP_AVG_SQ
+from .kernels.torch_adam import dense_adam_step
+from .state import _SCALE_DTYPES, PackedState
+
+STATE_FORMAT_VERSION = 1
+_SALTS = (SALT_EXP_AVG, SALT_EXP_AVG_SQ)
+
+
+class NonFiniteGradError(ValueError):
+    """A step saw NaN or Inf gradients; nothing was changed."""
+
+
+class STQuantAdamW(torch.optim.Optimizer):
+    """AdamW (or Adam with L2 decay) whose moments live in packed 2-8 bit buffers.
+
+    Args:
+        params: parameters, ``named_parameters()`` (names then key the units), or param groups.
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW``; per-group values work the same.
+        config: ``STQuantConfig`` (bits, block size, rounding, ...); default ``STQuantConfig()``.
+        decoupled_weight_decay: True = AdamW; False = Adam with L2 weight decay added to the grad.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        *,
+        config: STQuantConfig | None = None,
+        decoupled_weight_decay: bool = True,
+    ):
+        if not (isinstance(lr, float | int) and lr >= 0):
+            raise ValueError(f"Invalid learning rate: {lr!r} (must be a float >= 0)")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"Invalid betas: {betas!r} (each must be in [0, 1))")
+        if not eps >= 0.0:
+            raise ValueError(f"Invalid eps: {eps!r} (must be >= 0)")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"Invalid weight_decay: {weight_decay!r} (must be >= 0)")
+        if config is not None and not isinstance(config, STQuantConfig):
+            raise TypeError(f"config must be an STQuantConfig, got {type(config).__name__}")
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay
+        )
+        super().__init__(params, defaults)
+        self.config = config or STQuantConfig()
+        self._names: dict[int, tuple[str, int]] = {}
+        self.stats: dict[torch.Tensor, torch.Tensor] = {}
+        """Per-parameter fp32 [3] sums (err exp_avg, err exp_avg_sq, |U|^2) while ``collect_stats``."""
+        self.collect_stats = False
+
+    # ----------------------------------------------------------------------------- naming
+    def set_param_name(self, param: torch.Tensor, name: str, index_offset: int = 0) -> None:
+        """Name ``param``'s units (``name.exp_avg``, ``name.exp_avg_sq``).
+
+        ``index_offset`` is the global index of ``param``'s first element in the full tensor
+        when ``param`` is a shard, so stochastic rounding does not depend on the sharding.
+        """
+        self._names[id(param)] = (name, index_offset)
+
+    def param_name(self, param: torch.Tensor) -> str:
+        return self._naming(param)[0]
+
+    def _naming(self, param: torch.Tensor) -> tuple[str, int]:
+        if id(param) in self._names:
+            return self._names[id(param)]
+        index = 0
+        for group in self.param_groups:
+            names = group.get("param_names")
+            for i, p in enumerate(group["params"]):
+                if p is param:
+                    return (names[i] if names else f"param{index}"), 0
+                index += 1
+        raise KeyError("parameter is not managed by this optimizer")
+
+    def _params(self):
+        for group in self.param_groups:
+            yield from ((group, p) for p in group["params"])
+
+    # ----------------------------------------------------------------------------- state
+    def _is_packed(self, param: torch.Tensor) -> bool:
+        return param.numel() >= max(1, self.config.min_numel)
+
+    def init_state(self, param: torch.Tensor | None = None) -> None:
+        """Create the (zero) state of ``param``, or of every parameter, now rather than at the first step."""
+        for _, p in self._params() if param is None else [(None, param)]:
+            if not self.state[p]:
+                self._init_state(p)
+
+    def _init_state(self, p: torch.Tensor) -> dict[str, Any]:
+        cfg, st = self.config, self.state[p]
+        st["step"] = torch.tensor(0.0, dtype=torch.float32)
+        for moment in MOMENTS:
+            if self._is_packed(p):
+                bits = cfg.moment_bits(moment)
+                st[moment] = PackedState.zeros(
+                    p.numel(), bits=bits, kind=cfg.codebook(moment, bits), signed=moment == "exp_avg",
+                    block_size=cfg.block_size, scale_dtype=_SCALE_DTYPES[cfg.scale_dtype], device=p.device,
+                )  # fmt: skip
+            else:
+                st[moment] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        return st
+
+    def state_bytes(self) -> int:
+        """Exact bytes of all optimizer-state storage allocated now (codes, scales, fp32 escapes, steps)."""
+        total = 0
+        for st in self.state.values():
+            for v in st.values():
+                if isinstance(v, PackedState):
+                    total += v.nbytes
+                elif torch.is_tensor(v):
+                    total += v.numel() * v.element_size()
+        return total
+
+    def unit_bits(self) -> dict[str, int]:
+        """``{"<param name>.<moment>": bits}`` for every unit; fp32 escapes report 32."""
+        out = {}
+        for _, p in self._params():
+            name = self.param_name(p)
+            st = self.state.get(p) or {}
+            for moment in MOMENTS:
+                v = st.get(moment)
+                if isinstance(v, PackedState):
+                    out[f"{name}.{moment}"] = v.bits
+                elif v is not None or not self._is_packed(p):
+                    out[f"{name}.{moment}"] = 32
+                else:
+                    out[f"{name}.{moment}"] = self.config.moment_bits(moment)
+        return out
+
+    # ----------------------------------------------------------------------------- step
+    def _check_finite(self, work: list) -> bool:
+        """True if every gradient is finite. One host sync for all gradients."""
+        by_key: dict[tuple, list[torch.Tensor]] = {}
+        for _, _, g in work:
+            by_key.setdefault((g.device, g.dtype), []).append(g)
+        maxes = [n.float() for gs in by_key.values() for n in torch._foreach_norm(gs, math.inf)]
+        if bool(torch.isfinite(torch.stack([m.cpu() for m in maxes])).all()):
+            return True
+        bad = [self.param_name(p) for _, p, g in work if not bool(torch.isfinite(g).all())]
+        msg = (
+            f"non-finite gradient (NaN or Inf) in {len(bad)} parameter(s): {bad[:5]}"
+            f"{' ...' if len(bad) > 5 else ''}; the optimizer state and parameters were left unchanged"
+        )
+        if self.config.nonfinite == "raise":
+            raise NonFiniteGradError(
+                msg + ". Lower the learning rate, clip gradients, or set STQuantConfig(nonfinite='skip') to skip such steps"
+            )
+        warnings.warn(msg + "; step skipped (STQuantConfig.nonfinite='skip')", RuntimeWarning, stacklevel=3)
+        return False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = []
+        for group, p in self._params():
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("STQuantAdamW does not support sparse gradients; use torch.optim.SparseAdam")
+            if not p.is_floating_point():
+                raise TypeError(f"parameter {self.param_name(p)!r} has dtype {p.dtype}; STQuantAdamW needs a float parameter")
+            work.append((group, p, p.grad))
+        if not work or (self.config.nonfinite != "unchecked" and not self._check_finite(work)):
+            return loss
+        cfg = self.config
+        for group, p, g in work:
+            st = self.state[p] or self._init_state(p)
+            st["step"] += 1
+            step = int(st["step"].item())  # a CPU tensor: no device sync
+            beta1, beta2 = group["betas"]
+            scalars = step_scalars(
+                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                step=step, adamw=group.get("decoupled_weight_decay", True),
+            )  # fmt: skip
+            m, v = st["exp_avg"], st["exp_avg_sq"]
+            if not isinstance(m, PackedState):
+                dense_adam_step(p, g, m, v, scalars)
+                continue
+            name, offset = self._naming(p)
+            uid = unit_id(name)
+            stats = None
+            if self.collect_stats:
+                stats = self.stats.setdefault(p, torch.zeros(3, dtype=torch.float32, device=p.device))
+            target = p if p.is_contiguous() else p.contiguous()
+            get_step_fn(cfg.backend, p.device)(
+                target, g.contiguous(), m.codes, m.scale, v.codes, v.scale, m.codebook, v.codebook, scalars,
+                block_size=m.block_size, stochastic=cfg.stochastic_rounding,
+                rng_keys=tuple(rng_key(cfg.seed, step, uid, s) for s in _SALTS),
+                index_offset=offset, stats=stats, compile=cfg.compile,
+            )  # fmt: skip
+            if target is not p:
+                p.copy_(target)
+        return loss
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Like ``torch.optim`` state dicts; packed moments become dicts of tensors and plain values."""
+        sd = super().state_dict()
+        sd["state"] = {
+            k: {key: (v.to_dict() if isinstance(v, PackedState) else v) for key, v in st.items()}
+            for k, st in sd["state"].items()
+        }
+        sd["stquant"] = {"format_version": STATE_FORMAT_VERSION, "config": self.config.to_dict()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of this optimizer, or of ``torch.optim.AdamW`` / ``Adam`` (dense moments
+        are quantized). Everything is validated first: on error the optimizer is left as it was."""
+        meta = state_dict.get("stquant")
+        if meta is not None and meta.get("format_version") != STATE_FORMAT_VERSION:
+            raise ValueError(
+                f"checkpoint has stquant format_version={meta.get('format_version')!r}; this version reads "
+                f"{STATE_FORMAT_VERSION}. Load it with the stquant-megatron version that wrote it"
+            )
+        groups, saved_groups = self.param_groups, state_dict.get("param_groups", [])
+        if len(groups) != len(saved_groups) or any(
+            len(a["params"]) != len(b["params"]) for a, b in zip(groups, saved_groups)
+        ):
+            raise ValueError(
+                f"checkpoint has {len(saved_groups)} param groups of sizes {[len(g['params']) for g in saved_groups]}, "
+                f"this optimizer {len(groups)} of sizes {[len(g['params']) for g in groups]}: build the optimizer "
+                "over the same parameters in the same order"
+            )
+        id_map = {
+            sid: p for a, b in zip(groups, saved_groups) for sid, p in zip(b["params"], a["params"])
+        }  # fmt: skip
+        moments: dict[tuple[torch.Tensor, str], Any] = {}
+        stripped = {}
+        for k, st in state_dict.get("state", {}).items():
+            if k not in id_map:
+                raise ValueError(f"checkpoint state refers to parameter index {k!r}, which no param group lists")
+            p = id_map[k]
+            st = dict(st)
+            for key in MOMENTS:
+                if key in st:
+                    moments[(p, key)] = self._load_moment(p, key, st.pop(key))
+            stripped[k] = st
+        old_state, old_groups = self.state, [dict(g) for g in self.param_groups]
+        self_state_copy = copy.copy(old_state)
+        try:
+            super().load_state_dict({**state_dict, "state": stripped})
+            for (p, key), value in moments.items():
+                self.state[p][key] = value
+            for st in self.state.values():
+                if "step" in st and torch.is_tensor(st["step"]):
+                    st["step"] = st["step"].detach().to(device="cpu", dtype=torch.float32)
+        except Exception:
+            self.state = self_state_copy
+            for g, old in zip(self.param_groups, old_groups):
+                g.clear()
+                g.update(old)
+            raise
+
+    def _load_moment(self, p: torch.Tensor, key: str, value: Any):
+        name = self.param_name(p)
+        if isinstance(value, dict):
+            state = PackedState.from_dict(value, p.device)
+            if state.numel != p.numel() or state.signed != (key == "exp_avg"):
+                raise ValueError(
+                    f"checkpoint {key} of {name!r} has numel={state.numel}, signed={state.signed}; "
+                    f"the parameter has numel={p.numel()}: the checkpoint belongs to another model"
+                )
+            return state
+        if not torch.is_tensor(value) or value.numel() != p.numel() or not value.is_floating_point():
+            got = (tuple(value.shape), value.dtype) if torch.is_tensor(value) else type(value).__name__
+            raise ValueError(f"checkpoint {key} of {name!r} should be a float tensor of {p.numel()} elements; got {got}")
+        if not self._is_packed(p):
+            return value.detach().to(device=p.device, dtype=torch.float32).reshape(p.shape).clone()
+        if key == "exp_avg_sq" and bool((value < 0).any()):
+            raise ValueError(f"checkpoint exp_avg_sq of {name!r} has negative values: it is not a second moment")
+        cfg, bits = self.config, self.config.moment_bits(key)
+        state = PackedState.zeros(
+            p.numel(), bits=bits, kind=cfg.codebook(key, bits), signed=key == "exp_avg",
+            block_size=cfg.block_size, scale_dtype=_SCALE_DTYPES[cfg.scale_dtype], device=p.device,
+        )  # fmt: skip
+        return state.copy_(value)

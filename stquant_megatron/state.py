@@ -1,0 +1,129 @@
+"""``PackedState``: one moment of one parameter (shard) in packed b-bit form.
+
+Holds ``codes`` (uint8 bit planes, see ``formats/packing.py``), ``scale`` (one absmax per block),
+and the codebook. Every width 2..8 uses this one class. Conversions to and from dense fp32 walk
+the tensor chunk by chunk, so they never hold more than one chunk in fp32 besides the output.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .formats.codebooks import Codebook, get_codebook
+from .formats.packing import num_blocks, pack_codes, unpack_codes
+from .kernels.torch_adam import CHUNK_ELEMENTS, dequantize_blocks, quantize_blocks
+
+_SCALE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class PackedState:
+    """A packed moment: ``codes`` uint8 ``[num_blocks, bits, block_size // 8]``, ``scale`` ``[num_blocks]``."""
+
+    __slots__ = ("codes", "scale", "codebook", "numel", "block_size")
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, codebook: Codebook, numel: int, block_size: int):
+        self.codes, self.scale, self.codebook = codes, scale, codebook
+        self.numel, self.block_size = numel, block_size
+
+    @classmethod
+    def zeros(
+        cls, numel: int, *, bits: int, kind: str, signed: bool, block_size: int,
+        scale_dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+    ) -> PackedState:  # fmt: skip
+        """An all-zero moment (zero scales decode to exact zeros whatever the codebook)."""
+        nb = num_blocks(numel, block_size)
+        codes = torch.zeros((nb, bits, block_size // 8), dtype=torch.uint8, device=device)
+        scale = torch.zeros(nb, dtype=scale_dtype, device=device)
+        return cls(codes, scale, get_codebook(kind, bits, signed, torch.device(device)), numel, block_size)
+
+    @property
+    def bits(self) -> int:
+        return self.codebook.bits
+
+    @property
+    def signed(self) -> bool:
+        return self.codebook.signed
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes actually allocated: codes plus scales."""
+        return self.codes.numel() * self.codes.element_size() + self.scale.numel() * self.scale.element_size()
+
+    def _chunks(self):
+        step = max(1, CHUNK_ELEMENTS // self.block_size)
+        for b0 in range(0, self.codes.shape[0], step):
+            b1 = min(self.codes.shape[0], b0 + step)
+            yield b0, b1, b0 * self.block_size, min(self.numel, b1 * self.block_size)
+
+    def dequantize(self) -> torch.Tensor:
+        """Dense fp32 values, shape ``[numel]``."""
+        out = torch.empty(self.numel, dtype=torch.float32, device=self.codes.device)
+        for b0, b1, e0, e1 in self._chunks():
+            x = dequantize_blocks(unpack_codes(self.codes[b0:b1], self.bits), self.scale[b0:b1], self.codebook)
+            out[e0:e1] = x.view(-1)[: e1 - e0]
+        return out
+
+    def copy_(self, dense: torch.Tensor) -> PackedState:
+        """Quantize ``dense`` (numel elements, any float dtype) into this state, nearest rounding."""
+        flat = dense.reshape(-1)
+        if flat.numel() != self.numel:
+            raise ValueError(f"cannot load {flat.numel()} values into a packed state of {self.numel} elements")
+        for b0, b1, e0, e1 in self._chunks():
+            x = flat[e0:e1].to(device=self.codes.device, dtype=torch.float32)
+            x = torch.nn.functional.pad(x, (0, (b1 - b0) * self.block_size - (e1 - e0)))
+            codes, scale = quantize_blocks(x.view(b1 - b0, self.block_size), self.codebook, self.scale.dtype)
+            self.codes[b0:b1] = pack_codes(codes, self.bits)
+            self.scale[b0:b1] = scale
+        return self
+
+    def requantize(self, bits: int, kind: str) -> None:
+        """Re-code in place at a new width: dequantize at the old width, quantize at the new one.
+
+        The new codes are allocated once; the conversion goes chunk by chunk, so the scratch
+        memory besides the new codes is one chunk, not the tensor.
+        """
+        new = PackedState.zeros(
+            self.numel, bits=bits, kind=kind, signed=self.signed, block_size=self.block_size,
+            scale_dtype=self.scale.dtype, device=self.codes.device,
+        )  # fmt: skip
+        for b0, b1, _, _ in self._chunks():
+            x = dequantize_blocks(unpack_codes(self.codes[b0:b1], self.bits), self.scale[b0:b1], self.codebook)
+            codes, scale = quantize_blocks(x, new.codebook, new.scale.dtype)
+            new.codes[b0:b1] = pack_codes(codes, bits)
+            new.scale[b0:b1] = scale
+        self.codes, self.scale, self.codebook = new.codes, new.scale, new.codebook
+
+    def to_dict(self) -> dict[str, Any]:
+        """Tensors and plain values only: loads with ``torch.load(..., weights_only=True)``."""
+        return {
+            "codes": self.codes, "scale": self.scale, "bits": self.bits, "codebook": self.codebook.kind,
+            "signed": self.signed, "numel": self.numel, "block_size": self.block_size,
+        }  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], device: torch.device) -> PackedState:
+        """Rebuild from ``to_dict()``; raises ValueError on any inconsistency."""
+        try:
+            bits, kind, signed = int(d["bits"]), str(d["codebook"]), bool(d["signed"])
+            numel, block_size = int(d["numel"]), int(d["block_size"])
+            codes, scale = d["codes"], d["scale"]
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"packed state entry is malformed ({e!r}); keys found: {sorted(d)}") from None
+        cb = get_codebook(kind, bits, signed, device)
+        nb = num_blocks(numel, block_size)
+        want = (nb, bits, block_size // 8)
+        if not torch.is_tensor(codes) or codes.dtype != torch.uint8 or tuple(codes.shape) != want:
+            got = (codes.dtype, tuple(codes.shape)) if torch.is_tensor(codes) else type(codes)
+            raise ValueError(f"packed codes should be uint8 {want} for numel={numel}, bits={bits}; got {got}")
+        if not torch.is_tensor(scale) or scale.dtype not in _SCALE_DTYPES.values() or tuple(scale.shape) != (nb,):
+            got = (scale.dtype, tuple(scale.shape)) if torch.is_tensor(scale) else type(scale)
+            raise ValueError(f"packed scale should be fp32/bf16 ({nb},); got {got}")
+        return cls(codes.to(device).contiguous(), scale.to(device).contiguous(), cb, numel, block_size)
+
+    def __repr__(self) -> str:
+        return (
+            f"PackedState(numel={self.numel}, bits={self.bits}, codebook={self.codebook.kind!r}, "
+            f"signed={self.signed}, block_size={self.block_size}, scale={self.scale.dtype}, nbytes={self.nbytes})"
+        )
