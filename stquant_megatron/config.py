@@ -8,12 +8,11 @@ from typing import Any, Literal
 
 from .formats.codebooks import KINDS, LOG_STEP, MAX_BITS, MIN_BITS
 
-# Codebook per (moment, bits) when the config says "auto"; chosen from measured update-direction
-# error on real moments (benchmarks/codebooks.py).
-AUTO_CODEBOOK = {
-    "exp_avg": {2: "linear", 3: "linear", 4: "pow2", 5: "pow2", 6: "pow2", 7: "pow2", 8: "pow2"},
-    "exp_avg_sq": {2: "log", 3: "log", 4: "log", 5: "pow2", 6: "pow2", 7: "pow2", 8: "pow2"},
-}
+# Codebook per (moment, bits) when the config says "auto": the kind with the lowest measured
+# update-direction error on real moments at every width (`python benchmarks/codebooks.py`: pow2
+# beats linear for both moments at 3-8 bits, and beats log for exp_avg_sq at 2-4 bits; at 2 bits
+# the signed kinds coincide).
+AUTO_CODEBOOK = {moment: {bits: "pow2" for bits in range(MIN_BITS, MAX_BITS + 1)} for moment in ("exp_avg", "exp_avg_sq")}
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
