@@ -34,6 +34,8 @@ def allocate(
     max_bits: int = MAX_BITS,
     max_error: float = float("inf"),
     scale_bits: float = 0.25,
+    lower: torch.Tensor | None = None,
+    upper: torch.Tensor | None = None,
     iterations: int = 60,
 ) -> torch.Tensor:
     """Widths per unit.
@@ -46,6 +48,8 @@ def allocate(
         max_error: per-unit error cap; a unit's lowest width is raised until E_u(b) <= max_error
             (or max_bits), and the cap wins over the budget.
         scale_bits: scale overhead per element (32 / block_size for fp32 scales).
+        lower / upper: optional int ``[U]`` per-unit width bounds (e.g. at most one level away
+            from the current width); they win over the budget and the cap.
 
     Returns:
         int64 ``[U]`` widths.
@@ -60,7 +64,12 @@ def allocate(
     # The error cap: widths below a unit's first acceptable width are forbidden.
     ok = e <= max_error
     first_ok = torch.where(ok.any(1), ok.to(torch.int8).argmax(1), torch.full_like(n, len(widths) - 1, dtype=torch.long))
-    forbidden = torch.arange(len(widths))[None, :] < first_ok[:, None]
+    col = torch.arange(len(widths))[None, :]
+    lo_col = first_ok if lower is None else torch.maximum(first_ok, lower.long() - min_bits)
+    hi_col = torch.full_like(lo_col, len(widths) - 1) if upper is None else (upper.long() - min_bits)
+    lo_col = torch.minimum(lo_col.clamp(0, len(widths) - 1), hi_col.clamp(0, len(widths) - 1))
+    hi_col = hi_col.clamp(0, len(widths) - 1)
+    forbidden = (col < lo_col[:, None]) | (col > hi_col[:, None])
     e = torch.where(forbidden, torch.inf, e)
     total = float(n.sum())
     budget = avg_bits * total - scale_bits * total  # code bits available
@@ -72,7 +81,7 @@ def allocate(
     def used(idx: torch.Tensor) -> float:
         return float((n * widths[idx]).sum())
 
-    lo_idx = first_ok  # narrowest allowed widths: cheapest possible
+    lo_idx = lo_col  # narrowest allowed widths: cheapest possible
     if used(lo_idx) >= budget:
         return widths[lo_idx].long()
     lo, hi = 0.0, 1.0
@@ -92,8 +101,8 @@ def allocate(
     idx = idx.clone()
     left = budget - used(idx)
     while True:
-        can = idx < len(widths) - 1
-        nxt = (idx + 1).clamp_max(len(widths) - 1)
+        can = idx < hi_col
+        nxt = torch.minimum(idx + 1, hi_col)
         gain = (e.gather(1, idx[:, None]) - e.gather(1, nxt[:, None])).squeeze(1) * n
         cost = n * (widths[nxt] - widths[idx])
         fits = can & (cost <= left) & (gain > 0)

@@ -48,6 +48,28 @@ class STQuantConfig:
     compile: bool = False
     """Run the PyTorch path through torch.compile (CPU: pays only on long runs)."""
 
+    # --- precision scheduler (active when avg_bits is set) -----------------------------------
+    avg_bits: float | None = None
+    """Budget in bits per element of the scheduled units, scale bits included; None = fixed ``bits``."""
+    min_bits: int = 2
+    """Narrowest width the scheduler may choose."""
+    max_bits: int = 8
+    """Widest width the scheduler may choose."""
+    max_error: float = 0.1
+    """Per-unit cap on the relative update-direction error E; wins over the budget."""
+    interval: int = 100
+    """Steps between decisions."""
+    warmup_steps: int = 100
+    """Steps at ``warmup_bits`` before the first decision."""
+    warmup_bits: int = 8
+    """Width of every unit during warm-up."""
+    stats_steps: int = 4
+    """Steps before each decision whose errors are measured (the rest run without statistics)."""
+    max_move: int = 2
+    """Most levels a unit moves per decision after the first one."""
+    hysteresis: float = 0.02
+    """A new plan is adopted only if it lowers the total error by more than this fraction."""
+
     def __post_init__(self) -> None:
         bits = self.bits
         pair = bits if isinstance(bits, (tuple, list)) else (bits, bits)
@@ -71,6 +93,8 @@ class STQuantConfig:
         ):
             if getattr(self, name) not in allowed:
                 _fail(name, getattr(self, name), f"choose one of {allowed}")
+        if self.avg_bits is not None:
+            self._check_scheduler()
         for name in ("stochastic_rounding", "compile"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "use True or False")
@@ -81,6 +105,32 @@ class STQuantConfig:
                 _fail(field, kind, f"choose 'auto' or one of {KINDS}")
             if kind == "log" and moment == "exp_avg":
                 _fail(field, kind, "'log' is zero-free and unsigned: only for exp_avg_sq; use 'pow2' or 'linear'")
+
+    def _check_scheduler(self) -> None:
+        for name in ("min_bits", "max_bits", "warmup_bits"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or not MIN_BITS <= v <= MAX_BITS:
+                _fail(name, v, f"use an int in {MIN_BITS}..{MAX_BITS}")
+        if self.min_bits > self.max_bits:
+            _fail("min_bits", self.min_bits, f"must not exceed max_bits={self.max_bits}")
+        lo, hi = self.min_bits + self.scale_bits(), self.max_bits + self.scale_bits()
+        if not isinstance(self.avg_bits, (int, float)) or not lo <= self.avg_bits <= hi:
+            _fail("avg_bits", self.avg_bits, f"use a number in [{lo:g}, {hi:g}] (min/max_bits plus "
+                  f"{self.scale_bits():g} scale bits per element), or None for fixed bits")  # fmt: skip
+        for name, minimum in (("interval", 1), ("warmup_steps", 0), ("stats_steps", 1), ("max_move", 1)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < minimum:
+                _fail(name, v, f"use an int >= {minimum}")
+        if self.stats_steps > self.interval:
+            _fail("stats_steps", self.stats_steps, f"must not exceed interval={self.interval}")
+        if not self.max_error > 0:
+            _fail("max_error", self.max_error, "use a number > 0 (float('inf') for no cap)")
+        if not 0 <= self.hysteresis < 1:
+            _fail("hysteresis", self.hysteresis, "use a number in [0, 1)")
+
+    def scale_bits(self) -> float:
+        """Scale overhead in bits per element."""
+        return (32 if self.scale_dtype == "fp32" else 16) / self.block_size
 
     def moment_bits(self, moment: str) -> int:
         """The configured width of ``moment`` ("exp_avg" or "exp_avg_sq")."""

@@ -8,6 +8,7 @@ fused pass per parameter (``kernels``): unpack, dequantize, update, requantize, 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import warnings
 from collections.abc import Iterable
@@ -19,7 +20,10 @@ from .config import MOMENTS, STQuantConfig
 from .kernels import get_step_fn, rng_key, step_scalars, unit_id
 from .kernels.common import SALT_EXP_AVG, SALT_EXP_AVG_SQ
 from .kernels.torch_adam import dense_adam_step
+from .scheduler import PrecisionScheduler
 from .state import _SCALE_DTYPES, PackedState
+
+log = logging.getLogger("stquant_megatron")
 
 STATE_FORMAT_VERSION = 1
 _SALTS = (SALT_EXP_AVG, SALT_EXP_AVG_SQ)
@@ -35,8 +39,10 @@ class STQuantAdamW(torch.optim.Optimizer):
     Args:
         params: parameters, ``named_parameters()`` (names then key the units), or param groups.
         lr, betas, eps, weight_decay: as ``torch.optim.AdamW``; per-group values work the same.
-        config: ``STQuantConfig`` (bits, block size, rounding, ...); default ``STQuantConfig()``.
+        config: ``STQuantConfig`` (bits, block size, rounding, scheduler, ...); default ``STQuantConfig()``.
         decoupled_weight_decay: True = AdamW; False = Adam with L2 weight decay added to the grad.
+        process_group: with the scheduler on, the ranks whose statistics are all-reduced and which
+            must agree on the bits (e.g. the data-parallel group); None = no communication.
     """
 
     def __init__(
@@ -49,6 +55,7 @@ class STQuantAdamW(torch.optim.Optimizer):
         *,
         config: STQuantConfig | None = None,
         decoupled_weight_decay: bool = True,
+        process_group: Any = None,
     ):
         if not (isinstance(lr, float | int) and lr >= 0):
             raise ValueError(f"Invalid learning rate: {lr!r} (must be a float >= 0)")
@@ -69,6 +76,17 @@ class STQuantAdamW(torch.optim.Optimizer):
         self.stats: dict[torch.Tensor, torch.Tensor] = {}
         """Per-parameter fp32 [3] sums (err exp_avg, err exp_avg_sq, |U|^2) while ``collect_stats``."""
         self.collect_stats = False
+        self.global_step = 0
+        """Steps taken (skipped steps excluded); the scheduler's clock."""
+        cfg = self.config
+        self.scheduler: PrecisionScheduler | None = None
+        if cfg.avg_bits is not None:
+            self.scheduler = PrecisionScheduler(
+                avg_bits=cfg.avg_bits, min_bits=cfg.min_bits, max_bits=cfg.max_bits, max_error=cfg.max_error,
+                interval=cfg.interval, warmup_steps=cfg.warmup_steps, warmup_bits=cfg.warmup_bits,
+                stats_steps=cfg.stats_steps, max_move=cfg.max_move, hysteresis=cfg.hysteresis,
+                scale_bits=cfg.scale_bits(), group=process_group,
+            )  # fmt: skip
 
     # ----------------------------------------------------------------------------- naming
     def set_param_name(self, param: torch.Tensor, name: str, index_offset: int = 0) -> None:
@@ -113,7 +131,7 @@ class STQuantAdamW(torch.optim.Optimizer):
         st["step"] = torch.tensor(0.0, dtype=torch.float32)
         for moment in MOMENTS:
             if self._is_packed(p):
-                bits = cfg.moment_bits(moment)
+                bits = self._planned_bits(p, moment)
                 st[moment] = PackedState.zeros(
                     p.numel(), bits=bits, kind=cfg.codebook(moment, bits), signed=moment == "exp_avg",
                     block_size=cfg.block_size, scale_dtype=_SCALE_DTYPES[cfg.scale_dtype], device=p.device,
@@ -146,8 +164,48 @@ class STQuantAdamW(torch.optim.Optimizer):
                 elif v is not None or not self._is_packed(p):
                     out[f"{name}.{moment}"] = 32
                 else:
-                    out[f"{name}.{moment}"] = self.config.moment_bits(moment)
+                    out[f"{name}.{moment}"] = self._planned_bits(p, moment)
         return out
+
+    def _planned_bits(self, p: torch.Tensor, moment: str) -> int:
+        """Width of a unit whose state does not exist yet."""
+        if self.scheduler is None:
+            return self.config.moment_bits(moment)
+        if self.scheduler.names:
+            return self.scheduler.current().get(f"{self.param_name(p)}.{moment}", self.config.warmup_bits)
+        return self.config.warmup_bits
+
+    # ----------------------------------------------------------------------------- scheduler
+    def _packed_units(self):
+        """(unit name, param, moment) of every packed unit, in a fixed order."""
+        for _, p in self._params():
+            if self._is_packed(p):
+                name = self.param_name(p)
+                for moment in MOMENTS:
+                    yield f"{name}.{moment}", p, moment
+
+    def _schedule(self) -> None:
+        """After a step: decide and re-code units when a decision is due."""
+        sched, step = self.scheduler, self.global_step
+        if not sched.due(step):
+            return
+        local = {}
+        for unit, p, moment in self._packed_units():
+            st = self.stats.get(p)
+            if st is not None:
+                local[unit] = torch.stack([st[0 if moment == "exp_avg" else 1], st[2]])
+        decision = sched.decide(step, local)
+        self.stats.clear()
+        for unit, p, moment in self._packed_units():
+            state = self.state[p].get(moment) if p in self.state else None
+            bits = decision.bits[unit]
+            if isinstance(state, PackedState) and state.bits != bits:
+                state.requantize(bits, self.config.codebook(moment, bits))
+        nparams = sum(p.numel() for _, p in self._params())
+        log.info(
+            "stquant step %d: avg bits %.3f, state %.3f B/param, %d of %d units moved",
+            step, decision.avg_bits, self.state_bytes() / max(1, nparams), decision.moved, len(decision.bits),
+        )  # fmt: skip
 
     # ----------------------------------------------------------------------------- step
     def _check_finite(self, work: list) -> bool:
@@ -188,6 +246,11 @@ class STQuantAdamW(torch.optim.Optimizer):
         if not work or (self.config.nonfinite != "unchecked" and not self._check_finite(work)):
             return loss
         cfg = self.config
+        sched = self.scheduler
+        if sched is not None:
+            if not sched.names:
+                sched.setup({unit: p.numel() for unit, p, _ in self._packed_units()})
+            self.collect_stats = sched.collecting(self.global_step + 1)
         for group, p, g in work:
             st = self.state[p] or self._init_state(p)
             st["step"] += 1
@@ -215,6 +278,9 @@ class STQuantAdamW(torch.optim.Optimizer):
             )  # fmt: skip
             if target is not p:
                 p.copy_(target)
+        self.global_step += 1
+        if sched is not None:
+            self._schedule()
         return loss
 
     # ----------------------------------------------------------------------------- checkpoints
@@ -225,7 +291,11 @@ class STQuantAdamW(torch.optim.Optimizer):
             k: {key: (v.to_dict() if isinstance(v, PackedState) else v) for key, v in st.items()}
             for k, st in sd["state"].items()
         }
-        sd["stquant"] = {"format_version": STATE_FORMAT_VERSION, "config": self.config.to_dict()}
+        sd["stquant"] = {
+            "format_version": STATE_FORMAT_VERSION, "config": self.config.to_dict(), "global_step": self.global_step,
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "stats": {self.param_name(p): s.clone() for p, s in self.stats.items()},
+        }  # fmt: skip
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -260,8 +330,10 @@ class STQuantAdamW(torch.optim.Optimizer):
                 if key in st:
                     moments[(p, key)] = self._load_moment(p, key, st.pop(key))
             stripped[k] = st
-        old_state, old_groups = self.state, [dict(g) for g in self.param_groups]
-        self_state_copy = copy.copy(old_state)
+        old_groups = [dict(g) for g in self.param_groups]
+        old = (copy.copy(self.state), self.global_step, dict(self.stats))
+        old_sched = self.scheduler.state_dict() if self.scheduler is not None and self.scheduler.names else None
+        by_name = {self.param_name(p): p for _, p in self._params()}
         try:
             super().load_state_dict({**state_dict, "state": stripped})
             for (p, key), value in moments.items():
@@ -269,11 +341,18 @@ class STQuantAdamW(torch.optim.Optimizer):
             for st in self.state.values():
                 if "step" in st and torch.is_tensor(st["step"]):
                     st["step"] = st["step"].detach().to(device="cpu", dtype=torch.float32)
+            if meta is not None:
+                self.global_step = int(meta.get("global_step", 0))
+                if self.scheduler is not None and meta.get("scheduler") is not None:
+                    self.scheduler.load_state_dict(meta["scheduler"])
+                self.stats = {by_name[k]: v.to(by_name[k].device) for k, v in (meta.get("stats") or {}).items()}
         except Exception:
-            self.state = self_state_copy
-            for g, old in zip(self.param_groups, old_groups):
+            self.state, self.global_step, self.stats = old
+            if old_sched is not None:
+                self.scheduler.load_state_dict(old_sched)
+            for g, saved in zip(self.param_groups, old_groups):
                 g.clear()
-                g.update(old)
+                g.update(saved)
             raise
 
     def _load_moment(self, p: torch.Tensor, key: str, value: Any):
