@@ -248,7 +248,7 @@ class STQuantAdamW(torch.optim.Optimizer):
         cfg = self.config
         sched = self.scheduler
         if sched is not None:
-            if not sched.names:
+            if sched.numel is None:
                 sched.setup({unit: p.numel() for unit, p, _ in self._packed_units()})
             self.collect_stats = sched.collecting(self.global_step + 1)
         for group, p, g in work:

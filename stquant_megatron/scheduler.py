@@ -88,6 +88,9 @@ class PrecisionScheduler:
             gathered: list[Any] = [None] * dist.get_world_size(self.group)
             dist.all_gather_object(gathered, sorted(names), group=self.group)
             names = set().union(*map(set, gathered))
+        if self.names and self.names != sorted(names):  # names restored from a checkpoint
+            diff = sorted(set(self.names) ^ names)[:5]
+            raise ValueError(f"the checkpoint's scheduled units differ from this model's (first differences: {diff})")
         self.names = sorted(names)
         n = torch.tensor([float(local_numel.get(k, 0)) for k in self.names], dtype=torch.float64)
         self.numel = self._all_reduce(n)
