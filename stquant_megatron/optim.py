@@ -73,11 +73,15 @@ class STQuantAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.config = config or STQuantConfig()
         self._names: dict[int, tuple[str, int]] = {}
+        self._full_numel: dict[int, int] = {}
         self.stats: dict[torch.Tensor, torch.Tensor] = {}
         """Per-parameter fp32 [3] sums (err exp_avg, err exp_avg_sq, |U|^2) while ``collect_stats``."""
         self.collect_stats = False
         self.global_step = 0
         """Steps taken (skipped steps excluded); the scheduler's clock."""
+        self.group_step_authoritative = False
+        """Hosts that keep the step in ``param_group["step"]`` (Megatron with TE/apex) set this:
+        loading a state dict then sets every parameter's step from its group's."""
         cfg = self.config
         self.scheduler: PrecisionScheduler | None = None
         if cfg.avg_bits is not None:
@@ -89,13 +93,16 @@ class STQuantAdamW(torch.optim.Optimizer):
             )  # fmt: skip
 
     # ----------------------------------------------------------------------------- naming
-    def set_param_name(self, param: torch.Tensor, name: str, index_offset: int = 0) -> None:
+    def set_param_name(self, param: torch.Tensor, name: str, index_offset: int = 0, full_numel: int | None = None) -> None:
         """Name ``param``'s units (``name.exp_avg``, ``name.exp_avg_sq``).
 
-        ``index_offset`` is the global index of ``param``'s first element in the full tensor
-        when ``param`` is a shard, so stochastic rounding does not depend on the sharding.
+        When ``param`` is a shard, ``index_offset`` is the global index of its first element in
+        the full tensor (so stochastic rounding does not depend on the sharding) and
+        ``full_numel`` the full tensor's size (so every shard of a tensor is packed, or none).
         """
         self._names[id(param)] = (name, index_offset)
+        if full_numel is not None:
+            self._full_numel[id(param)] = full_numel
 
     def param_name(self, param: torch.Tensor) -> str:
         return self._naming(param)[0]
@@ -118,7 +125,7 @@ class STQuantAdamW(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------------------- state
     def _is_packed(self, param: torch.Tensor) -> bool:
-        return param.numel() >= max(1, self.config.min_numel)
+        return self._full_numel.get(id(param), param.numel()) >= max(1, self.config.min_numel)
 
     def init_state(self, param: torch.Tensor | None = None) -> None:
         """Create the (zero) state of ``param``, or of every parameter, now rather than at the first step."""
@@ -279,6 +286,10 @@ class STQuantAdamW(torch.optim.Optimizer):
             if target is not p:
                 p.copy_(target)
         self.global_step += 1
+        for group in self.param_groups:  # the step also lives in the group, as in TE/apex FusedAdam
+            steps = [self.state[p]["step"] for p in group["params"] if p in self.state and "step" in self.state[p]]
+            if steps:
+                group["step"] = int(max(float(s) for s in steps))
         if sched is not None:
             self._schedule()
         return loss
@@ -294,7 +305,7 @@ class STQuantAdamW(torch.optim.Optimizer):
         sd["stquant"] = {
             "format_version": STATE_FORMAT_VERSION, "config": self.config.to_dict(), "global_step": self.global_step,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "stats": {self.param_name(p): s.clone() for p, s in self.stats.items()},
+            "stats": {self.param_name(p): s.tolist() for p, s in self.stats.items()},
         }  # fmt: skip
         return sd
 
@@ -339,13 +350,15 @@ class STQuantAdamW(torch.optim.Optimizer):
             for (p, key), value in moments.items():
                 self.state[p][key] = value
             for st in self.state.values():
-                if "step" in st and torch.is_tensor(st["step"]):
-                    st["step"] = st["step"].detach().to(device="cpu", dtype=torch.float32)
+                if "step" in st and torch.is_tensor(st["step"]):  # a host may share one tensor: copy
+                    st["step"] = st["step"].detach().to(device="cpu", dtype=torch.float32).clone()
+            if self.group_step_authoritative:
+                for group in self.param_groups:
+                    if "step" in group:
+                        for p in group["params"]:
+                            self.state[p]["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
             if meta is not None:
-                self.global_step = int(meta.get("global_step", 0))
-                if self.scheduler is not None and meta.get("scheduler") is not None:
-                    self.scheduler.load_state_dict(meta["scheduler"])
-                self.stats = {by_name[k]: v.to(by_name[k].device) for k, v in (meta.get("stats") or {}).items()}
+                self.load_stquant_meta(meta, by_name)
         except Exception:
             self.state, self.global_step, self.stats = old
             if old_sched is not None:
@@ -354,6 +367,23 @@ class STQuantAdamW(torch.optim.Optimizer):
                 g.clear()
                 g.update(saved)
             raise
+
+    def load_stquant_meta(self, meta: dict[str, Any], by_name: dict[str, torch.Tensor] | None = None) -> None:
+        """Restore the step counter, scheduler (per-unit bits) and statistics saved in
+        ``state_dict()["stquant"]``; packed units are re-coded to the restored widths."""
+        by_name = by_name or {self.param_name(p): p for _, p in self._params()}
+        self.global_step = int(meta.get("global_step", 0))
+        if self.scheduler is not None and meta.get("scheduler") is not None:
+            self.scheduler.load_state_dict(meta["scheduler"])
+            bits = self.scheduler.current()
+            for unit, p, moment in self._packed_units():
+                st = self.state.get(p, {}).get(moment)
+                if isinstance(st, PackedState) and unit in bits and st.bits != bits[unit]:
+                    st.requantize(bits[unit], self.config.codebook(moment, bits[unit]))
+        self.stats = {
+            by_name[k]: torch.tensor(v, dtype=torch.float32, device=by_name[k].device)
+            for k, v in (meta.get("stats") or {}).items() if k in by_name
+        }  # fmt: skip
 
     def _load_moment(self, p: torch.Tensor, key: str, value: Any):
         name = self.param_name(p)

@@ -57,9 +57,9 @@ class PackedState:
             b1 = min(self.codes.shape[0], b0 + step)
             yield b0, b1, b0 * self.block_size, min(self.numel, b1 * self.block_size)
 
-    def dequantize(self) -> torch.Tensor:
-        """Dense fp32 values, shape ``[numel]``."""
-        out = torch.empty(self.numel, dtype=torch.float32, device=self.codes.device)
+    def dequantize(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """Dense fp32 values, shape ``[numel]``, on ``device`` (default: the state's), chunk by chunk."""
+        out = torch.empty(self.numel, dtype=torch.float32, device=device or self.codes.device)
         for b0, b1, e0, e1 in self._chunks():
             x = dequantize_blocks(unpack_codes(self.codes[b0:b1], self.bits), self.scale[b0:b1], self.codebook)
             out[e0:e1] = x.view(-1)[: e1 - e0]
@@ -88,8 +88,9 @@ class PackedState:
             self.numel, bits=bits, kind=kind, signed=self.signed, block_size=self.block_size,
             scale_dtype=self.scale.dtype, device=self.codes.device,
         )  # fmt: skip
-        for b0, b1, _, _ in self._chunks():
+        for b0, b1, e0, e1 in self._chunks():
             x = dequantize_blocks(unpack_codes(self.codes[b0:b1], self.bits), self.scale[b0:b1], self.codebook)
+            x.view(-1)[e1 - e0 :] = 0.0  # padding holds zeros, as after copy_ and the fused step
             codes, scale = quantize_blocks(x, new.codebook, new.scale.dtype)
             new.codes[b0:b1] = pack_codes(codes, bits)
             new.scale[b0:b1] = scale
@@ -111,6 +112,9 @@ class PackedState:
             codes, scale = d["codes"], d["scale"]
         except (KeyError, TypeError) as e:
             raise ValueError(f"packed state entry is malformed ({e!r}); keys found: {sorted(d)}") from None
+        if numel < 0 or block_size <= 0 or block_size % 8:
+            raise ValueError(f"packed state entry has numel={numel}, block_size={block_size}; "
+                             "need numel >= 0 and a block size that is a positive multiple of 8")  # fmt: skip
         cb = get_codebook(kind, bits, signed, device)
         nb = num_blocks(numel, block_size)
         want = (nb, bits, block_size // 8)

@@ -17,7 +17,7 @@ if [[ ! -f "$STAMP" ]]; then
   touch "$STAMP"
 fi
 # megatron-core 0.19.2 declares Python >= 3.12; its pure-Python sources run on 3.11 from PYTHONPATH.
-STQUANT_MCORE_019="$("$VENV/bin/python" "$ROOT/tests/fetch_megatron_019.py" "$VENV/megatron-core-0.19.2" | tail -n 1)"
+STQUANT_MCORE_019="$("$VENV/bin/python" "$ROOT/tests/fetch_megatron_019.py" | tail -n 1)"
 export STQUANT_MCORE_019
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"

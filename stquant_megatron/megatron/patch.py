@@ -1,0 +1,326 @@
+"""The patches: what each replaces, and ``patch`` / ``unpatch``.
+
+Seams (all looked up at call time, so no Megatron file is edited):
+
+- ``megatron.core.optimizer._get_megatron_optimizer_based_on_param_groups``: wrapped; after it has
+  built a ``DistributedOptimizer`` (whose inner optimizer's param groups already hold the fp32
+  main-param shards), the inner optimizer is replaced by ``STQuantAdamW`` over the same param-group
+  dicts, units are named by global parameter name, and the packed state is created eagerly, so a
+  checkpoint load never allocates fp32 dummies. Works whatever TE/apex/torch Adam was picked.
+- ``megatron.core.optimizer.get_megatron_optimizer`` (and its binding in
+  ``megatron.training.training`` when already imported): wrapped to reject unsupported setups at
+  start-up with a message that says what to change.
+- ``DistributedOptimizer._get_main_param_and_optimizer_states`` / ``_set_...``: every live
+  checkpoint format (``dp_reshardable``, ``fully_reshardable``, legacy ``torch``) goes through
+  them; ours return / accept dense fp32 moments, so checkpoints are interchangeable with stock runs.
+- ``DistributedOptimizer.load_state_dict``: restores the scheduler (per-unit bits) from the small
+  non-tensor ``optimizer.stquant`` entry before the moments are re-packed.
+- ``megatron.training.arguments.add_megatron_arguments`` (when Megatron-LM's ``megatron.training``
+  exists, e.g. the 0.19.2 wheel): also registers the ``--stquant-*`` flags.
+
+All wrappers fall back to the original when the inner optimizer is not ours.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+from typing import Any
+
+import torch
+
+from ..config import MOMENTS, STQuantConfig
+from ..optim import STQuantAdamW
+from ..state import PackedState
+from .args import add_stquant_args, config_from_args
+
+SUPPORTED_VERSIONS = ((0, 16), (0, 20))
+"""[min, max) of megatron-core (major, minor) versions; tested: 0.16.1 and 0.19.2."""
+
+_ACTIVE: dict[str, Any] = {"patched": False, "config": None, "from_args": False}
+_ORIGINALS: list[tuple[Any, str, Any]] = []
+_HOOKS: list[Any] = []
+
+
+def megatron_version() -> tuple[int, ...]:
+    from megatron.core import package_info
+
+    parts = []
+    for p in package_info.__version__.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def _check_version() -> None:
+    try:
+        version = megatron_version()
+    except ImportError as e:
+        raise ImportError(f"stquant_megatron.megatron needs megatron-core: pip install megatron-core ({e})") from e
+    lo, hi = SUPPORTED_VERSIONS
+    if not lo <= version[:2] < hi:
+        raise RuntimeError(
+            f"megatron-core {'.'.join(map(str, version))} is installed; stquant-megatron supports "
+            f"{lo[0]}.{lo[1]} <= version < {hi[0]}.{hi[1]} (tested 0.16.1 and 0.19.2). Install a supported "
+            "megatron-core, or upgrade stquant-megatron"
+        )
+
+
+def is_patched() -> bool:
+    return _ACTIVE["patched"]
+
+
+def _active_config() -> STQuantConfig | None:
+    if _ACTIVE["config"] is not None:
+        return _ACTIVE["config"]
+    if _ACTIVE["from_args"]:
+        from megatron.training.global_vars import get_args
+
+        return config_from_args(get_args())
+    return None
+
+
+# ------------------------------------------------------------------------------------- validation
+def validate_setup(opt_config: Any, model_chunks: Any = ()) -> None:
+    """Raise ValueError listing every unsupported option, with what to change."""
+    problems = []
+    if getattr(opt_config, "optimizer", "adam") != "adam":
+        problems.append(f"--optimizer {opt_config.optimizer}: STQuant packs Adam moments; use --optimizer adam")
+    if getattr(opt_config, "use_precision_aware_optimizer", False):
+        problems.append("--use-precision-aware-optimizer: STQuant replaces it; remove the flag")
+    if getattr(opt_config, "optimizer_cpu_offload", False):
+        problems.append("--optimizer-cpu-offload: not supported with packed moments; remove the flag")
+    if not getattr(opt_config, "use_distributed_optimizer", False):
+        problems.append("no distributed optimizer: add --use-distributed-optimizer")
+    if getattr(opt_config, "use_layer_wise_distributed_optimizer", False):
+        problems.append("--use-layer-wise-distributed-optimizer: not supported; use --use-distributed-optimizer")
+    for chunk in model_chunks or ():
+        ddp = getattr(chunk, "ddp_config", None)
+        if getattr(ddp, "use_megatron_fsdp", False) or getattr(ddp, "use_custom_fsdp", False):
+            problems.append("Megatron-FSDP: not supported; use --use-distributed-optimizer without --use-megatron-fsdp")
+            break
+    if problems:
+        raise ValueError("stquant-megatron cannot run with this setup:\n  - " + "\n  - ".join(problems)
+                         + "\n(or run without --stquant / stquant_megatron.megatron.patch)")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------- naming
+def global_param_names(model_chunks) -> dict[torch.Tensor, str]:
+    """Parameter -> name with the global layer number (``layers.<global>.``), identical on every
+    pipeline stage and tensor-parallel rank; wrapper prefixes (``module.``) removed."""
+    names = {}
+    for chunk in model_chunks:
+        modules = dict(chunk.named_modules())
+        for name, p in chunk.named_parameters():
+            parts = name.split(".")
+            for i in range(len(parts) - 1):
+                if parts[i] == "layers" and parts[i + 1].isdigit():
+                    number = getattr(modules.get(".".join(parts[: i + 2])), "layer_number", None)
+                    if isinstance(number, int):
+                        parts[i + 1] = str(number - 1)  # Megatron's layer_number is global, 1-based
+            while parts and parts[0] == "module":
+                parts.pop(0)
+            names[p] = ".".join(parts)
+    return names
+
+
+def install(distopt: Any, config: STQuantConfig) -> STQuantAdamW:
+    """Replace ``distopt``'s inner optimizer by ``STQuantAdamW`` over the same shard param groups."""
+    oc = distopt.config
+    group = distopt.get_grad_stats_parallel_group() if hasattr(distopt, "get_grad_stats_parallel_group") else None
+    inner = STQuantAdamW(
+        distopt.optimizer.param_groups, lr=oc.lr, betas=(oc.adam_beta1, oc.adam_beta2), eps=oc.adam_eps,
+        weight_decay=oc.weight_decay, config=config, decoupled_weight_decay=oc.decoupled_weight_decay,
+        process_group=group,
+    )  # fmt: skip
+    inner.group_step_authoritative = True
+    names = global_param_names(distopt.model_chunks)
+    for model_param, (gi, go) in distopt.model_param_group_index_map.items():
+        main = inner.param_groups[gi]["params"][go]
+        offset = distopt._get_model_param_range_map(model_param)["param"].start
+        inner.set_param_name(main, names[model_param], offset, full_numel=model_param.numel())
+    inner.init_state()
+    distopt.optimizer = inner
+    return inner
+
+
+# ------------------------------------------------------------------------------------- patches
+def _factory(orig):
+    @functools.wraps(orig)
+    def patched_get_megatron_optimizer_based_on_param_groups(*args, **kwargs):
+        result = orig(*args, **kwargs)
+        config = _active_config()
+        if config is None:
+            return result
+        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+        if isinstance(result, DistributedOptimizer):
+            install(result, config)
+        elif isinstance(result, tuple) or kwargs.get("skip_megatron_wrapping"):
+            raise ValueError("stquant-megatron needs Megatron's DistributedOptimizer wrapping "
+                             "(skip_megatron_wrapping / Megatron-FSDP paths are not supported)")  # fmt: skip
+        else:
+            validate_setup(result.config if hasattr(result, "config") else args[0])
+        return result
+
+    return patched_get_megatron_optimizer_based_on_param_groups
+
+
+def _entry(orig):
+    @functools.wraps(orig)
+    def patched_get_megatron_optimizer(config, model_chunks, *args, **kwargs):
+        if _active_config() is not None:
+            validate_setup(config, model_chunks)
+        return orig(config, model_chunks, *args, **kwargs)
+
+    return patched_get_megatron_optimizer
+
+
+def _get(orig):
+    @functools.wraps(orig)
+    def patched_get_main_param_and_optimizer_states(self, model_param):
+        inner = self.optimizer
+        if not isinstance(inner, STQuantAdamW):
+            return orig(self, model_param)
+        gi, go = self.model_param_group_index_map[model_param]
+        main = inner.param_groups[gi]["params"][go]
+        inner.init_state(main)
+        st = inner.state[main]
+        out = {"param": main}
+        for key in MOMENTS:  # dense fp32 on the CPU: no accelerator-memory spike while saving
+            v = st[key]
+            out[key] = v.dequantize(device="cpu") if isinstance(v, PackedState) else v.detach().float().cpu().view(-1)
+        return out
+
+    return patched_get_main_param_and_optimizer_states
+
+
+def _set(orig):
+    @functools.wraps(orig)
+    @torch.no_grad()
+    def patched_set_main_param_and_optimizer_states(self, model_param, tensors):
+        inner = self.optimizer
+        if not isinstance(inner, STQuantAdamW):
+            return orig(self, model_param, tensors)
+        gi, go = self.model_param_group_index_map[model_param]
+        main = inner.param_groups[gi]["params"][go]
+        inner.init_state(main)
+        st = inner.state[main]
+        if torch.is_tensor(tensors.get("param")):
+            main.copy_(tensors["param"].view_as(main))
+        for key in MOMENTS:
+            value = tensors.get(key)
+            if not torch.is_tensor(value):
+                continue
+            if isinstance(st[key], PackedState):
+                st[key].copy_(value)
+            else:
+                st[key].copy_(value.view_as(st[key]))
+
+    return patched_set_main_param_and_optimizer_states
+
+
+def _load(orig):
+    @functools.wraps(orig)
+    def patched_load_state_dict(self, state_dict):
+        inner = self.optimizer
+        meta = (state_dict.get("optimizer") or {}).get("stquant") if isinstance(state_dict, dict) else None
+        if isinstance(inner, STQuantAdamW) and meta is not None:
+            inner.load_stquant_meta(meta)  # bits first: the moments are then packed at those widths
+        return orig(self, state_dict)
+
+    return patched_load_state_dict
+
+
+def _add_args(orig):
+    @functools.wraps(orig)
+    def patched_add_megatron_arguments(parser):
+        return add_stquant_args(orig(parser))
+
+    return patched_add_megatron_arguments
+
+
+def _replace(owner: Any, name: str, make) -> None:
+    orig = getattr(owner, name)
+    _ORIGINALS.append((owner, name, orig))
+    setattr(owner, name, make(orig))
+
+
+def patch(config: STQuantConfig | None = None, *, from_args: bool = False) -> None:
+    """Install the patches (idempotent: a second call only updates the config).
+
+    Args:
+        config: how to pack; with ``from_args=True`` and no config, the ``--stquant-*`` flags of
+            Megatron-LM's parsed args decide when the optimizer is built (``--stquant`` off: stock).
+    """
+    if config is not None and not isinstance(config, STQuantConfig):
+        raise TypeError(f"patch(config) needs an STQuantConfig, got {type(config).__name__}")
+    if config is None and not from_args:
+        config = STQuantConfig()
+    if _ACTIVE["patched"]:
+        _ACTIVE.update(config=config, from_args=from_args)
+        return
+    _check_version()
+    import megatron.core.optimizer as mco
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    _replace(mco, "_get_megatron_optimizer_based_on_param_groups", _factory)
+    _replace(mco, "get_megatron_optimizer", _entry)
+    training = sys.modules.get("megatron.training.training")
+    if training is not None and hasattr(training, "get_megatron_optimizer"):
+        _replace(training, "get_megatron_optimizer", _entry)
+    _replace(DistributedOptimizer, "_get_main_param_and_optimizer_states", _get)
+    _replace(DistributedOptimizer, "_set_main_param_and_optimizer_states", _set)
+    _replace(DistributedOptimizer, "load_state_dict", _load)
+    # Megatron-LM's parser: patched now if imported, else the moment it is imported (importing it
+    # here would pull in all of megatron.training at interpreter start).
+    _when_imported("megatron.training.arguments", lambda m: _replace(m, "add_megatron_arguments", _add_args))
+    _ACTIVE.update(patched=True, config=config, from_args=from_args)
+
+
+class _PostImportHook(importlib.abc.MetaPathFinder):
+    """Runs ``action(module)`` right after ``name`` is first imported (once)."""
+
+    def __init__(self, name: str, action):
+        self.name, self.action = name, action
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module, action = spec.loader.exec_module, self.action
+
+        def exec_and_patch(module):
+            exec_module(module)
+            if _ACTIVE["patched"]:
+                action(module)
+
+        spec.loader.exec_module = exec_and_patch
+        return spec
+
+
+def _when_imported(name: str, action) -> None:
+    if name in sys.modules:
+        action(sys.modules[name])
+    else:
+        hook = _PostImportHook(name, action)
+        _HOOKS.append(hook)
+        sys.meta_path.insert(0, hook)
+
+
+def unpatch() -> None:
+    """Restore every original (optimizers built while patched keep their packed state)."""
+    for hook in _HOOKS:
+        if hook in sys.meta_path:
+            sys.meta_path.remove(hook)
+    _HOOKS.clear()
+    while _ORIGINALS:
+        owner, name, orig = _ORIGINALS.pop()
+        setattr(owner, name, orig)
+    _ACTIVE.update(patched=False, config=None, from_args=False)
