@@ -1,0 +1,102 @@
+"""Scheduler history -> heatmap (units x decisions, colour = bits) and a table.
+
+The history is ``PrecisionScheduler.state_dict()["history"]`` with its ``names``; it travels in
+every checkpoint (standalone ``optimizer.state_dict()["stquant"]``, Megatron's optimizer entry
+``optimizer.stquant``), and ``save_history`` writes it as JSON.
+
+    stquant-megatron report CHECKPOINT_OR_JSON [--out bits.png]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+
+def history_of(obj: Any) -> dict[str, Any]:
+    """``{"names": [...], "history": [...]}`` from an optimizer, a scheduler state dict, a
+    checkpoint (any nesting; torch_dist directories: their ``common.pt``) or a JSON file."""
+    if hasattr(obj, "scheduler") and getattr(obj, "scheduler", None) is not None:
+        obj = obj.scheduler.state_dict()
+    if isinstance(obj, (str, os.PathLike)):
+        path = os.fspath(obj)
+        if os.path.isdir(path):
+            path = os.path.join(path, "common.pt")
+        if path.endswith(".json"):
+            with open(path) as f:
+                obj = json.load(f)
+        else:
+            import torch
+
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+    found = _find(obj)
+    if found is None:
+        raise ValueError("no stquant scheduler history found (was the run made with avg_bits / --stquant-avg-bits?)")
+    return {"names": list(found["names"]), "history": list(found["history"])}
+
+
+def _find(obj: Any):
+    if isinstance(obj, dict):
+        if "names" in obj and "history" in obj:
+            return obj
+        for v in obj.values():
+            hit = _find(v)
+            if hit is not None:
+                return hit
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            hit = _find(v)
+            if hit is not None:
+                return hit
+    return None
+
+
+def save_history(optimizer: Any, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(history_of(optimizer), f)
+
+
+def table(hist: dict[str, Any], last: int = 6) -> str:
+    """Plain-text table: per unit, the bits at the last ``last`` decisions and its last error."""
+    names, rows = hist["names"], hist["history"]
+    if not rows:
+        return "(no decisions yet)"
+    shown = rows[-last:]
+    width = max(len(n) for n in names)
+    head = f"{'unit':{width}s} " + " ".join(f"{'@' + str(r['step']):>6s}" for r in shown) + "  last E"
+    lines = [head, "-" * len(head)]
+    for i, n in enumerate(names):
+        lines.append(f"{n:{width}s} " + " ".join(f"{r['bits'][i]:6d}" for r in shown) + f"  {shown[-1]['errors'][i]:.2e}")
+    lines.append(
+        f"{'average bits (scales incl.)':{width}s} " + " ".join(f"{r['avg_bits']:6.2f}" for r in shown)
+        + f"\n{'units moved':{width}s} " + " ".join(f"{r['moved']:6d}" for r in shown)
+    )  # fmt: skip
+    return "\n".join(lines)
+
+
+def heatmap(hist: dict[str, Any], path: str, title: str = "STQuant bits per unit") -> str:
+    """Write a PNG heatmap: one row per unit, one column per decision, colour = bits."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names, rows = hist["names"], hist["history"]
+    if not rows:
+        raise ValueError("no decisions in the history: nothing to plot")
+    data = np.array([r["bits"] for r in rows]).T  # [units, decisions]
+    fig_h = max(3.0, 0.18 * len(names) + 1.5)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(rows) + 4), fig_h))
+    cmap = plt.get_cmap("viridis", 7)
+    im = ax.imshow(data, aspect="auto", cmap=cmap, vmin=1.5, vmax=8.5, interpolation="nearest")
+    ax.set_yticks(range(len(names)), [n if len(n) < 48 else "..." + n[-45:] for n in names], fontsize=6)
+    ax.set_xticks(range(len(rows)), [str(r["step"]) for r in rows], fontsize=7, rotation=90)
+    ax.set_xlabel("step of decision")
+    ax.set_title(f"{title} (average {rows[-1]['avg_bits']:.2f} bits incl. scales)")
+    fig.colorbar(im, ax=ax, ticks=range(2, 9), label="bits")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
