@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from .config import MOMENTS, STQuantConfig
 from .kernels import get_step_fn, rng_key, step_scalars, unit_id
@@ -77,6 +78,8 @@ class STQuantAdamW(torch.optim.Optimizer):
         self.stats: dict[torch.Tensor, torch.Tensor] = {}
         """Per-parameter fp32 [3] sums (err exp_avg, err exp_avg_sq, |U|^2) while ``collect_stats``."""
         self.collect_stats = False
+        self.decision_callbacks: list = []
+        """Called as ``cb(decision, optimizer)`` after every scheduler decision (e.g. loggers)."""
         self.global_step = 0
         """Steps taken (skipped steps excluded); the scheduler's clock."""
         self.group_step_authoritative = False
@@ -208,11 +211,14 @@ class STQuantAdamW(torch.optim.Optimizer):
             bits = decision.bits[unit]
             if isinstance(state, PackedState) and state.bits != bits:
                 state.requantize(bits, self.config.codebook(moment, bits))
-        nparams = sum(p.numel() for _, p in self._params())
-        log.info(
-            "stquant step %d: avg bits %.3f, state %.3f B/param, %d of %d units moved",
-            step, decision.avg_bits, self.state_bytes() / max(1, nparams), decision.moved, len(decision.bits),
-        )  # fmt: skip
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            nparams = sum(p.numel() for _, p in self._params())
+            log.info(
+                "stquant step %d: avg bits %.3f, state %.3f B/param, %d of %d units moved",
+                step, decision.avg_bits, self.state_bytes() / max(1, nparams), decision.moved, len(decision.bits),
+            )  # fmt: skip
+        for callback in self.decision_callbacks:
+            callback(decision, self)
 
     # ----------------------------------------------------------------------------- step
     def _check_finite(self, work: list) -> bool:

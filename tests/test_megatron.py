@@ -247,3 +247,39 @@ def test_flags_parse_and_launch_routes_install_the_patch(tmp_path):
     out = subprocess.run([sys.executable, "-m", "stquant_megatron.launch", str(script)], capture_output=True,
                          text=True, timeout=300, env=env)  # fmt: skip
     assert "OK True (5, 3) 4.0" in out.stdout, out.stdout + out.stderr
+
+
+def test_decisions_reach_megatron_writers(monkeypatch):
+    """The TensorBoard/W&B hook writes per-unit bits through Megatron-LM's global writers."""
+    try:
+        import megatron.training.global_vars as gv
+    except ImportError:
+        gv = None
+    from stquant_megatron.megatron.patch import log_to_megatron_writers
+    from stquant_megatron.scheduler import Decision
+
+    class Writer:
+        def __init__(self):
+            self.rows = []
+
+        def add_scalar(self, k, v, step):
+            self.rows.append((k, v, step))
+
+    writer = Writer()
+    if gv is None:  # megatron-core 0.16.1 wheel: no megatron.training; give the hook a stand-in module
+        import types as _types
+
+        gv = _types.ModuleType("megatron.training.global_vars")
+        monkeypatch.setitem(sys.modules, "megatron.training", _types.ModuleType("megatron.training"))
+        monkeypatch.setitem(sys.modules, "megatron.training.global_vars", gv)
+        gv.get_tensorboard_writer = gv.get_wandb_writer = lambda: None
+    monkeypatch.setattr(gv, "get_tensorboard_writer", lambda: writer)
+    monkeypatch.setattr(gv, "get_wandb_writer", lambda: None)
+    model = torch.nn.Linear(64, 64)
+    from stquant_megatron import STQuantAdamW
+
+    opt = STQuantAdamW(model.parameters(), config=STQuantConfig(bits=4, min_numel=1))
+    log_to_megatron_writers(Decision(7, {"w.exp_avg": 5}, 1, 4.1, {"w.exp_avg": 0.01}), opt)
+    got = {k: (v, s) for k, v, s in writer.rows}
+    assert got["stquant/bits/w.exp_avg"] == (5, 7) and got["stquant/avg_bits"] == (4.1, 7)
+    assert got["stquant/error/w.exp_avg"] == (0.01, 7)

@@ -143,8 +143,31 @@ def install(distopt: Any, config: STQuantConfig) -> STQuantAdamW:
         offset = distopt._get_model_param_range_map(model_param)["param"].start
         inner.set_param_name(main, names[model_param], offset, full_numel=model_param.numel())
     inner.init_state()
+    inner.decision_callbacks.append(log_to_megatron_writers)
     distopt.optimizer = inner
     return inner
+
+
+def log_to_megatron_writers(decision: Any, optimizer: STQuantAdamW) -> None:
+    """Per-unit bits and errors, average bits and state bytes to Megatron-LM's TensorBoard / W&B
+    writers, on the rank that holds them (Megatron creates them on the last rank only)."""
+    try:
+        from megatron.training.global_vars import get_tensorboard_writer, get_wandb_writer
+    except ImportError:  # megatron-core without Megatron-LM's training package
+        return
+    tb, wb = get_tensorboard_writer(), get_wandb_writer()
+    if tb is None and wb is None:
+        return
+    nparams = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+    scalars = {"stquant/avg_bits": decision.avg_bits, "stquant/units_moved": decision.moved,
+               "stquant/state_bytes_per_param": optimizer.state_bytes() / max(1, nparams)}  # fmt: skip
+    scalars.update({f"stquant/bits/{u}": b for u, b in decision.bits.items()})
+    scalars.update({f"stquant/error/{u}": e for u, e in decision.errors.items()})
+    if tb is not None:
+        for k, v in scalars.items():
+            tb.add_scalar(k, v, decision.step)
+    if wb is not None:
+        wb.log(scalars, step=decision.step)
 
 
 # ------------------------------------------------------------------------------------- patches
