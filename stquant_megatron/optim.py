@@ -379,7 +379,8 @@ class STQuantAdamW(torch.optim.Optimizer):
         ``state_dict()["stquant"]``; packed units are re-coded to the restored widths."""
         by_name = by_name or {self.param_name(p): p for _, p in self._params()}
         self.global_step = int(meta.get("global_step", 0))
-        if self.scheduler is not None and meta.get("scheduler") is not None:
+        saved = meta.get("scheduler")
+        if self.scheduler is not None and saved is not None and saved.get("bits") is not None:
             self.scheduler.load_state_dict(meta["scheduler"])
             bits = self.scheduler.current()
             for unit, p, moment in self._packed_units():

@@ -120,12 +120,18 @@ def test_checkpoint_round_trip_is_exact(fmt, tmp_path):
         assert len(r["continued"]) == 2 and all(map(lambda x: x == x, r["continued"]))
 
 
-def test_resume_is_deterministic(tmp_path):
-    cfg = dict(bits=4, avg_bits=None)
-    straight = run_distributed(_run, 2, dict(config=cfg, steps=6), timeout=400)
+@pytest.mark.parametrize("mode", ["fixed", "scheduler"])
+def test_resume_is_deterministic(mode, tmp_path):
+    cfg = dict(bits=4) if mode == "fixed" else dict(avg_bits=4.0, warmup_steps=2, interval=2, stats_steps=1, min_numel=1024)
+    hist = mode == "scheduler"
+    straight = run_distributed(_run, 2, dict(config=cfg, steps=6, bits_history=hist), timeout=400)
     half = run_distributed(_run, 2, dict(config=cfg, steps=3, save=str(tmp_path / "c"), more=0), timeout=400)
-    resumed = run_distributed(_run, 2, dict(config=cfg, steps=0, load=str(tmp_path / "c"), start=3, more=3), timeout=400)
+    resumed = run_distributed(_run, 2, dict(config=cfg, steps=0, load=str(tmp_path / "c"), start=3, more=3,
+                                            bits_history=hist), timeout=400)  # fmt: skip
     assert half[0]["losses"] + resumed[0]["continued"] == straight[0]["losses"]
+    if hist:
+        assert resumed[0]["bits"] == straight[0]["bits"]
+        assert resumed[0]["decisions"] == straight[0]["decisions"]
 
 
 def test_reshard_dp2_to_dp1_and_stock_interop(tmp_path):
