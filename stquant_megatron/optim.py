@@ -30,6 +30,15 @@ STATE_FORMAT_VERSION = 1
 _SALTS = (SALT_EXP_AVG, SALT_EXP_AVG_SQ)
 
 
+def _codebook(cfg: STQuantConfig, moment: str, bits: int, device: torch.device):
+    """The codebook a unit of ``moment`` would use at ``bits``, or None outside 2..8."""
+    from .formats.codebooks import get_codebook
+
+    if not 2 <= bits <= 8:
+        return None
+    return get_codebook(cfg.codebook(moment, bits), bits, moment == "exp_avg", device)
+
+
 class NonFiniteGradError(ValueError):
     """A step saw NaN or Inf gradients; nothing was changed."""
 
@@ -78,6 +87,10 @@ class STQuantAdamW(torch.optim.Optimizer):
         self.stats: dict[torch.Tensor, torch.Tensor] = {}
         """Per-parameter fp32 [3] sums (err exp_avg, err exp_avg_sq, |U|^2) while ``collect_stats``."""
         self.collect_stats = False
+        self.probe_neighbors = False
+        """With ``collect_stats``: also measure each unit's error one width below and above."""
+        self.last_stats: dict[torch.Tensor, torch.Tensor] = {}
+        """Per-parameter fp32 [7] of the last probing step: its [3] sums and the 4 neighbour sums."""
         self.decision_callbacks: list = []
         """Called as ``cb(decision, optimizer)`` after every scheduler decision (e.g. loggers)."""
         self.global_step = 0
@@ -201,11 +214,14 @@ class STQuantAdamW(torch.optim.Optimizer):
             return
         local = {}
         for unit, p, moment in self._packed_units():
-            st = self.stats.get(p)
+            st, last = self.stats.get(p), self.last_stats.get(p)
             if st is not None:
-                local[unit] = torch.stack([st[0 if moment == "exp_avg" else 1], st[2]])
+                i = 0 if moment == "exp_avg" else 1
+                probe = last[[i, 2, 3 + 2 * i, 4 + 2 * i]] if last is not None else torch.zeros(4, device=st.device)
+                local[unit] = torch.cat([st[[i, 2]], probe])
         decision = sched.decide(step, local)
         self.stats.clear()
+        self.last_stats.clear()
         for unit, p, moment in self._packed_units():
             state = self.state[p].get(moment) if p in self.state else None
             bits = decision.bits[unit]
@@ -264,6 +280,7 @@ class STQuantAdamW(torch.optim.Optimizer):
             if sched.numel is None:
                 sched.setup({unit: p.numel() for unit, p, _ in self._packed_units()})
             self.collect_stats = sched.collecting(self.global_step + 1)
+            self.probe_neighbors = sched.due(self.global_step + 1)
         for group, p, g in work:
             st = self.state[p] or self._init_state(p)
             st["step"] += 1
@@ -279,16 +296,28 @@ class STQuantAdamW(torch.optim.Optimizer):
                 continue
             name, offset = self._naming(p)
             uid = unit_id(name)
-            stats = None
+            stats = nbr_stats = nbr_books = None
             if self.collect_stats:
-                stats = self.stats.setdefault(p, torch.zeros(3, dtype=torch.float32, device=p.device))
+                stats = torch.zeros(3, dtype=torch.float32, device=p.device)
+                if self.probe_neighbors:
+                    nbr_stats = torch.zeros(4, dtype=torch.float32, device=p.device)
+                    nbr_books = tuple(
+                        _codebook(cfg, key, b, p.device) for key, st_ in (("exp_avg", m), ("exp_avg_sq", v))
+                        for b in (st_.bits - 1, st_.bits + 1)
+                    )  # fmt: skip
             target = p if p.is_contiguous() else p.contiguous()
             get_step_fn(cfg.backend, p.device)(
                 target, g.contiguous(), m.codes, m.scale, v.codes, v.scale, m.codebook, v.codebook, scalars,
                 block_size=m.block_size, stochastic=cfg.stochastic_rounding,
                 rng_keys=tuple(rng_key(cfg.seed, step, uid, s) for s in _SALTS),
-                index_offset=offset, stats=stats, compile=cfg.compile,
+                index_offset=offset, stats=stats, neighbor_codebooks=nbr_books, neighbor_stats=nbr_stats,
+                compile=cfg.compile,
             )  # fmt: skip
+            if stats is not None:
+                acc = self.stats.get(p)
+                self.stats[p] = stats if acc is None else acc.add_(stats)
+                if nbr_stats is not None:
+                    self.last_stats[p] = torch.cat([stats, nbr_stats])
             if target is not p:
                 p.copy_(target)
         self.global_step += 1

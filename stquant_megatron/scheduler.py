@@ -31,6 +31,8 @@ import torch.distributed as dist
 from .allocation import MAX_BITS, MIN_BITS, allocate
 
 WIDTHS = torch.arange(MIN_BITS, MAX_BITS + 1, dtype=torch.float64)
+DEFAULT_RATIO = 4.0
+"""Error ratio per bit where it was not measured: one more bit halves the quantization step."""
 
 
 @dataclass
@@ -42,6 +44,25 @@ class Decision:
     moved: int
     avg_bits: float
     errors: dict[str, float] = field(default_factory=dict)
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den where both are > 0, else NaN (not measured)."""
+    ok = (num > 0) & (den > 0)
+    return torch.where(ok, num / den.clamp_min(1e-300), torch.full_like(num, float("nan")))
+
+
+def error_curves(rel: torch.Tensor, bits: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """E_u(b) for b = 2..8 (``[U, 7]``) from the error at the current width ``rel`` and the measured
+    ratios ``down`` = E(b-1)/E(b) and ``up`` = E(b)/E(b+1) (NaN: not measured). The neighbouring
+    widths use the measured ratios (clamped to [1, 64]: the curve never increases with width);
+    further widths continue with 4 per bit (one bit halves the quantization step)."""
+    down = torch.nan_to_num(down, nan=DEFAULT_RATIO).clamp(1.0, 64.0)[:, None]
+    up = torch.nan_to_num(up, nan=DEFAULT_RATIO).clamp(1.0, 64.0)[:, None]
+    delta = bits.double()[:, None] - WIDTHS[None, :]  # > 0 below the current width
+    far = DEFAULT_RATIO ** (delta.abs() - 1).clamp_min(0)
+    factor = torch.where(delta > 0, down * far, torch.where(delta < 0, 1.0 / (up * far), torch.ones_like(far)))
+    return rel[:, None] * factor
 
 
 class PrecisionScheduler:
@@ -130,15 +151,17 @@ class PrecisionScheduler:
 
     # --------------------------------------------------------------------------- decisions
     def decide(self, step: int, local_stats: dict[str, torch.Tensor]) -> Decision:
-        """Allocate widths from this rank's error sums ``{unit: [err, ref]}`` (all-reduced here)."""
-        s = torch.zeros(len(self.names), 2, dtype=torch.float64)
+        """Allocate widths from this rank's sums per unit (all-reduced here):
+        ``[err, ref]`` accumulated over the statistics steps, then, from the last step alone,
+        ``[err, ref, err at b-1, err at b+1]`` (zeros where not measured)."""
+        s = torch.zeros(len(self.names), 6, dtype=torch.float64)
         index = {k: i for i, k in enumerate(self.names)}
         for k, v in local_stats.items():
-            s[index[k]] = v.detach().double().cpu()[:2]
+            v = v.detach().double().cpu()
+            s[index[k], : v.numel()] = v
         s = self._all_reduce(s)
-        rel = torch.where(s[:, 1] > 0, s[:, 0] / s[:, 1].clamp_min(1e-300), torch.zeros_like(s[:, 0]))
-        cur = self.bits.double()
-        error = rel[:, None] * torch.pow(4.0, cur[:, None] - WIDTHS[None, :])  # [U, 7]
+        rel = torch.nan_to_num(_ratio(s[:, 0], s[:, 1]), nan=0.0)  # no statistics: no measured damage
+        error = error_curves(rel, self.bits, _ratio(s[:, 4], s[:, 2]), _ratio(s[:, 2], s[:, 5]))
         first = self.decisions == 0
         lower = upper = None
         if not first:
@@ -157,7 +180,8 @@ class PrecisionScheduler:
         moved = int((new != self.bits).sum())
         self.bits = new
         self.decisions += 1
-        d = Decision(step, self.current(), moved, self.average_bits(), {k: float(r) for k, r in zip(self.names, rel)})
+        d = Decision(step, self.current(), moved, self.average_bits(),
+                     {k: float(torch.nan_to_num(r)) for k, r in zip(self.names, rel)})  # fmt: skip
         self.history.append(d)
         return d
 

@@ -117,3 +117,14 @@ def test_all_ranks_agree_on_bits():
     (bits0, avg0), (bits1, avg1) = results
     assert bits0 == bits1
     assert avg0 == avg1 and abs(avg0 - 4.0) <= 0.05
+
+
+def test_error_curves_use_measured_neighbours_then_four_per_bit():
+    from stquant_megatron.scheduler import error_curves
+
+    nan = float("nan")
+    e = error_curves(torch.tensor([1.0, 2.0]), torch.tensor([4, 8]), torch.tensor([3.0, nan]), torch.tensor([5.0, nan]))
+    want0 = [3.0 * 4, 3.0, 1.0, 1 / 5, 1 / 20, 1 / 80, 1 / 320]  # widths 2..8 around 4 bits
+    want1 = [2.0 * 4.0**k for k in range(6, -1, -1)]  # not measured: 4 per bit from 8 bits down
+    assert torch.allclose(e, torch.tensor([want0, want1], dtype=torch.float64))
+    assert (e[:, :-1] >= e[:, 1:]).all()  # never increases with width

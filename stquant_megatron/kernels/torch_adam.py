@@ -115,6 +115,7 @@ def _adam_chunk(
     stochastic: bool,
     with_stats: bool,
     has_tail: bool,
+    neighbors: tuple | None = None,  # (exp_avg b-1, b+1, exp_avg_sq b-1, b+1) codebooks or None
 ):
     beta1, omb1, beta2, omb2, eps, l2, decay, step_size, inv_bc2 = (hyper[i] for i in range(9))
     g = g.to(torch.float32)
@@ -147,7 +148,22 @@ def _adam_chunk(
         err_m = mq / denom - ref
         err_v = m / (sqrt_rn(vq) * inv_bc2 + eps) - ref
         stats = torch.stack([(err_m * err_m).sum(), (err_v * err_v).sum(), (ref * ref).sum()])
-    return p, pack_codes(m_codes, mcb.bits), m_scale, pack_codes(v_codes, vcb.bits), v_scale, stats
+    nstats = None
+    if neighbors is not None:
+        # The same damage at the neighbouring widths (nearest rounding; nothing is stored).
+        sums = []
+        for i, cb in enumerate(neighbors):
+            if cb is None:
+                sums.append(torch.zeros((), dtype=torch.float32, device=p.device))
+            elif i < 2:
+                e = dequantize_blocks(*quantize_blocks(m, cb, ms.dtype), cb) / denom - ref
+                sums.append((e * e).sum())
+            else:
+                vq = dequantize_blocks(*quantize_blocks(v, cb, vs.dtype), cb)
+                e = m / (sqrt_rn(vq) * inv_bc2 + eps) - ref
+                sums.append((e * e).sum())
+        nstats = torch.stack(sums)
+    return p, pack_codes(m_codes, mcb.bits), m_scale, pack_codes(v_codes, vcb.bits), v_scale, stats, nstats
 
 
 @functools.lru_cache(maxsize=None)
@@ -171,6 +187,8 @@ def torch_packed_adam_step(
     rng_keys: tuple[int, int] = (0, 0),
     index_offset: int = 0,
     stats: torch.Tensor | None = None,
+    neighbor_codebooks: tuple | None = None,
+    neighbor_stats: torch.Tensor | None = None,
     compile: bool = False,
 ) -> None:
     """One fused Adam/AdamW step on a packed unit, in place.
@@ -187,6 +205,9 @@ def torch_packed_adam_step(
         rng_keys: 32-bit keys of the (exp_avg, exp_avg_sq) random streams this step.
         index_offset: global index of ``param``'s first element within its unit (shards).
         stats: fp32 ``[3]`` or None; if given, adds (sum err_m^2, sum err_v^2, sum U^2) to it.
+        neighbor_codebooks: with ``stats``, the codebooks one width below and above each moment's,
+            ``(exp_avg b-1, exp_avg b+1, exp_avg_sq b-1, exp_avg_sq b+1)`` (None where out of range).
+        neighbor_stats: fp32 ``[4]``; adds sum err^2 at those widths (nearest rounding, not stored).
         compile: run each chunk through ``torch.compile`` (PyTorch path only; ignored by Triton).
     """
     mcb, vcb = exp_avg_codebook, exp_avg_sq_codebook
@@ -210,10 +231,11 @@ def torch_packed_adam_step(
         p32 = p.to(torch.float32).view(b1 - b0, block_size)
         first = torch.tensor(index_offset + e0, dtype=torch.int64, device=dev)
         valid = torch.tensor(e1 - e0, dtype=torch.int64, device=dev)
-        new_p, mc, ms, vc, vs, st = fn(
+        new_p, mc, ms, vc, vs, st, nst = fn(
             p32, g.view(b1 - b0, block_size),
             exp_avg_codes[b0:b1], exp_avg_scale[b0:b1], exp_avg_sq_codes[b0:b1], exp_avg_sq_scale[b0:b1],
             mcb, vcb, hyper, first, keys, valid, stochastic, stats is not None, pad > 0,
+            neighbor_codebooks if neighbor_stats is not None else None,
         )  # fmt: skip
         flat_p[e0:e1].copy_(new_p.view(-1)[: e1 - e0])
         exp_avg_codes[b0:b1].copy_(mc)
@@ -222,6 +244,8 @@ def torch_packed_adam_step(
         exp_avg_sq_scale[b0:b1].copy_(vs)
         if st is not None:
             stats.add_(st)
+        if nst is not None:
+            neighbor_stats.add_(nst)
 
 
 def dense_adam_step(

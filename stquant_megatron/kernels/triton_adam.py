@@ -49,6 +49,19 @@ if HAS_TRITON:
         return (h >> 8).to(tl.float32) * (1.0 / 16777216.0)
 
     @triton.jit
+    def _cast_rne(x, DTYPE: tl.constexpr):
+        # fp32 -> DTYPE rounding to nearest even, like PyTorch. bf16 is rounded on the fp32 bits and
+        # its bit pattern stored directly, so the result does not depend on the backend's cast (the
+        # CPU interpreter, TRITON_INTERPRET=1, truncates fp32 -> bf16 and flushes subnormals; GPUs
+        # round to nearest even: the same bits as here).
+        if DTYPE == tl.bfloat16:
+            b = x.to(tl.int32, bitcast=True)
+            r = (b + (0x7FFF + ((b >> 16) & 1))) >> 16
+            r = tl.where(x != x, 0x7FC0, r)  # NaN stays (a quiet) NaN
+            return r.to(tl.int16).to(tl.bfloat16, bitcast=True)
+        return x.to(DTYPE)
+
+    @triton.jit
     def _levels(k, BITS: tl.constexpr, KIND: tl.constexpr, SIGNED: tl.constexpr, qmap_ptr, LOG_STEP_: tl.constexpr):
         # level value of fp32 level index k; same expression as codebooks.level_values
         if KIND == 2:
@@ -127,17 +140,35 @@ if HAS_TRITON:
             tl.store(ptr, packed.to(tl.uint8), mask=blk_ok_row)
 
     @triton.jit
+    def _requant_err(x, SIGNED: tl.constexpr, BITS: tl.constexpr, KIND: tl.constexpr, qmap_ptr, bounds_ptr,
+                     LOG_STEP_: tl.constexpr, scale_ptr):
+        # x quantized (nearest) at another width and dequantized: the neighbouring-width probe
+        if SIGNED:
+            s = _cast_rne(tl.max(tl.abs(x), axis=1), scale_ptr.dtype.element_ty).to(tl.float32)[:, None]
+        else:
+            s = _cast_rne(tl.max(x, axis=1), scale_ptr.dtype.element_ty).to(tl.float32)[:, None]
+        s = tl.where(s > 0, s, 1.0)
+        code = _encode(tl.div_rn(x, s * (x * 0 + 1.0)), x, BITS, KIND, SIGNED, qmap_ptr, bounds_ptr, LOG_STEP_, False)
+        return _decode(code, BITS, KIND, SIGNED, qmap_ptr, LOG_STEP_) * s
+
+    @triton.jit
     def _packed_adam_kernel(
         p_ptr, g_ptr,  # param (fp32/bf16) and grad (fp32/bf16), numel elements, contiguous
         mc_ptr, ms_ptr, vc_ptr, vs_ptr,  # packed codes uint8[num_blocks, bits, BLOCK/8] and scales [num_blocks]
         mq_ptr, mb_ptr, vq_ptr, vb_ptr,  # codebook qmap / bounds (log kind only)
         partial_ptr,  # fp32[num_programs, 3] per-program error sums (WITH_STATS)
+        npartial_ptr,  # fp32[num_programs, 4] per-program error sums at neighbouring widths
+        q0_ptr, b0_ptr, q1_ptr, b1_ptr, q2_ptr, b2_ptr, q3_ptr, b3_ptr,  # neighbour codebook tables
         numel, num_blocks, index_offset, key_m, key_v,
         beta1, omb1, beta2, omb2, eps, l2, decay, step_size, inv_bc2,
         BLOCK: tl.constexpr, G: tl.constexpr,
         M_BITS: tl.constexpr, M_KIND: tl.constexpr, V_BITS: tl.constexpr, V_KIND: tl.constexpr,
         M_LOG: tl.constexpr, V_LOG: tl.constexpr,
         STOCHASTIC: tl.constexpr, WITH_STATS: tl.constexpr,
+        # neighbouring widths (0 = absent): exp_avg b-1, b+1, exp_avg_sq b-1, b+1, and their kinds
+        N0_BITS: tl.constexpr, N0_KIND: tl.constexpr, N1_BITS: tl.constexpr, N1_KIND: tl.constexpr,
+        N2_BITS: tl.constexpr, N2_KIND: tl.constexpr, N3_BITS: tl.constexpr, N3_KIND: tl.constexpr,
+        N0_LOG: tl.constexpr, N1_LOG: tl.constexpr, N2_LOG: tl.constexpr, N3_LOG: tl.constexpr,
     ):
         pid = tl.program_id(0)
         blk_row = (pid * G + tl.arange(0, G)).to(tl.int64)[:, None]  # [G, 1]
@@ -161,7 +192,7 @@ if HAS_TRITON:
         p = p * decay
         denom = tl.sqrt_rn(v) * inv_bc2 + eps
         p = p - tl.div_rn(m, denom) * step_size
-        tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=inside)
+        tl.store(p_ptr + offs, _cast_rne(p, p_ptr.dtype.element_ty), mask=inside)
         m = tl.where(inside, m, 0.0)
         v = tl.where(inside, v, 0.0)
 
@@ -172,8 +203,8 @@ if HAS_TRITON:
         else:
             um = m
             uv = v
-        m_scale = tl.max(tl.abs(m), axis=1).to(ms_ptr.dtype.element_ty)
-        v_scale = tl.max(v, axis=1).to(vs_ptr.dtype.element_ty)
+        m_scale = _cast_rne(tl.max(tl.abs(m), axis=1), ms_ptr.dtype.element_ty)
+        v_scale = _cast_rne(tl.max(v, axis=1), vs_ptr.dtype.element_ty)
         tl.store(ms_ptr + blk_row, m_scale[:, None], mask=blk_ok_row)
         tl.store(vs_ptr + blk_row, v_scale[:, None], mask=blk_ok_row)
         sm = m_scale.to(tl.float32)[:, None]
@@ -197,6 +228,20 @@ if HAS_TRITON:
             tl.store(partial_ptr + pid * 3 + 0, tl.sum(tl.sum(err_m * err_m, axis=1), axis=0))
             tl.store(partial_ptr + pid * 3 + 1, tl.sum(tl.sum(err_v * err_v, axis=1), axis=0))
             tl.store(partial_ptr + pid * 3 + 2, tl.sum(tl.sum(ref * ref, axis=1), axis=0))
+            if N0_BITS > 0:
+                e0 = tl.where(inside, tl.div_rn(_requant_err(m, True, N0_BITS, N0_KIND, q0_ptr, b0_ptr, N0_LOG, ms_ptr), denom) - ref, 0.0)
+                tl.store(npartial_ptr + pid * 4 + 0, tl.sum(tl.sum(e0 * e0, axis=1), axis=0))
+            if N1_BITS > 0:
+                e1 = tl.where(inside, tl.div_rn(_requant_err(m, True, N1_BITS, N1_KIND, q1_ptr, b1_ptr, N1_LOG, ms_ptr), denom) - ref, 0.0)
+                tl.store(npartial_ptr + pid * 4 + 1, tl.sum(tl.sum(e1 * e1, axis=1), axis=0))
+            if N2_BITS > 0:
+                vq2 = _requant_err(v, False, N2_BITS, N2_KIND, q2_ptr, b2_ptr, N2_LOG, vs_ptr)
+                e2 = tl.where(inside, tl.div_rn(m, tl.sqrt_rn(vq2) * inv_bc2 + eps) - ref, 0.0)
+                tl.store(npartial_ptr + pid * 4 + 2, tl.sum(tl.sum(e2 * e2, axis=1), axis=0))
+            if N3_BITS > 0:
+                vq3 = _requant_err(v, False, N3_BITS, N3_KIND, q3_ptr, b3_ptr, N3_LOG, vs_ptr)
+                e3 = tl.where(inside, tl.div_rn(m, tl.sqrt_rn(vq3) * inv_bc2 + eps) - ref, 0.0)
+                tl.store(npartial_ptr + pid * 4 + 3, tl.sum(tl.sum(e3 * e3, axis=1), axis=0))
 
 
 def triton_packed_adam_step(
@@ -215,6 +260,8 @@ def triton_packed_adam_step(
     rng_keys: tuple[int, int] = (0, 0),
     index_offset: int = 0,
     stats: torch.Tensor | None = None,
+    neighbor_codebooks: tuple | None = None,
+    neighbor_stats: torch.Tensor | None = None,
     compile: bool = False,
 ) -> None:
     """Same contract as ``torch_packed_adam_step`` (``compile`` is ignored)."""
@@ -228,14 +275,25 @@ def triton_packed_adam_step(
     grid = (triton.cdiv(nblocks, GROUP),)
     with_stats = stats is not None
     partial = torch.empty((grid[0], 3) if with_stats else (1, 3), dtype=torch.float32, device=param.device)
+    nbrs = neighbor_codebooks if (with_stats and neighbor_stats is not None) else (None,) * 4
+    npartial = torch.zeros((grid[0], 4) if nbrs[0] is not None or any(nbrs) else (1, 4),
+                           dtype=torch.float32, device=param.device)  # fmt: skip
+    tables, consts = [], {}
+    for i, cb in enumerate(nbrs):
+        tables += [cb.qmap, cb.bounds] if cb is not None else [mcb.qmap, mcb.bounds]
+        consts[f"N{i}_BITS"] = cb.bits if cb is not None else 0
+        consts[f"N{i}_KIND"] = KINDS.index(cb.kind) if cb is not None else 0
+        consts[f"N{i}_LOG"] = LOG_STEP.get(cb.bits, 1.0) if cb is not None else 1.0
     _packed_adam_kernel[grid](
         param, grad, exp_avg_codes, exp_avg_scale, exp_avg_sq_codes, exp_avg_sq_scale,
-        mcb.qmap, mcb.bounds, vcb.qmap, vcb.bounds, partial,
+        mcb.qmap, mcb.bounds, vcb.qmap, vcb.bounds, partial, npartial, *tables,
         numel, nblocks, index_offset, rng_keys[0], rng_keys[1], *scalars,
         BLOCK=block_size, G=GROUP,
         M_BITS=mcb.bits, M_KIND=KINDS.index(mcb.kind), V_BITS=vcb.bits, V_KIND=KINDS.index(vcb.kind),
         M_LOG=LOG_STEP.get(mcb.bits, 1.0), V_LOG=LOG_STEP.get(vcb.bits, 1.0),
-        STOCHASTIC=stochastic, WITH_STATS=with_stats,
+        STOCHASTIC=stochastic, WITH_STATS=with_stats, **consts,
     )  # fmt: skip
     if with_stats:
         stats.add_(partial.sum(0))
+        if neighbor_stats is not None:
+            neighbor_stats.add_(npartial.sum(0))
