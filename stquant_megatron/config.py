@@ -80,11 +80,11 @@ class STQuantConfig:
         if isinstance(bits, list):
             self.bits = tuple(bits)
         bs = self.block_size
-        if not isinstance(bs, int) or bs < 32 or bs > 4096 or bs & (bs - 1):
+        if not isinstance(bs, int) or isinstance(bs, bool) or bs < 32 or bs > 4096 or bs & (bs - 1):
             _fail("block_size", bs, "use a power of two in 32..4096 (default 128)")
-        if not isinstance(self.min_numel, int) or self.min_numel < 0:
+        if not isinstance(self.min_numel, int) or isinstance(self.min_numel, bool) or self.min_numel < 0:
             _fail("min_numel", self.min_numel, "use an int >= 0")
-        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
             _fail("seed", self.seed, "use an int in 0..2**32-1")
         for name, allowed in (
             ("scale_dtype", ("fp32", "bf16")),

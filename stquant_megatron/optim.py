@@ -372,9 +372,16 @@ class STQuantAdamW(torch.optim.Optimizer):
                 raise ValueError(f"checkpoint state refers to parameter index {k!r}, which no param group lists")
             p = id_map[k]
             st = dict(st)
+            missing = [key for key in ("step", *MOMENTS) if key not in st]
+            if missing:
+                raise ValueError(
+                    f"checkpoint state of {self.param_name(p)!r} lacks {missing} (has {sorted(st)}): "
+                    "it is not an Adam state dict"
+                )
+            if not torch.is_tensor(st["step"]):  # torch < 1.12 saved the step as a number
+                st["step"] = torch.tensor(float(st["step"]), dtype=torch.float32)
             for key in MOMENTS:
-                if key in st:
-                    moments[(p, key)] = self._load_moment(p, key, st.pop(key))
+                moments[(p, key)] = self._load_moment(p, key, st.pop(key))
             stripped[k] = st
         old_groups = [dict(g) for g in self.param_groups]
         old = (copy.copy(self.state), self.global_step, dict(self.stats))

@@ -1,0 +1,404 @@
+"""The fused step: the Triton kernel (``TRITON_INTERPRET=1``, set in conftest) is bit-identical to
+its PyTorch twin; the twin matches a plain reference; the stochastic-rounding RNG is
+reproducible and independent of sharding and chunking."""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import pytest
+import torch
+
+import stquant_megatron.kernels.torch_adam as torch_adam
+from stquant_megatron.config import AUTO_CODEBOOK
+from stquant_megatron.formats.codebooks import get_codebook
+from stquant_megatron.formats.packing import num_blocks, pack_codes, unpack_codes
+from stquant_megatron.kernels import (
+    get_step_fn, rng_key, step_scalars, torch_packed_adam_step, triton_packed_adam_step, unit_id,
+)  # fmt: skip
+from stquant_megatron.kernels.common import SALT_EXP_AVG, SALT_EXP_AVG_SQ, f32, mix32
+from stquant_megatron.kernels.torch_adam import dequantize_blocks, quantize_blocks, uniform
+from stquant_megatron.state import PackedState
+
+from conftest import ALL_BITS, valid_kinds
+
+import triton  # noqa: E402  (after conftest set TRITON_INTERPRET=1)
+import triton.language as tl  # noqa: E402
+
+from stquant_megatron.kernels.triton_adam import _cast_rne  # noqa: E402
+
+assert os.environ.get("TRITON_INTERPRET") == "1"
+
+WIDTH_PAIRS = [(b, b) for b in ALL_BITS] + [(2, 8), (8, 2), (3, 5), (5, 3), (4, 6), (7, 2)]
+
+
+class Case:
+    """One fused-step scenario: a parameter, a gradient stream and a packed state."""
+
+    def __init__(
+        self, *, mb=4, vb=4, mk=None, vk=None, numel=1000, block=128, stochastic=False, gdtype=torch.float32,
+        pdtype=torch.float32, wd=0.1, adamw=True, steps=3, lr=1e-2, random_state=False, seed=0,
+        scale_dtype=torch.float32, grad_range=(-3.0, 1.0),
+    ):  # fmt: skip
+        self.mk = mk or AUTO_CODEBOOK["exp_avg"][mb]
+        self.vk = vk or AUTO_CODEBOOK["exp_avg_sq"][vb]
+        self.mb, self.vb, self.numel, self.block = mb, vb, numel, block
+        self.stochastic, self.gdtype, self.pdtype, self.wd, self.adamw = stochastic, gdtype, pdtype, wd, adamw
+        self.steps, self.lr, self.random_state, self.seed, self.scale_dtype = steps, lr, random_state, seed, scale_dtype
+        self.grad_range = grad_range
+
+    def init(self):
+        g = torch.Generator().manual_seed(self.seed)
+        p = torch.randn(self.numel, generator=g).to(self.pdtype)
+        m = PackedState.zeros(self.numel, bits=self.mb, kind=self.mk, signed=True, block_size=self.block,
+                              scale_dtype=self.scale_dtype)  # fmt: skip
+        v = PackedState.zeros(self.numel, bits=self.vb, kind=self.vk, signed=False, block_size=self.block,
+                              scale_dtype=self.scale_dtype)  # fmt: skip
+        if self.random_state:  # arbitrary codes (the top signed code included) and scales
+            for st in (m, v):
+                nb = st.codes.shape[0]
+                st.codes.copy_(torch.randint(0, 256, tuple(st.codes.shape), generator=g, dtype=torch.int64).to(torch.uint8))
+                st.scale.copy_((torch.rand(nb, generator=g) * 1e-2).to(self.scale_dtype))
+        return p, m, v
+
+    def grads(self):
+        """Gradients with magnitudes over several decades, exact zeros and (if >1 block) a zero block."""
+        g = torch.Generator().manual_seed(self.seed + 1)
+        lo, hi = self.grad_range
+        for _ in range(self.steps):
+            x = torch.randn(self.numel, generator=g) * torch.pow(10.0, lo + (hi - lo) * torch.rand(self.numel, generator=g))
+            x[torch.rand(self.numel, generator=g) < 0.05] = 0.0
+            if self.numel > 2 * self.block:
+                x[self.block : 2 * self.block] = 0.0
+            yield x.to(self.gdtype)
+
+    def run(self, fn, **kw):
+        p, m, v = self.init()
+        stats = torch.zeros(3)
+        for step, grad in enumerate(self.grads(), start=1):
+            sc = step_scalars(lr=self.lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=self.wd, step=step,
+                              adamw=self.adamw)  # fmt: skip
+            keys = (rng_key(self.seed, step, 77, SALT_EXP_AVG), rng_key(self.seed, step, 77, SALT_EXP_AVG_SQ))
+            fn(p, grad, m.codes, m.scale, v.codes, v.scale, m.codebook, v.codebook, sc, block_size=self.block,
+               stochastic=self.stochastic, rng_keys=keys, stats=stats, **kw)  # fmt: skip
+        return p, m, v, stats
+
+
+def assert_same(a, b, stats_rtol=1e-5):
+    pa, ma, va, sa = a
+    pb, mb, vb, sb = b
+    assert pa.dtype == pb.dtype
+    assert torch.equal(ma.codes, mb.codes), "exp_avg codes differ"
+    assert torch.equal(va.codes, vb.codes), "exp_avg_sq codes differ"
+    assert torch.equal(ma.scale, mb.scale), "exp_avg scales differ"
+    assert torch.equal(va.scale, vb.scale), "exp_avg_sq scales differ"
+    assert torch.equal(pa, pb), f"params differ by up to {(pa.float() - pb.float()).abs().max()}"
+    # stats are float sums taken in a different order (per program, then summed): close, not equal
+    torch.testing.assert_close(sa, sb, rtol=stats_rtol, atol=1e-12)
+
+
+def _both(case, **kw):
+    a = case.run(torch_packed_adam_step, **kw)
+    b = case.run(triton_packed_adam_step, **kw)
+    # the state really moved (a test of all-zero states would prove little)
+    assert bool((a[1].scale > 0).any()) and bool((a[2].scale > 0).any())
+    assert bool(a[3][2] > 0)
+    return a, b
+
+
+# ------------------------------------------------------------------ Triton == PyTorch, bit for bit
+
+
+@pytest.mark.parametrize("gdtype", [torch.float32, torch.bfloat16], ids=["g32", "gbf16"])
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+@pytest.mark.parametrize("bits", WIDTH_PAIRS, ids=[f"m{a}v{b}" for a, b in WIDTH_PAIRS])
+def test_triton_equals_torch_every_width(bits, stochastic, gdtype):
+    mb, vb = bits
+    case = Case(mb=mb, vb=vb, stochastic=stochastic, gdtype=gdtype, wd=0.1 if (mb + vb) % 4 else 0.0,
+                adamw=(mb % 2 == 0), seed=mb * 10 + vb)  # fmt: skip
+    assert_same(*_both(case))
+
+
+KIND_CASES = [
+    (b, mk, vk) for b in ALL_BITS for mk in valid_kinds(b, True) for vk in valid_kinds(b, False)
+]
+
+
+@pytest.mark.parametrize("bits,mk,vk", KIND_CASES, ids=[f"{b}-{m}-{v}" for b, m, v in KIND_CASES])
+def test_triton_equals_torch_every_codebook(bits, mk, vk):
+    stochastic = (bits + len(mk) + len(vk)) % 2 == 1
+    case = Case(mb=bits, vb=bits, mk=mk, vk=vk, numel=300, block=64, stochastic=stochastic, seed=bits, steps=2)
+    assert_same(*_both(case))
+
+
+SHAPES = [(1000, 128), (129, 32), (1, 128), (700, 256), (4099, 512)]
+# with weight_decay=0, AdamW and Adam-L2 are the same update: one case covers both
+DECAY = [(0.0, True), (0.1, True), (0.1, False)]
+
+
+@pytest.mark.parametrize("numel,block", SHAPES, ids=[f"n{n}b{b}" for n, b in SHAPES])
+@pytest.mark.parametrize("wd,adamw", DECAY, ids=["wd0", "adamw_wd0.1", "adam_l2_wd0.1"])
+def test_triton_equals_torch_decay_and_shapes(numel, block, wd, adamw):
+    case = Case(mb=3, vb=4, numel=numel, block=block, wd=wd, adamw=adamw, stochastic=True, seed=numel)
+    assert_same(*_both(case))
+
+
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+def test_triton_equals_torch_from_arbitrary_state(stochastic):
+    """Arbitrary codes (including the never-produced top signed code) and scales decode alike."""
+    for mb, vb, vk in ((2, 2, "log"), (5, 3, "pow2"), (8, 8, "linear")):
+        case = Case(mb=mb, vb=vb, vk=vk, numel=515, block=64, random_state=True, stochastic=stochastic, seed=mb)
+        assert_same(*_both(case))
+
+
+@pytest.mark.parametrize("pdtype", [torch.bfloat16], ids=["pbf16"])
+def test_triton_equals_torch_bf16_params_and_scales(pdtype):
+    case = Case(mb=4, vb=4, pdtype=pdtype, gdtype=torch.bfloat16, scale_dtype=torch.bfloat16, stochastic=True)
+    a, b = _both(case)
+    assert a[0].dtype == torch.bfloat16 and a[1].scale.dtype == torch.bfloat16
+    assert_same(a, b)
+
+
+@triton.jit
+def _cast_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    o = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + o, mask=o < n)
+    tl.store(y_ptr + o, _cast_rne(x, y_ptr.dtype.element_ty), mask=o < n)
+
+
+def test_triton_bf16_cast_rounds_to_nearest_even():
+    """The kernel's fp32 -> bf16 store rounds like PyTorch (nearest, ties to even; NaN, inf and
+    subnormals kept), also under the interpreter, whose own cast truncates."""
+    one = 1.0 + 2.0**-8  # exactly halfway between two bf16 values
+    specials = [one, 1.0 + 3 * 2.0**-8, -one, 1.0 + 2.0**-8 + 2.0**-20, float("inf"), float("-inf"), float("nan"),
+                3.4e38, -3.4e38, 1e-40, -1e-42, 0.0, -0.0]  # fmt: skip
+    x = torch.cat([torch.tensor(specials), torch.randn(1000) * torch.pow(10.0, torch.randint(-30, 30, (1000,)).float())])
+    y = torch.empty(x.numel(), dtype=torch.bfloat16)
+    _cast_kernel[(1,)](x, y, x.numel(), BLOCK=2048)
+    want = x.to(torch.bfloat16)
+    assert torch.equal(y.view(torch.int16)[~x.isnan()], want.view(torch.int16)[~x.isnan()])
+    assert bool(y[x.isnan()].isnan().all())
+    # fp32 destinations are untouched
+    y32 = torch.empty(x.numel())
+    _cast_kernel[(1,)](x, y32, x.numel(), BLOCK=2048)
+    assert torch.equal(y32[~x.isnan()], x[~x.isnan()])
+
+
+def test_triton_equals_torch_extreme_magnitudes():
+    """Gradients from 1e-20 (squares are fp32 subnormals) to 1e5, many steps at 2 and 8 bits."""
+    for mb, vb in ((2, 2), (8, 8), (4, 3)):
+        case = Case(mb=mb, vb=vb, numel=520, block=32, steps=4, stochastic=mb == 4, grad_range=(-20.0, 5.0))
+        assert_same(*_both(case))
+
+
+def test_stats_close_and_meaningful():
+    case = Case(mb=3, vb=3, numel=1000, stochastic=False)
+    a, b = _both(case)
+    torch.testing.assert_close(a[3], b[3], rtol=1e-5, atol=0.0)
+    # the three sums are positive, and the error of 3-bit moments is a fraction of |U|^2
+    assert bool((a[3] > 0).all())
+    assert float(a[3][0]) < float(a[3][2]) and float(a[3][1]) < float(a[3][2])
+    # no stats requested: nothing else changes
+    p, m, v = case.init()
+    grad = next(case.grads())
+    sc = step_scalars(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, step=1, adamw=True)
+    torch_packed_adam_step(p, grad, m.codes, m.scale, v.codes, v.scale, m.codebook, v.codebook, sc, block_size=128)
+    p2, m2, v2 = case.init()
+    st = torch.zeros(3)
+    torch_packed_adam_step(p2, grad, m2.codes, m2.scale, v2.codes, v2.scale, m2.codebook, v2.codebook, sc,
+                           block_size=128, stats=st)  # fmt: skip
+    assert torch.equal(p, p2) and torch.equal(m.codes, m2.codes) and torch.equal(v.codes, v2.codes)
+
+
+def test_compiled_twin_equals_eager():
+    """``compile=True`` gives the same codes, scales and params as eager, bit for bit.
+
+    (Measured bit-identical with torch 2.13 on CPU: the compiled graph keeps the fp64 square root
+    of ``sqrt_rn`` and the same operation order. Stats are sums in a different order: close.)
+    """
+    case = Case(mb=4, vb=4, numel=1000, stochastic=True, wd=0.1, steps=3)
+    a = case.run(torch_packed_adam_step)
+    b = case.run(torch_packed_adam_step, compile=True)
+    assert_same(a, b)
+
+
+# ------------------------------------------------------------------ the twin against a plain reference
+
+
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+@pytest.mark.parametrize("adamw", [True, False], ids=["adamw", "adam_l2"])
+def test_torch_step_matches_plain_reference(stochastic, adamw):
+    """One step = dequantize the old state, fp32 Adam/AdamW, quantize the new moments blockwise
+    (padding holds zero moments), written here without the fused code."""
+    numel, block, lr, wd = 1000, 128, 1e-2, 0.1
+    case = Case(mb=5, vb=3, numel=numel, block=block, random_state=True, stochastic=stochastic, adamw=adamw)
+    p, m, v = case.init()
+    grads = list(case.grads())
+    for step, g in enumerate(grads, start=1):
+        sc = step_scalars(lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=wd, step=step, adamw=adamw)
+        keys = (rng_key(3, step, 5, SALT_EXP_AVG), rng_key(3, step, 5, SALT_EXP_AVG_SQ))
+        # reference
+        nb = num_blocks(numel, block)
+        pad = nb * block - numel
+        m0, v0 = m.dequantize(), v.dequantize()
+        gg = g.float() + p * sc.l2
+        m1 = m0 * sc.beta1 + gg * sc.one_minus_beta1
+        v1 = v0 * sc.beta2 + (gg * gg) * sc.one_minus_beta2
+        denom = torch.sqrt(v1.double()).float() * sc.inv_bias_correction2_sqrt + sc.eps
+        p_ref = p * sc.decay - (m1 / denom) * sc.step_size
+        index = torch.arange(nb * block, dtype=torch.int64).view(nb, block)
+        um = uniform(index, torch.tensor(keys[0])) if stochastic else None
+        uv = uniform(index, torch.tensor(keys[1])) if stochastic else None
+        mc, ms = quantize_blocks(torch.nn.functional.pad(m1, (0, pad)).view(nb, block), m.codebook, torch.float32, um)
+        vc, vs = quantize_blocks(torch.nn.functional.pad(v1, (0, pad)).view(nb, block), v.codebook, torch.float32, uv)
+        # fused step
+        torch_packed_adam_step(p, g, m.codes, m.scale, v.codes, v.scale, m.codebook, v.codebook, sc,
+                               block_size=block, stochastic=stochastic, rng_keys=keys)  # fmt: skip
+        assert torch.equal(p, p_ref)
+        assert torch.equal(m.codes, pack_codes(mc, 5)) and torch.equal(m.scale, ms)
+        assert torch.equal(v.codes, pack_codes(vc, 3)) and torch.equal(v.scale, vs)
+
+
+def test_first_step_is_exact_adam():
+    """From a zero state the first update is fp32 Adam exactly (the old moments decode to 0):
+    p - lr * g / (|g| + eps') up to fp32 rounding."""
+    p0 = torch.randn(300)
+    g = torch.randn(300)
+    p = p0.clone()
+    m = PackedState.zeros(300, bits=2, kind="linear", signed=True, block_size=64)
+    v = PackedState.zeros(300, bits=2, kind="log", signed=False, block_size=64)
+    sc = step_scalars(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1, adamw=True)
+    torch_packed_adam_step(p, g, m.codes, m.scale, v.codes, v.scale, m.codebook, v.codebook, sc, block_size=64)
+    torch.testing.assert_close(p, p0 - 1e-3 * g / (g.abs() + 1e-8), rtol=1e-6, atol=1e-9)
+
+
+# ------------------------------------------------------------------ reproducible, sharding-free RNG
+
+
+def test_uniform_range_and_distribution():
+    key = torch.tensor(rng_key(0, 1, 2, 3))
+    u = uniform(torch.arange(200_000, dtype=torch.int64), key)
+    assert u.dtype == torch.float32
+    assert float(u.min()) >= 0.0 and float(u.max()) < 1.0
+    # 24-bit values: u * 2**24 is an integer
+    assert torch.equal(u * 2**24, torch.floor(u * 2**24))
+    hist = torch.histc(u, bins=20, min=0.0, max=1.0)
+    # each bin expects 10000 +- 100 (sd); 6 sd
+    assert bool(((hist - 10000).abs() < 600).all()), hist
+    assert abs(float(u.double().mean()) - 0.5) < 0.005
+
+
+def test_uniform_depends_only_on_index_and_key():
+    key = torch.tensor(rng_key(11, 7, unit_id("layer.0.weight"), SALT_EXP_AVG))
+    n = 5000
+    whole = uniform(torch.arange(n, dtype=torch.int64), key)
+    # any split into shards, each given its global indices, reproduces the whole
+    for cut in (1, 128, 2500, 4999):
+        a = uniform(torch.arange(0, cut, dtype=torch.int64), key)
+        b = uniform(torch.arange(cut, n, dtype=torch.int64), key)
+        assert torch.equal(torch.cat([a, b]), whole)
+    # elementwise: a permuted index vector gives permuted values
+    perm = torch.randperm(n)
+    assert torch.equal(uniform(perm, key), whole[perm])
+    # beyond 2**32 the high word matters (no aliasing of index and index + 2**32)
+    big = torch.arange(2**32 - 4, 2**32 + 4, dtype=torch.int64)
+    ub = uniform(big, key)
+    assert torch.equal(ub, torch.stack([uniform(i.view(1), key)[0] for i in big]))
+    assert not torch.equal(uniform(big, key), uniform(big - 2**32, key))
+    # another key gives another stream
+    assert not torch.equal(whole, uniform(torch.arange(n, dtype=torch.int64), key + 1))
+
+
+def test_rng_key_components():
+    base = rng_key(1, 2, 3, SALT_EXP_AVG)
+    assert base == rng_key(1, 2, 3, SALT_EXP_AVG)
+    assert 0 <= base < 2**32
+    others = {rng_key(2, 2, 3, SALT_EXP_AVG), rng_key(1, 3, 3, SALT_EXP_AVG), rng_key(1, 2, 4, SALT_EXP_AVG),
+              rng_key(1, 2, 3, SALT_EXP_AVG_SQ)}  # fmt: skip
+    assert base not in others and len(others) == 4
+    assert unit_id("decoder.layers.0.mlp.weight") == zlib.crc32(b"decoder.layers.0.mlp.weight")
+    assert unit_id("a") != unit_id("b")
+    assert mix32(0) == 0 and mix32(1) != 1
+    assert f32(0.1) != 0.1 and f32(f32(0.1)) == f32(0.1)
+
+
+@pytest.mark.parametrize("fn", [torch_packed_adam_step, triton_packed_adam_step], ids=["torch", "triton"])
+def test_same_seed_step_unit_index_same_codes(fn):
+    a = Case(mb=3, vb=3, numel=1000, stochastic=True, seed=4).run(fn)
+    b = Case(mb=3, vb=3, numel=1000, stochastic=True, seed=4).run(fn)
+    assert_same(a, b, stats_rtol=0)
+    # another seed (another rng key) changes the codes, not the nearest-rounded ones
+    c = Case(mb=3, vb=3, numel=1000, stochastic=True, seed=4)
+    p, m, v = c.init()
+    p2, m2, v2 = c.init()
+    g = next(c.grads())
+    sc = step_scalars(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1, adamw=True)
+    fn(p, g, m.codes, m.scale, v.codes, v.scale, m.codebook, v.codebook, sc, block_size=128, stochastic=True,
+       rng_keys=(1, 2))  # fmt: skip
+    fn(p2, g, m2.codes, m2.scale, v2.codes, v2.scale, m2.codebook, v2.codebook, sc, block_size=128,
+       stochastic=True, rng_keys=(3, 4))  # fmt: skip
+    assert torch.equal(p, p2)  # the update uses the old (zero) state: the same
+    assert not torch.equal(m.codes, m2.codes) and not torch.equal(v.codes, v2.codes)
+    assert torch.equal(m.scale, m2.scale)  # scales are absmaxes: rounding does not change them
+
+
+@pytest.mark.parametrize("fn", [torch_packed_adam_step, triton_packed_adam_step], ids=["torch", "triton"])
+def test_sharded_equals_whole(fn):
+    """A unit stepped whole, or as two shards split on a block boundary with ``index_offset``,
+    gives the same params, codes and scales; without the offset the second shard differs."""
+    numel, block, cut = 1000, 128, 512  # 512 = 4 blocks
+    case = Case(mb=4, vb=4, numel=numel, block=block, stochastic=True, steps=3)
+    whole = case.run(fn)
+
+    def sharded(offset_of_second):
+        p, m, v = case.init()
+        nbc = cut // block
+        for step, g in enumerate(case.grads(), start=1):
+            sc = step_scalars(lr=case.lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=case.wd, step=step,
+                              adamw=True)  # fmt: skip
+            keys = (rng_key(case.seed, step, 77, SALT_EXP_AVG), rng_key(case.seed, step, 77, SALT_EXP_AVG_SQ))
+            for sl, bl, off in ((slice(0, cut), slice(0, nbc), 0), (slice(cut, numel), slice(nbc, None), offset_of_second)):
+                ps, gs = p[sl].clone(), g[sl].clone()
+                mc, ms, vc, vs = m.codes[bl].clone(), m.scale[bl].clone(), v.codes[bl].clone(), v.scale[bl].clone()
+                fn(ps, gs, mc, ms, vc, vs, m.codebook, v.codebook, sc, block_size=block, stochastic=True,
+                   rng_keys=keys, index_offset=off)  # fmt: skip
+                p[sl], m.codes[bl], m.scale[bl], v.codes[bl], v.scale[bl] = ps, mc, ms, vc, vs
+        return p, m, v
+
+    p, m, v = sharded(cut)
+    assert torch.equal(p, whole[0])
+    assert torch.equal(m.codes, whole[1].codes) and torch.equal(m.scale, whole[1].scale)
+    assert torch.equal(v.codes, whole[2].codes) and torch.equal(v.scale, whole[2].scale)
+    p, m, v = sharded(0)  # wrong offset: other random numbers in the second shard
+    assert not torch.equal(m.codes[cut // block :], whole[1].codes[cut // block :])
+    assert torch.equal(m.codes[: cut // block], whole[1].codes[: cut // block])
+
+
+def test_chunking_does_not_change_results(monkeypatch):
+    """The twin walks a unit in chunks; the chunk size changes nothing (stochastic included)."""
+    case = Case(mb=3, vb=5, numel=1000, block=32, stochastic=True)
+    a = case.run(torch_packed_adam_step)
+    monkeypatch.setattr(torch_adam, "CHUNK_ELEMENTS", 64)  # 2 blocks per chunk, 16 chunks
+    b = case.run(torch_packed_adam_step)
+    assert_same(a, b)
+
+
+# ------------------------------------------------------------------ backend selection
+
+
+def test_get_step_fn(monkeypatch):
+    cpu = torch.device("cpu")
+    assert get_step_fn("torch", cpu) is torch_packed_adam_step
+    assert get_step_fn("auto", cpu) is torch_packed_adam_step
+    assert get_step_fn("triton", cpu) is triton_packed_adam_step  # TRITON_INTERPRET=1
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        get_step_fn("triton", cpu)
+
+
+def test_dequantize_of_packed_state_matches_unpack():
+    st = PackedState.zeros(200, bits=6, kind="pow2", signed=True, block_size=64)
+    st.copy_(torch.randn(200))
+    out = dequantize_blocks(unpack_codes(st.codes, 6), st.scale, get_codebook("pow2", 6, True)).view(-1)[:200]
+    assert torch.equal(out, st.dequantize())
