@@ -402,3 +402,44 @@ def test_dequantize_of_packed_state_matches_unpack():
     st.copy_(torch.randn(200))
     out = dequantize_blocks(unpack_codes(st.codes, 6), st.scale, get_codebook("pow2", 6, True)).view(-1)[:200]
     assert torch.equal(out, st.dequantize())
+
+
+@pytest.mark.parametrize("m_bits,v_bits,v_kind", [(4, 4, "log"), (2, 8, "pow2"), (8, 3, "log"), (5, 6, "linear")])
+def test_neighbor_width_probe_matches_between_backends(m_bits, v_bits, v_kind):
+    """The error probe one width below/above (scheduler input): same codes, close sums, zeros off range."""
+    from stquant_megatron.formats.codebooks import get_codebook
+    from stquant_megatron.formats.packing import num_blocks
+    from stquant_megatron.kernels.common import step_scalars
+    from stquant_megatron.kernels.torch_adam import torch_packed_adam_step
+    from stquant_megatron.kernels.triton_adam import triton_packed_adam_step
+
+    def run(fn):
+        gen = torch.Generator().manual_seed(0)
+        n, block = 1000, 128
+        p = torch.randn(n, generator=gen)
+        nb = num_blocks(n, block)
+        mc, ms = torch.zeros(nb, m_bits, block // 8, dtype=torch.uint8), torch.zeros(nb)
+        vc, vs = torch.zeros(nb, v_bits, block // 8, dtype=torch.uint8), torch.zeros(nb)
+        st, ns = torch.zeros(3), torch.zeros(4)
+        books = tuple(
+            get_codebook(kind if 2 <= b <= 4 or kind != "log" else "pow2", b, signed) if 2 <= b <= 8 else None
+            for kind, b, signed in (("pow2", m_bits - 1, True), ("pow2", m_bits + 1, True),
+                                    (v_kind, v_bits - 1, False), (v_kind, v_bits + 1, False))
+        )  # fmt: skip
+        for step in (1, 2):
+            g = torch.randn(n, generator=gen) * torch.rand(n, generator=gen) ** 4
+            sc = step_scalars(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, step=step, adamw=True)
+            fn(p, g, mc, ms, vc, vs, get_codebook("pow2", m_bits, True), get_codebook("pow2", v_bits, False), sc,
+               block_size=block, stats=st, neighbor_codebooks=books, neighbor_stats=ns)  # fmt: skip
+        return mc, vc, st, ns, books
+
+    a, b = run(torch_packed_adam_step), run(triton_packed_adam_step)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert torch.allclose(a[3], b[3], rtol=1e-5, atol=1e-6)
+    for i, book in enumerate(a[4]):
+        assert (a[3][i] == 0) == (book is None)  # measured exactly where the width exists
+    # one bit less hurts more than the current width, one bit more hurts less
+    if a[4][0] is not None:
+        assert a[3][0] > a[2][0]
+    if a[4][1] is not None:
+        assert a[3][1] < a[2][0]
