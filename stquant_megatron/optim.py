@@ -130,8 +130,9 @@ class STQuantAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             names = group.get("param_names")
             for i, p in enumerate(group["params"]):
-                if p is param:
-                    return (names[i] if names else f"param{index}"), 0
+                if p is param:  # remembered: the position of a parameter does not change
+                    self._names[id(param)] = ((names[i] if names else f"param{index}"), 0)
+                    return self._names[id(param)]
                 index += 1
         raise KeyError("parameter is not managed by this optimizer")
 
