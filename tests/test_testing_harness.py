@@ -11,6 +11,7 @@ Rank bodies are module-level functions (they are pickled by reference into the r
 import importlib.util
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -34,7 +35,7 @@ def _allreduce_body(rank, world_size, offset):
 
     t = torch.full((3,), float(rank + offset), device="cuda")  # 'cuda' works under the shim
     dist.all_reduce(t)
-    return {"rank": int(os.environ["RANK"]), "sum": t.tolist(), "type": t.type(),
+    return {"rank": int(os.environ["RANK"]), "sum": t.tolist(), "type": t.type(), "tensor": t,
             "extra": os.environ.get("STQ_TEST_ENV")}
 
 
@@ -208,10 +209,14 @@ def test_cpu_shim_install_uninstall():
 
 @pytest.mark.megatron
 def test_run_distributed_returns_per_rank_results():
+    megatron_was_imported = "megatron.core" in sys.modules
     results = run_distributed(_allreduce_body, 2, 10, env={"STQ_TEST_ENV": "yes"})
     assert [r["rank"] for r in results] == [0, 1]
     assert all(r["sum"] == [21.0, 21.0, 21.0] for r in results)
+    assert all(torch.equal(r["tensor"], torch.full((3,), 21.0)) for r in results)
     assert all(r["type"] == "torch.cuda.FloatTensor" and r["extra"] == "yes" for r in results)
+    if not megatron_was_imported:  # results (tensors included) unpickle without megatron
+        assert "megatron.core" not in sys.modules
 
 
 @pytest.mark.megatron

@@ -102,6 +102,9 @@ def _child(rank, world_size, port, payload, result_queue, num_threads, timeout, 
     # Children are not daemonic (dist_checkpointing starts its own helper processes), so they
     # must not outlive the parent: a watchdog thread ends them.
     _watchdog(parent_pid, time.monotonic() + timeout + 60.0)
+    # Store/collective timeout: never below 60 s, so that a short run deadline on a loaded
+    # machine ends in the parent's TimeoutError (with stacks), not in a rendezvous error.
+    pg_timeout = datetime.timedelta(seconds=max(timeout, 60.0))
     try:
         faulthandler.register(signal.SIGUSR1, all_threads=True)  # parent dumps stacks on timeout
         if quiet:
@@ -124,24 +127,55 @@ def _child(rank, world_size, port, payload, result_queue, num_threads, timeout, 
         # Unpickled only now, so that fn's module is imported with ``env`` set and the shim on
         # (e.g. @triton.jit picks the interpreter from TRITON_INTERPRET at decoration time).
         fn, args = pickle.loads(payload)
-        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False,
-                              timeout=datetime.timedelta(seconds=timeout))
+        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=pg_timeout)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout))
+                                timeout=pg_timeout)
         result = fn(rank, world_size, *args)
-        payload = pickle.dumps(result)
-        result_queue.put(("ok", rank, payload))
+        result_queue.put(("ok", rank, _dumps(result)))
     except BaseException as exc:  # noqa: BLE001 - report everything, including KeyboardInterrupt
         tb = traceback.format_exc()
         try:
-            exc_bytes = pickle.dumps(exc)
+            exc_bytes = _dumps(exc)
             pickle.loads(exc_bytes)
         except Exception:
             exc_bytes = None
         result_queue.put(("err", rank, (tb, exc_bytes)))
+        _flush(result_queue)  # in the pipe before peers see this rank's group go away
         _teardown(dist, clean=False)
         return
+    _flush(result_queue)
     _teardown(dist, clean=True)
+
+
+def _flush(result_queue):
+    result_queue.close()
+    result_queue.join_thread()
+
+
+def _load_from_bytes(b):
+    """Unpickles tensor storages sent by the ranks (what ``torch.storage._load_from_bytes`` does)."""
+    import io
+
+    import torch
+
+    return torch.load(io.BytesIO(b), weights_only=False)
+
+
+def _dumps(obj) -> bytes:
+    """``pickle.dumps`` whose tensors unpickle without importing megatron in the parent.
+
+    megatron-core >= 0.19 replaces ``torch.storage._load_from_bytes`` with its own function on
+    import, and pickled storages reference it by name, so unpickling a rank's tensors would import
+    megatron.core (seconds) into the test process.  Pickle them against this module instead.
+    """
+    import torch.storage
+
+    current = torch.storage._load_from_bytes
+    torch.storage._load_from_bytes = _load_from_bytes
+    try:
+        return pickle.dumps(obj)
+    finally:
+        torch.storage._load_from_bytes = current
 
 
 def _teardown(dist, clean: bool):
@@ -167,7 +201,8 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300.0, num_thre
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo CPU processes.
 
     Returns ``[result_rank0, result_rank1, ...]`` (each pickled in the child, unpickled here).
-    ``timeout``: wall-clock limit in seconds for the whole run, also the gloo/store timeout.
+    ``timeout``: wall-clock limit in seconds for the whole run (start-up included); the ranks'
+    gloo/store timeout is ``max(timeout, 60)``.
     ``num_threads``: torch intra-op threads per rank (default: cores // world_size, at least 1).
     ``quiet``: silence megatron's "TE/Apex not installed" warnings in the children.
     ``grace``: seconds the remaining ranks get to exit after one rank failed, before being killed.
@@ -205,8 +240,8 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300.0, num_thre
     if start_method == "forkserver":
         ctx.set_forkserver_preload(list(_FORKSERVER_PRELOAD))  # only used when the server starts
     # Parent-held rendezvous store on a free port chosen by the OS (port=0).
-    store = dist.TCPStore("127.0.0.1", 0, None, True, timeout=datetime.timedelta(seconds=timeout),
-                          wait_for_workers=False)
+    store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=max(timeout, 60.0)))
     deadline = time.monotonic() + timeout  # includes start-up (fork server preload on first use)
     result_queue = ctx.Queue()
     procs = []
