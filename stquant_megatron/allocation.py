@@ -97,21 +97,27 @@ def allocate(
             else:
                 hi = mid
         idx = pick(hi)
-    # Greedy fill: spend the remaining budget on single-step upgrades with the best gain per bit.
+    # Greedy fill: spend the remaining budget on single-step upgrades, best gain per bit first.
+    # Each pass sorts the units once (O(U log U)); a unit whose upgrade no longer fits is skipped;
+    # passes repeat while one upgraded something (in practice one or two passes).
     idx = idx.clone()
     left = budget - used(idx)
     while True:
-        can = idx < hi_col
         nxt = torch.minimum(idx + 1, hi_col)
         gain = (e.gather(1, idx[:, None]) - e.gather(1, nxt[:, None])).squeeze(1) * n
         cost = n * (widths[nxt] - widths[idx])
-        fits = can & (cost <= left) & (gain > 0)
-        if not bool(fits.any()):
+        ratio = torch.where((nxt > idx) & (gain > 0), gain / cost.clamp_min(1e-300), -torch.inf)
+        order = sorted(range(len(n)), key=lambda u: (-float(ratio[u]), u))  # ties: lowest unit index
+        changed = False
+        for u in order:
+            if ratio[u] == -torch.inf:
+                break
+            if float(cost[u]) <= left:
+                left -= float(cost[u])
+                idx[u] += 1
+                changed = True
+        if not changed:
             break
-        ratio = torch.where(fits, gain / cost, -torch.inf)
-        u = int(ratio.argmax())  # first maximum: ties go to the lowest unit index
-        left -= float(cost[u])
-        idx[u] += 1
     return widths[idx].long()
 
 

@@ -446,7 +446,7 @@ class STQuantAdamW(torch.optim.Optimizer):
             return value.detach().to(device=p.device, dtype=torch.float32).reshape(p.shape).clone()
         if key == "exp_avg_sq" and bool((value < 0).any()):
             raise ValueError(f"checkpoint exp_avg_sq of {name!r} has negative values: it is not a second moment")
-        cfg, bits = self.config, self.config.moment_bits(key)
+        cfg, bits = self.config, self._planned_bits(p, key)
         state = PackedState.zeros(
             p.numel(), bits=bits, kind=cfg.codebook(key, bits), signed=key == "exp_avg",
             block_size=cfg.block_size, scale_dtype=_SCALE_DTYPES[cfg.scale_dtype], device=p.device,

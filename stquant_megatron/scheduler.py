@@ -5,19 +5,20 @@ each decision, the damage its quantization does to Adam's update direction U = m
 
     E_u = sum ||U(Q(m), v) - U(m, v)||^2 / sum ||U(m, v)||^2      (exp_avg units; likewise exp_avg_sq)
 
-The error at other widths follows from E_u at the current width b_u as
-E_u(b) = E_u(b_u) * 4**(b_u - b): one more bit halves the quantization step, which quarters
-the squared error (``benchmarks/codebooks.py`` measures ratios of 3.5-4.4 per bit on real moments).
+On the last of those steps the kernel also measures E_u one width below and one above (nothing is
+stored); the error curve uses those measured ratios for the neighbouring widths and continues
+with 4 per bit beyond them (one more bit halves the quantization step, which quarters the squared
+error; ``benchmarks/codebooks.py`` measures 3.5-7.7 per bit on real moments).
 
-Every rank fills the same ``[num_units, 3]`` tensor (error sums and element counts of the shards it
-owns, zeros elsewhere), all-reduces it over the optimizer's process group, and runs the same
-deterministic ``allocation.allocate`` on identical numbers: every rank ends with identical bits.
-Unit names are agreed once (all-gather) when the scheduler is set up.
+Every rank fills the same ``[num_units, 6]`` tensor of error sums (zeros for units it owns none
+of), all-reduces it over the optimizer's process group, and runs the same deterministic
+``allocation.allocate`` on identical numbers: every rank ends with identical bits. Unit names and
+element counts are agreed once (all-gather / all-reduce) when the scheduler is set up.
 
 Schedule: ``warmup_bits`` for ``warmup_steps`` steps; then a decision every ``interval`` steps.
 After the first decision a unit moves at most ``max_move`` levels per decision, and a new plan
 is adopted only if it lowers the total error by more than ``hysteresis`` (relative) or the
-current plan breaks the budget.
+current plan breaks the budget. See ``docs/scheduler.md``.
 """
 
 from __future__ import annotations
@@ -74,8 +75,7 @@ class PrecisionScheduler:
         max_error: per-unit cap on E_u; wins over the budget.
         interval, warmup_steps, warmup_bits, stats_steps, max_move, hysteresis: see module docstring.
         scale_bits: scale overhead per element (32 / block_size for fp32 scales).
-        group: process group whose ranks must agree (None: no communication, or the default
-            group when torch.distributed is initialized and ``group="world"``).
+        group: process group whose ranks must agree (None: no communication).
     """
 
     def __init__(

@@ -255,14 +255,15 @@ def test_flags_parse_and_launch_routes_install_the_patch(tmp_path):
     assert "OK True (5, 3) 4.0" in out.stdout, out.stdout + out.stderr
 
 
-def test_decisions_reach_megatron_writers(monkeypatch):
+def test_decisions_reach_megatron_writers(monkeypatch, tmp_path):
     """The TensorBoard/W&B hook writes per-unit bits through Megatron-LM's global writers."""
     try:
         import megatron.training.global_vars as gv
     except ImportError:
         gv = None
+    import types
+
     from stquant_megatron.megatron.patch import log_to_megatron_writers
-    from stquant_megatron.scheduler import Decision
 
     class Writer:
         def __init__(self):
@@ -273,19 +274,24 @@ def test_decisions_reach_megatron_writers(monkeypatch):
 
     writer = Writer()
     if gv is None:  # megatron-core 0.16.1 wheel: no megatron.training; give the hook a stand-in module
-        import types as _types
-
-        gv = _types.ModuleType("megatron.training.global_vars")
-        monkeypatch.setitem(sys.modules, "megatron.training", _types.ModuleType("megatron.training"))
+        gv = types.ModuleType("megatron.training.global_vars")
+        monkeypatch.setitem(sys.modules, "megatron.training", types.ModuleType("megatron.training"))
         monkeypatch.setitem(sys.modules, "megatron.training.global_vars", gv)
         gv.get_tensorboard_writer = gv.get_wandb_writer = lambda: None
     monkeypatch.setattr(gv, "get_tensorboard_writer", lambda: writer)
     monkeypatch.setattr(gv, "get_wandb_writer", lambda: None)
+    monkeypatch.setattr(gv, "get_args", lambda: types.SimpleNamespace(save=str(tmp_path)), raising=False)
     model = torch.nn.Linear(64, 64)
     from stquant_megatron import STQuantAdamW
+    from stquant_megatron.report import history_of
 
-    opt = STQuantAdamW(model.parameters(), config=STQuantConfig(bits=4, min_numel=1))
-    log_to_megatron_writers(Decision(7, {"w.exp_avg": 5}, 1, 4.1, {"w.exp_avg": 0.01}), opt)
+    opt = STQuantAdamW(model.parameters(), config=STQuantConfig(avg_bits=4.0, min_numel=1, warmup_steps=1, interval=1, stats_steps=1))
+    model(torch.randn(2, 64)).sum().backward()
+    opt.step()  # warm-up ends: first decision
+    decision = opt.scheduler.history[-1]
+    log_to_megatron_writers(decision, opt)
     got = {k: (v, s) for k, v, s in writer.rows}
-    assert got["stquant/bits/w.exp_avg"] == (5, 7) and got["stquant/avg_bits"] == (4.1, 7)
-    assert got["stquant/error/w.exp_avg"] == (0.01, 7)
+    assert got["stquant/bits/param0.exp_avg"] == (decision.bits["param0.exp_avg"], 1)
+    assert got["stquant/avg_bits"] == (decision.avg_bits, 1) and "stquant/error/param0.exp_avg_sq" in got
+    hist = history_of(str(tmp_path / "stquant_history.json"))  # what `stquant-megatron report` reads
+    assert hist["names"] == opt.scheduler.names and hist["history"][0]["step"] == 1

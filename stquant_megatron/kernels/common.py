@@ -15,6 +15,9 @@ MASK32 = 0xFFFFFFFF
 # lowbias32 multipliers (C. Wellons, "Hash Prospector"): a 32-bit integer hash with good avalanche.
 HASH_MUL1 = 0x7FEB352D
 HASH_MUL2 = 0x846CA68B
+# The neighbouring-width error probe (scheduler input) looks at every PROBE_STRIDE-th block of a
+# unit (block index within the tensor or shard): a fixed sample, the same in both backends.
+PROBE_STRIDE = 4
 # Salts that give each moment its own random stream.
 SALT_EXP_AVG = 0x3C6EF372
 SALT_EXP_AVG_SQ = 0x1B873593

@@ -20,7 +20,7 @@ import torch
 
 from ..formats.packing import pack_codes, unpack_codes
 from ..formats.codebooks import Codebook, level_values
-from .common import HASH_MUL1, HASH_MUL2, MASK32, StepScalars
+from .common import HASH_MUL1, HASH_MUL2, MASK32, PROBE_STRIDE, StepScalars
 
 CHUNK_ELEMENTS = 1 << 18  # 256K elements: fp32 temporaries of 1 MiB, cache friendly on CPU
 
@@ -116,6 +116,7 @@ def _adam_chunk(
     with_stats: bool,
     has_tail: bool,
     neighbors: tuple | None = None,  # (exp_avg b-1, b+1, exp_avg_sq b-1, b+1) codebooks or None
+    probe_start: int = 0,  # first row of the chunk whose block index is a multiple of PROBE_STRIDE
 ):
     beta1, omb1, beta2, omb2, eps, l2, decay, step_size, inv_bc2 = (hyper[i] for i in range(9))
     g = g.to(torch.float32)
@@ -150,17 +151,20 @@ def _adam_chunk(
         stats = torch.stack([(err_m * err_m).sum(), (err_v * err_v).sum(), (ref * ref).sum()])
     nstats = None
     if neighbors is not None:
-        # The same damage at the neighbouring widths (nearest rounding; nothing is stored).
+        # The same damage at the neighbouring widths (nearest rounding; nothing is stored), on
+        # every PROBE_STRIDE-th block.
+        rows = slice(probe_start, None, PROBE_STRIDE)
+        pm, pv, pden, pref = m[rows], v[rows], denom[rows], ref[rows]
         sums = []
         for i, cb in enumerate(neighbors):
             if cb is None:
                 sums.append(torch.zeros((), dtype=torch.float32, device=p.device))
             elif i < 2:
-                e = dequantize_blocks(*quantize_blocks(m, cb, ms.dtype), cb) / denom - ref
+                e = dequantize_blocks(*quantize_blocks(pm, cb, ms.dtype), cb) / pden - pref
                 sums.append((e * e).sum())
             else:
-                vq = dequantize_blocks(*quantize_blocks(v, cb, vs.dtype), cb)
-                e = m / (sqrt_rn(vq) * inv_bc2 + eps) - ref
+                vq = dequantize_blocks(*quantize_blocks(pv, cb, vs.dtype), cb)
+                e = pm / (sqrt_rn(vq) * inv_bc2 + eps) - pref
                 sums.append((e * e).sum())
         nstats = torch.stack(sums)
     return p, pack_codes(m_codes, mcb.bits), m_scale, pack_codes(v_codes, vcb.bits), v_scale, stats, nstats
@@ -207,7 +211,8 @@ def torch_packed_adam_step(
         stats: fp32 ``[3]`` or None; if given, adds (sum err_m^2, sum err_v^2, sum U^2) to it.
         neighbor_codebooks: with ``stats``, the codebooks one width below and above each moment's,
             ``(exp_avg b-1, exp_avg b+1, exp_avg_sq b-1, exp_avg_sq b+1)`` (None where out of range).
-        neighbor_stats: fp32 ``[4]``; adds sum err^2 at those widths (nearest rounding, not stored).
+        neighbor_stats: fp32 ``[4]``; adds sum err^2 at those widths (nearest rounding, not stored),
+            over every ``PROBE_STRIDE``-th block.
         compile: run each chunk through ``torch.compile`` (PyTorch path only; ignored by Triton).
     """
     mcb, vcb = exp_avg_codebook, exp_avg_sq_codebook
@@ -235,7 +240,7 @@ def torch_packed_adam_step(
             p32, g.view(b1 - b0, block_size),
             exp_avg_codes[b0:b1], exp_avg_scale[b0:b1], exp_avg_sq_codes[b0:b1], exp_avg_sq_scale[b0:b1],
             mcb, vcb, hyper, first, keys, valid, stochastic, stats is not None, pad > 0,
-            neighbor_codebooks if neighbor_stats is not None else None,
+            neighbor_codebooks if neighbor_stats is not None else None, (-b0) % PROBE_STRIDE,
         )  # fmt: skip
         flat_p[e0:e1].copy_(new_p.view(-1)[: e1 - e0])
         exp_avg_codes[b0:b1].copy_(mc)

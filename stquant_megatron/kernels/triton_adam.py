@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..formats.codebooks import KINDS, LOG_STEP, Codebook
-from .common import HASH_MUL1, HASH_MUL2, MASK32, StepScalars
+from .common import HASH_MUL1, HASH_MUL2, MASK32, PROBE_STRIDE, StepScalars
 
 try:
     import triton
@@ -228,19 +228,20 @@ if HAS_TRITON:
             tl.store(partial_ptr + pid * 3 + 0, tl.sum(tl.sum(err_m * err_m, axis=1), axis=0))
             tl.store(partial_ptr + pid * 3 + 1, tl.sum(tl.sum(err_v * err_v, axis=1), axis=0))
             tl.store(partial_ptr + pid * 3 + 2, tl.sum(tl.sum(ref * ref, axis=1), axis=0))
+            probe = inside & (blk % PROBE_STRIDE == 0)  # the sampled blocks, as in the twin
             if N0_BITS > 0:
-                e0 = tl.where(inside, tl.div_rn(_requant_err(m, True, N0_BITS, N0_KIND, q0_ptr, b0_ptr, N0_LOG, ms_ptr), denom) - ref, 0.0)
+                e0 = tl.where(probe, tl.div_rn(_requant_err(m, True, N0_BITS, N0_KIND, q0_ptr, b0_ptr, N0_LOG, ms_ptr), denom) - ref, 0.0)
                 tl.store(npartial_ptr + pid * 4 + 0, tl.sum(tl.sum(e0 * e0, axis=1), axis=0))
             if N1_BITS > 0:
-                e1 = tl.where(inside, tl.div_rn(_requant_err(m, True, N1_BITS, N1_KIND, q1_ptr, b1_ptr, N1_LOG, ms_ptr), denom) - ref, 0.0)
+                e1 = tl.where(probe, tl.div_rn(_requant_err(m, True, N1_BITS, N1_KIND, q1_ptr, b1_ptr, N1_LOG, ms_ptr), denom) - ref, 0.0)
                 tl.store(npartial_ptr + pid * 4 + 1, tl.sum(tl.sum(e1 * e1, axis=1), axis=0))
             if N2_BITS > 0:
                 vq2 = _requant_err(v, False, N2_BITS, N2_KIND, q2_ptr, b2_ptr, N2_LOG, vs_ptr)
-                e2 = tl.where(inside, tl.div_rn(m, tl.sqrt_rn(vq2) * inv_bc2 + eps) - ref, 0.0)
+                e2 = tl.where(probe, tl.div_rn(m, tl.sqrt_rn(vq2) * inv_bc2 + eps) - ref, 0.0)
                 tl.store(npartial_ptr + pid * 4 + 2, tl.sum(tl.sum(e2 * e2, axis=1), axis=0))
             if N3_BITS > 0:
                 vq3 = _requant_err(v, False, N3_BITS, N3_KIND, q3_ptr, b3_ptr, N3_LOG, vs_ptr)
-                e3 = tl.where(inside, tl.div_rn(m, tl.sqrt_rn(vq3) * inv_bc2 + eps) - ref, 0.0)
+                e3 = tl.where(probe, tl.div_rn(m, tl.sqrt_rn(vq3) * inv_bc2 + eps) - ref, 0.0)
                 tl.store(npartial_ptr + pid * 4 + 3, tl.sum(tl.sum(e3 * e3, axis=1), axis=0))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..config import STQuantConfig
+from ..formats.codebooks import KINDS
 
 
 def _bits(text: str) -> int | tuple[int, int]:
@@ -40,6 +41,13 @@ def add_stquant_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     g.add_argument("--stquant-interval", type=int, default=d.interval)
     g.add_argument("--stquant-warmup-steps", type=int, default=d.warmup_steps)
     g.add_argument("--stquant-warmup-bits", type=int, default=d.warmup_bits)
+    g.add_argument("--stquant-stats-steps", type=int, default=d.stats_steps)
+    g.add_argument("--stquant-max-move", type=int, default=d.max_move)
+    g.add_argument("--stquant-hysteresis", type=float, default=d.hysteresis)
+    g.add_argument("--stquant-exp-avg-codebook", default=d.exp_avg_codebook, choices=("auto", *KINDS))
+    g.add_argument("--stquant-exp-avg-sq-codebook", default=d.exp_avg_sq_codebook, choices=("auto", *KINDS))
+    g.add_argument("--stquant-backend", default=d.backend, choices=("auto", "torch", "triton"))
+    g.add_argument("--stquant-compile", action="store_true", help="torch.compile the PyTorch path")
     return parser
 
 
@@ -53,5 +61,8 @@ def config_from_args(args: argparse.Namespace) -> STQuantConfig | None:
         scale_dtype=args.stquant_scale_dtype, avg_bits=args.stquant_avg_bits, min_bits=args.stquant_min_bits,
         max_bits=args.stquant_max_bits, max_error=args.stquant_max_error, interval=args.stquant_interval,
         warmup_steps=args.stquant_warmup_steps, warmup_bits=args.stquant_warmup_bits,
+        stats_steps=args.stquant_stats_steps, max_move=args.stquant_max_move, hysteresis=args.stquant_hysteresis,
+        exp_avg_codebook=args.stquant_exp_avg_codebook, exp_avg_sq_codebook=args.stquant_exp_avg_sq_codebook,
+        backend=args.stquant_backend, compile=args.stquant_compile,
         nonfinite="unchecked",  # Megatron checks grads itself; a per-rank raise would hang the others
     )  # fmt: skip

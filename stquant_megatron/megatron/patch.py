@@ -27,6 +27,7 @@ import functools
 import importlib
 import importlib.abc
 import importlib.util
+import os
 import sys
 from typing import Any
 
@@ -148,13 +149,28 @@ def install(distopt: Any, config: STQuantConfig) -> STQuantAdamW:
     return inner
 
 
+def _save_history(optimizer: STQuantAdamW, get_args) -> None:
+    """Rank 0 keeps ``<--save>/stquant_history.json`` current (input of ``stquant-megatron report``;
+    torch_dist dp_reshardable checkpoints keep the optimizer's non-tensor state inside .distcp)."""
+    try:
+        save_dir = getattr(get_args(), "save", None)
+    except (AssertionError, AttributeError):  # Megatron-LM args not initialized (megatron-core use)
+        return
+    if save_dir and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+        from ..report import save_history
+
+        os.makedirs(save_dir, exist_ok=True)
+        save_history(optimizer, os.path.join(save_dir, "stquant_history.json"))
+
+
 def log_to_megatron_writers(decision: Any, optimizer: STQuantAdamW) -> None:
     """Per-unit bits and errors, average bits and state bytes to Megatron-LM's TensorBoard / W&B
     writers, on the rank that holds them (Megatron creates them on the last rank only)."""
     try:
-        from megatron.training.global_vars import get_tensorboard_writer, get_wandb_writer
+        from megatron.training.global_vars import get_args, get_tensorboard_writer, get_wandb_writer
     except ImportError:  # megatron-core without Megatron-LM's training package
         return
+    _save_history(optimizer, get_args)
     tb, wb = get_tensorboard_writer(), get_wandb_writer()
     if tb is None and wb is None:
         return
