@@ -438,7 +438,6 @@ def test_neighbor_width_probe_matches_between_backends(m_bits, v_bits, v_kind):
     assert torch.allclose(a[3], b[3], rtol=1e-5, atol=1e-6)
     for i, book in enumerate(a[4]):
         assert (a[3][i] == 0) == (book is None)  # measured exactly where the width exists
-    # (on the sampled blocks) one bit less hurts more than one bit more
-    for lo, hi in ((0, 1), (2, 3)):
-        if a[4][lo] is not None and a[4][hi] is not None:
-            assert a[3][lo] > a[3][hi]
+    # (on the sampled blocks, same codebook kind) one bit less hurts more than one bit more
+    if a[4][0] is not None and a[4][1] is not None:
+        assert a[3][0] > a[3][1]
