@@ -9,3 +9,7 @@ echo "[tests] megatron-core $(python -c 'import megatron.core as m; print(m.__ve
 python -m pytest -q "$@"
 echo "[tests] megatron-core 0.19.2 sources: Megatron tests again"
 PYTHONPATH="$STQUANT_MCORE_019${PYTHONPATH:+:$PYTHONPATH}" python -m pytest -q -m megatron "$@"
+echo "[tests] smoke: quality benchmark --quick path (executes end to end; quality is not asserted)"
+SMOKE="$(mktemp -d)"
+python benchmarks/quality.py --quick --gpt-steps 10 --digits-steps 30 --no-progress --json "$SMOKE/quality.json"
+python -c "import json,sys; [json.load(open(f'$SMOKE/quality_{t}.json'))['rows'][0]['state_bytes_per_param'] for t in ('gpt','digits')]"
