@@ -16,7 +16,7 @@ validation loss, validation loss ratio) and the scheduler's decisions, and write
 ``demo_loss.png`` (loss curves), ``demo_bits_avg4.0.png`` (bits heatmap), ``demo_memory.png``.
 
     bash examples/run_demo.sh                     # set-up (fresh machine) + this demo
-    python examples/megatron_demo.py [--steps 200] [--runs adamw auto4.0 stq4] [--out out]
+    python examples/megatron_demo.py [--steps 120] [--runs adamw auto4.0 stq4] [--out out]
 
 The training code is the GPT task of ``benchmarks/quality.py`` (which adds the peer optimizers).
 """
@@ -37,7 +37,7 @@ import quality  # noqa: E402  (benchmarks/quality.py)
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=200, help="training steps per run (default 200)")
+    ap.add_argument("--steps", type=int, default=120, help="training steps per run (default 120: the whole demo, set-up included, stays under 10 minutes on 2 cores)")
     ap.add_argument("--runs", nargs="+", default=["adamw", "auto4.0", "stq4"],
                     help="which runs: adamw (always), auto4.0, auto3.5, stq4, stq8 (default: adamw auto4.0 stq4)")
     ap.add_argument("--out", default=os.path.join(ROOT, "out"), help="output directory for PNGs (default out/)")
