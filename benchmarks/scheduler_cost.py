@@ -56,27 +56,8 @@ from stquant_megatron.allocation import MAX_BITS, MIN_BITS, allocate
 
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-3, (0.9, 0.999), 1e-8, 0.01
 
-try:  # the step benchmark's parameter set, when it is there
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from step import pick_sizes, transformer_shapes  # type: ignore[import-not-found]
-except ImportError:  # same shapes, kept here so this script also runs alone
-
-    def transformer_shapes(vocab: int, hidden: int, layers: int) -> list[tuple[str, tuple[int, ...]]]:
-        h = hidden
-        shapes: list[tuple[str, tuple[int, ...]]] = [("embed", (vocab, h))]
-        for i in range(layers):
-            shapes += [
-                (f"l{i}.norm1", (h,)), (f"l{i}.qkv", (3 * h, h)), (f"l{i}.proj", (h, h)),
-                (f"l{i}.norm2", (h,)), (f"l{i}.fc1", (4 * h, h)), (f"l{i}.fc2", (h, 4 * h)),
-            ]  # fmt: skip
-        shapes.append(("final_norm", (h,)))
-        return shapes
-
-    def pick_sizes(target: float) -> tuple[int, int, int]:
-        hidden = 256 if target < 8e6 else 512 if target < 80e6 else 1024
-        vocab = 4096 if target < 8e6 else 8192
-        layers = max(1, round((target - vocab * hidden) / (12 * hidden * hidden)))
-        return vocab, hidden, layers
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from step import pick_sizes, transformer_shapes  # noqa: E402  (benchmarks/step.py: the same parameter set)
 
 
 class Bench:
