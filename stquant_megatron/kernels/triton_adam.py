@@ -12,7 +12,8 @@ read+write (2 * m_bits / 8) + exp_avg_sq codes read+write (2 * v_bits / 8) + sca
 Arithmetic is written operation for operation like the PyTorch twin, with IEEE-rounded division
 and square root (``div_rn``, ``sqrt_rn``), so the packed codes match bit for bit (proved in
 ``tests/test_kernels.py`` under ``TRITON_INTERPRET=1``). Bit widths and codebook kinds are
-``constexpr`` from closed sets: at most 7 x 7 x 3 x 3 specializations, never per-step recompiles.
+``constexpr`` from closed sets (widths 2..8 and 3 kinds per moment, plus the neighbouring widths
+of the scheduler's probe step): a bounded set of specializations, never per-step recompiles.
 """
 
 from __future__ import annotations
