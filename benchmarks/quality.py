@@ -69,7 +69,7 @@ import platform
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -219,7 +219,7 @@ class GPTSetup:
     heads: int = 4
     seq: int = 64
     global_batch: int = 8
-    lr: float = 3e-3
+    lr: float = 1.5e-3  # near the fp32-AdamW optimum of this set-up (3e-3 and 1e-3 are worse)
     seed: int = 1234
     eval_every: int = 25
     val_windows_curve: int = 32
