@@ -90,7 +90,7 @@ class STQuantAdamW(torch.optim.Optimizer):
         self.probe_neighbors = False
         """With ``collect_stats``: also measure each unit's error one width below and above."""
         self.last_stats: dict[torch.Tensor, torch.Tensor] = {}
-        """Per-parameter fp32 [7] of the last probing step: its [3] sums and the 4 neighbour sums."""
+        """Per-parameter fp32 [9] of the last probing step: its [3] sums and the 6 probe sums."""
         self.decision_callbacks: list = []
         """Called as ``cb(decision, optimizer)`` after every scheduler decision (e.g. loggers)."""
         self.global_step = 0
@@ -218,7 +218,8 @@ class STQuantAdamW(torch.optim.Optimizer):
             st, last = self.stats.get(p), self.last_stats.get(p)
             if st is not None:
                 i = 0 if moment == "exp_avg" else 1
-                probe = last[[i, 2, 3 + 2 * i, 4 + 2 * i]] if last is not None else torch.zeros(4, device=st.device)
+                # error at b, b-1, b+1, all on the probe's sampled blocks
+                probe = last[[7 + i, 2, 3 + 2 * i, 4 + 2 * i]] if last is not None else torch.zeros(4, device=st.device)
                 local[unit] = torch.cat([st[[i, 2]], probe])
         decision = sched.decide(step, local)
         self.stats.clear()
@@ -301,7 +302,7 @@ class STQuantAdamW(torch.optim.Optimizer):
             if self.collect_stats:
                 stats = torch.zeros(3, dtype=torch.float32, device=p.device)
                 if self.probe_neighbors:
-                    nbr_stats = torch.zeros(4, dtype=torch.float32, device=p.device)
+                    nbr_stats = torch.zeros(6, dtype=torch.float32, device=p.device)
                     nbr_books = tuple(
                         _codebook(cfg, key, b, p.device) for key, st_ in (("exp_avg", m), ("exp_avg_sq", v))
                         for b in (st_.bits - 1, st_.bits + 1)

@@ -420,7 +420,7 @@ def test_neighbor_width_probe_matches_between_backends(m_bits, v_bits, v_kind):
         nb = num_blocks(n, block)
         mc, ms = torch.zeros(nb, m_bits, block // 8, dtype=torch.uint8), torch.zeros(nb)
         vc, vs = torch.zeros(nb, v_bits, block // 8, dtype=torch.uint8), torch.zeros(nb)
-        st, ns = torch.zeros(3), torch.zeros(4)
+        st, ns = torch.zeros(3), torch.zeros(6)
         books = tuple(
             get_codebook(kind if 2 <= b <= 4 or kind != "log" else "pow2", b, signed) if 2 <= b <= 8 else None
             for kind, b, signed in (("pow2", m_bits - 1, True), ("pow2", m_bits + 1, True),
@@ -438,6 +438,92 @@ def test_neighbor_width_probe_matches_between_backends(m_bits, v_bits, v_kind):
     assert torch.allclose(a[3], b[3], rtol=1e-5, atol=1e-6)
     for i, book in enumerate(a[4]):
         assert (a[3][i] == 0) == (book is None)  # measured exactly where the width exists
+    assert a[3][4] > 0 and a[3][5] > 0  # the current widths on the same sample
     # (on the sampled blocks, same codebook kind) one bit less hurts more than one bit more
     if a[4][0] is not None and a[4][1] is not None:
         assert a[3][0] > a[3][1]
+
+
+def _nearest_level(x: torch.Tensor, qmap: torch.Tensor) -> torch.Tensor:
+    """Nearest codebook value by brute force over the levels (independent of the encoders)."""
+    levels = torch.unique(qmap)
+    return levels[(x[..., None] - levels).abs().argmin(-1)]
+
+
+def _full_errors(m, v, denom_fn, bits_m, bits_v, block):
+    """E(b) of each moment over the whole unit, from dense fp32 moments (plain PyTorch, fp64 sums)."""
+    from stquant_megatron.formats.codebooks import get_codebook
+
+    def quant(x, cb):
+        xb = x.view(-1, block)
+        s = (xb.abs() if cb.signed else xb).amax(1, keepdim=True)
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        return (_nearest_level(xb / s, cb.qmap) * s).view(-1)
+
+    ref = m / denom_fn(v)
+    out = {}
+    for b in (bits_m - 1, bits_m, bits_m + 1):
+        if 2 <= b <= 8:
+            e = quant(m, get_codebook("pow2", b, True)) / denom_fn(v) - ref
+            out[("m", b)] = float((e.double() ** 2).sum())
+    for b in (bits_v - 1, bits_v, bits_v + 1):
+        if 2 <= b <= 8:
+            e = m / denom_fn(quant(v, get_codebook("pow2", b, False))) - ref
+            out[("v", b)] = float((e.double() ** 2).sum())
+    return out, float((ref.double() ** 2).sum())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("m_bits,v_bits", [(4, 4), (3, 6), (7, 3)])
+def test_probe_ratios_agree_with_full_unit_measurement(backend, m_bits, v_bits):
+    """The sampled probe (every PROBE_STRIDE-th block) against E(b-1), E(b), E(b+1) measured over the
+    whole unit from dense moments: the scheduler's ratios E(b-1)/E(b) and E(b)/E(b+1) agree within 15 %
+    (sampling error over 1/4 of 256 blocks), and the full-unit E(b) from the step's statistics agrees within 1 %."""
+    from stquant_megatron.formats.codebooks import get_codebook
+    from stquant_megatron.formats.packing import num_blocks
+    from stquant_megatron.kernels.common import step_scalars
+    from stquant_megatron.kernels.torch_adam import torch_packed_adam_step
+    from stquant_megatron.kernels.triton_adam import triton_packed_adam_step
+    from stquant_megatron.state import PackedState
+
+    fn = torch_packed_adam_step if backend == "torch" else triton_packed_adam_step
+    gen = torch.Generator().manual_seed(1)
+    block, nb = 128, 256
+    n = block * nb
+    p = torch.randn(n, generator=gen)
+    mst = PackedState.zeros(n, bits=m_bits, kind="pow2", signed=True, block_size=block)
+    vst = PackedState.zeros(n, bits=v_bits, kind="pow2", signed=False, block_size=block)
+    # heavy-tailed, block-varying gradients, like a real layer
+    g_scale = torch.rand(nb, 1, generator=gen).pow(3).expand(nb, block).reshape(-1) + 1e-3
+    grads = [torch.randn(n, generator=gen) * g_scale for _ in range(3)]
+    kw = dict(lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, adamw=True)
+    for step, g in enumerate(grads[:2], start=1):
+        fn(p, g, mst.codes, mst.scale, vst.codes, vst.scale, mst.codebook, vst.codebook,
+           step_scalars(step=step, **kw), block_size=block)  # fmt: skip
+    sc = step_scalars(step=3, **kw)
+    # the dense reference of step 3, computed independently of the kernels
+    m0, v0, g = mst.dequantize(), vst.dequantize(), grads[2]
+    m1 = m0 * sc.beta1 + g * sc.one_minus_beta1
+    v1 = v0 * sc.beta2 + g * g * sc.one_minus_beta2
+
+    def denom_fn(v):
+        return v.double().sqrt().float() * sc.inv_bias_correction2_sqrt + sc.eps
+
+    full, ref2 = _full_errors(m1, v1, denom_fn, m_bits, v_bits, block)
+    books = tuple(
+        get_codebook("pow2", b, signed) if 2 <= b <= 8 else None
+        for b, signed in ((m_bits - 1, True), (m_bits + 1, True), (v_bits - 1, False), (v_bits + 1, False))
+    )  # fmt: skip
+    st, ns = torch.zeros(3), torch.zeros(6)
+    fn(p, g, mst.codes, mst.scale, vst.codes, vst.scale, mst.codebook, vst.codebook, sc, block_size=block,
+       stats=st, neighbor_codebooks=books, neighbor_stats=ns)  # fmt: skip
+    assert float(st[0]) == pytest.approx(full[("m", m_bits)], rel=0.01)
+    assert float(st[1]) == pytest.approx(full[("v", v_bits)], rel=0.01)
+    assert float(st[2]) == pytest.approx(ref2, rel=1e-4)
+    for moment, bits, lo, hi, at in (("m", m_bits, 0, 1, 4), ("v", v_bits, 2, 3, 5)):
+        if (moment, bits - 1) in full:
+            probe_down = float(ns[lo] / ns[at])
+            assert probe_down == pytest.approx(full[(moment, bits - 1)] / full[(moment, bits)], rel=0.15), moment
+        if (moment, bits + 1) in full:
+            probe_up = float(ns[at] / ns[hi])
+            assert probe_up == pytest.approx(full[(moment, bits)] / full[(moment, bits + 1)], rel=0.15), moment

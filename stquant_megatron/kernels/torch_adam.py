@@ -166,6 +166,10 @@ def _adam_chunk(
                 vq = dequantize_blocks(*quantize_blocks(pv, cb, vs.dtype), cb)
                 e = pm / (sqrt_rn(vq) * inv_bc2 + eps) - pref
                 sums.append((e * e).sum())
+        # The error at the current width over the same sampled blocks: the probe's ratios
+        # E(b-1)/E(b) and E(b)/E(b+1) then compare like with like.
+        sums.append((err_m[rows] * err_m[rows]).sum())
+        sums.append((err_v[rows] * err_v[rows]).sum())
         nstats = torch.stack(sums)
     return p, pack_codes(m_codes, mcb.bits), m_scale, pack_codes(v_codes, vcb.bits), v_scale, stats, nstats
 
@@ -211,8 +215,8 @@ def torch_packed_adam_step(
         stats: fp32 ``[3]`` or None; if given, adds (sum err_m^2, sum err_v^2, sum U^2) to it.
         neighbor_codebooks: with ``stats``, the codebooks one width below and above each moment's,
             ``(exp_avg b-1, exp_avg b+1, exp_avg_sq b-1, exp_avg_sq b+1)`` (None where out of range).
-        neighbor_stats: fp32 ``[4]``; adds sum err^2 at those widths (nearest rounding, not stored),
-            over every ``PROBE_STRIDE``-th block.
+        neighbor_stats: fp32 ``[6]``; adds sum err^2 at those widths (nearest rounding, not stored),
+            then at the current widths (exp_avg, exp_avg_sq), all over every ``PROBE_STRIDE``-th block.
         compile: run each chunk through ``torch.compile`` (PyTorch path only; ignored by Triton).
     """
     mcb, vcb = exp_avg_codebook, exp_avg_sq_codebook

@@ -158,7 +158,7 @@ if HAS_TRITON:
         mc_ptr, ms_ptr, vc_ptr, vs_ptr,  # packed codes uint8[num_blocks, bits, BLOCK/8] and scales [num_blocks]
         mq_ptr, mb_ptr, vq_ptr, vb_ptr,  # codebook qmap / bounds (log kind only)
         partial_ptr,  # fp32[num_programs, 3] per-program error sums (WITH_STATS)
-        npartial_ptr,  # fp32[num_programs, 4] per-program error sums at neighbouring widths
+        npartial_ptr,  # fp32[num_programs, 6] per-program error sums at neighbouring widths, then at b, sampled
         q0_ptr, b0_ptr, q1_ptr, b1_ptr, q2_ptr, b2_ptr, q3_ptr, b3_ptr,  # neighbour codebook tables
         numel, num_blocks, index_offset, key_m, key_v,
         beta1, omb1, beta2, omb2, eps, l2, decay, step_size, inv_bc2,
@@ -230,20 +230,25 @@ if HAS_TRITON:
             tl.store(partial_ptr + pid * 3 + 1, tl.sum(tl.sum(err_v * err_v, axis=1), axis=0))
             tl.store(partial_ptr + pid * 3 + 2, tl.sum(tl.sum(ref * ref, axis=1), axis=0))
             probe = inside & (blk % PROBE_STRIDE == 0)  # the sampled blocks, as in the twin
+            if N0_BITS + N1_BITS + N2_BITS + N3_BITS > 0:  # the current widths on the same sample
+                sm2 = tl.where(probe, err_m * err_m, 0.0)
+                sv2 = tl.where(probe, err_v * err_v, 0.0)
+                tl.store(npartial_ptr + pid * 6 + 4, tl.sum(tl.sum(sm2, axis=1), axis=0))
+                tl.store(npartial_ptr + pid * 6 + 5, tl.sum(tl.sum(sv2, axis=1), axis=0))
             if N0_BITS > 0:
                 e0 = tl.where(probe, tl.div_rn(_requant_err(m, True, N0_BITS, N0_KIND, q0_ptr, b0_ptr, N0_LOG, ms_ptr), denom) - ref, 0.0)
-                tl.store(npartial_ptr + pid * 4 + 0, tl.sum(tl.sum(e0 * e0, axis=1), axis=0))
+                tl.store(npartial_ptr + pid * 6 + 0, tl.sum(tl.sum(e0 * e0, axis=1), axis=0))
             if N1_BITS > 0:
                 e1 = tl.where(probe, tl.div_rn(_requant_err(m, True, N1_BITS, N1_KIND, q1_ptr, b1_ptr, N1_LOG, ms_ptr), denom) - ref, 0.0)
-                tl.store(npartial_ptr + pid * 4 + 1, tl.sum(tl.sum(e1 * e1, axis=1), axis=0))
+                tl.store(npartial_ptr + pid * 6 + 1, tl.sum(tl.sum(e1 * e1, axis=1), axis=0))
             if N2_BITS > 0:
                 vq2 = _requant_err(v, False, N2_BITS, N2_KIND, q2_ptr, b2_ptr, N2_LOG, vs_ptr)
                 e2 = tl.where(probe, tl.div_rn(m, tl.sqrt_rn(vq2) * inv_bc2 + eps) - ref, 0.0)
-                tl.store(npartial_ptr + pid * 4 + 2, tl.sum(tl.sum(e2 * e2, axis=1), axis=0))
+                tl.store(npartial_ptr + pid * 6 + 2, tl.sum(tl.sum(e2 * e2, axis=1), axis=0))
             if N3_BITS > 0:
                 vq3 = _requant_err(v, False, N3_BITS, N3_KIND, q3_ptr, b3_ptr, N3_LOG, vs_ptr)
                 e3 = tl.where(probe, tl.div_rn(m, tl.sqrt_rn(vq3) * inv_bc2 + eps) - ref, 0.0)
-                tl.store(npartial_ptr + pid * 4 + 3, tl.sum(tl.sum(e3 * e3, axis=1), axis=0))
+                tl.store(npartial_ptr + pid * 6 + 3, tl.sum(tl.sum(e3 * e3, axis=1), axis=0))
 
 
 def triton_packed_adam_step(
@@ -278,7 +283,7 @@ def triton_packed_adam_step(
     with_stats = stats is not None
     partial = torch.empty((grid[0], 3) if with_stats else (1, 3), dtype=torch.float32, device=param.device)
     nbrs = neighbor_codebooks if (with_stats and neighbor_stats is not None) else (None,) * 4
-    npartial = torch.zeros((grid[0], 4) if nbrs[0] is not None or any(nbrs) else (1, 4),
+    npartial = torch.zeros((grid[0], 6) if any(cb is not None for cb in nbrs) else (1, 6),
                            dtype=torch.float32, device=param.device)  # fmt: skip
     tables, consts = [], {}
     for i, cb in enumerate(nbrs):
