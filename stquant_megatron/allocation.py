@@ -3,16 +3,22 @@
 Problem (see ``docs/scheduler.md`` for the derivation)::
 
     minimise    sum_u n_u * E_u(b_u)
-    subject to  sum_u n_u * (b_u + s) <= B * sum_u n_u,      b_u in [min_bits, max_bits]
-                E_u(b_u) <= max_error  (when some width of u meets it)
+    subject to  sum_u n_ru * (b_u + s) <= B * sum_u n_ru     for every rank r,   b_u in [lower_u, upper_u]
+                E_u(b_u) <= max_error                         wherever the budget allows it
 
-with ``n_u`` the unit's element count, ``s`` the scale bits per element and ``B`` the budget
-(``avg_bits``). It is separable, so the Lagrangian relaxation decomposes per unit: for a
-multiplier ``lam`` every unit independently picks ``argmin_b E_u(b) + lam * b``. The budget used
-falls monotonically as ``lam`` grows; bisection finds the smallest feasible ``lam``; a greedy pass
-then spends what budget is left on the best upgrades per bit. On the convex hull of each unit's
-error curve this is optimal; the discrete answer is within one width step of one unit of the
-exact optimum. Cost: O(U * W * iterations) with W = 7 widths, linear in the number of units.
+with ``n_ru`` the elements of unit u that rank r holds (``n_u = sum_r n_ru``), ``s`` the scale bits
+per element and ``B`` the budget (``avg_bits``). The budget is a hard bound on every rank's state
+(users size each GPU's memory by it); with one rank it is the global budget. The error cap is
+honoured for every unit when the cheapest capped plan fits; otherwise units above the cap are
+penalised so that the allocation spends the budget on meeting it first.
+
+With one constraint the problem is separable and the Lagrangian relaxation decomposes per unit:
+for a multiplier ``lam`` every unit picks ``argmin_b E_u(b) + lam * b``; bisection finds the
+smallest feasible ``lam``. Per-rank constraints are then met by a repair pass (on the rank most
+over its budget, narrow the unit that adds the least error per bit freed there), and a greedy pass
+spends what is left on the best upgrades per bit that fit on every rank. On convex error curves and
+one rank this is within one width step of one unit of the exact optimum. Cost: O(U * W * 60) for the
+bisection plus O(R * U) per repair or upgrade step.
 
 Everything here is a pure, deterministic function of its inputs (ties broken by unit index), so
 every rank that runs it on the same all-reduced numbers gets the same answer.
@@ -23,6 +29,8 @@ from __future__ import annotations
 import torch
 
 MIN_BITS, MAX_BITS = 2, 8
+CAP_PENALTY = 1e6
+"""Added (times the excess over the cap) to errors above ``max_error`` when not every cap fits."""
 
 
 def allocate(
@@ -36,6 +44,7 @@ def allocate(
     scale_bits: float = 0.25,
     lower: torch.Tensor | None = None,
     upper: torch.Tensor | None = None,
+    rank_numel: torch.Tensor | None = None,
     iterations: int = 60,
 ) -> torch.Tensor:
     """Widths per unit.
@@ -43,13 +52,15 @@ def allocate(
     Args:
         numel: int/float ``[U]`` elements per unit (> 0).
         error: float ``[U, 7]``: E_u(b) for b = 2..8 (non-increasing in b is expected, not required).
-        avg_bits: budget in bits per element, scale bits included.
+        avg_bits: budget in bits per element, scale bits included; never exceeded on any rank
+            unless the lower bounds alone exceed it (then the lower bounds are returned).
         min_bits / max_bits: allowed widths.
-        max_error: per-unit error cap; a unit's lowest width is raised until E_u(b) <= max_error
-            (or max_bits), and the cap wins over the budget.
+        max_error: per-unit error cap, met wherever the budget allows it.
         scale_bits: scale overhead per element (32 / block_size for fp32 scales).
-        lower / upper: optional int ``[U]`` per-unit width bounds (e.g. at most one level away
+        lower / upper: optional int ``[U]`` per-unit width bounds (e.g. at most ``max_move`` levels
             from the current width); they win over the budget and the cap.
+        rank_numel: optional ``[R, U]`` elements of each unit held by each rank; the budget then
+            holds on every rank. Default: one rank holding everything.
 
     Returns:
         int64 ``[U]`` widths.
@@ -59,61 +70,89 @@ def allocate(
     if not MIN_BITS <= min_bits <= max_bits <= MAX_BITS:
         raise ValueError(f"need {MIN_BITS} <= min_bits={min_bits} <= max_bits={max_bits} <= {MAX_BITS}")
     n = numel.to(torch.float64)
+    a = n[None, :] if rank_numel is None else rank_numel.to(torch.float64)
+    if a.ndim != 2 or a.shape[1] != n.numel():
+        raise ValueError(f"rank_numel [R, U={n.numel()}] expected; got {tuple(a.shape)}")
     widths = torch.arange(min_bits, max_bits + 1, dtype=torch.float64)  # [W]
-    e = error.to(torch.float64)[:, min_bits - MIN_BITS : max_bits - MIN_BITS + 1]  # [U, W]
-    # The error cap: widths below a unit's first acceptable width are forbidden.
+    nw = len(widths)
+    e = error.to(torch.float64)[:, min_bits - MIN_BITS : max_bits - MIN_BITS + 1].clone()  # [U, W]
+    col = torch.arange(nw)[None, :]
+    lo_col = torch.zeros(n.numel(), dtype=torch.long) if lower is None else (lower.long() - min_bits).clamp(0, nw - 1)
+    hi_col = torch.full_like(lo_col, nw - 1) if upper is None else (upper.long() - min_bits).clamp(0, nw - 1)
+    lo_col = torch.minimum(lo_col, hi_col)
+    budget = (avg_bits - scale_bits) * a.sum(1)  # [R] code bits available per rank
+
+    def used(idx: torch.Tensor) -> torch.Tensor:  # [R] code bits per rank
+        return a @ widths[idx]
+
+    def fits(idx: torch.Tensor) -> bool:
+        return bool((used(idx) <= budget + 1e-9 * budget.abs().clamp_min(1)).all())
+
+    # The error cap: the narrowest width meeting it, if that plan fits everywhere; else a penalty.
     ok = e <= max_error
-    first_ok = torch.where(ok.any(1), ok.to(torch.int8).argmax(1), torch.full_like(n, len(widths) - 1, dtype=torch.long))
-    col = torch.arange(len(widths))[None, :]
-    lo_col = first_ok if lower is None else torch.maximum(first_ok, lower.long() - min_bits)
-    hi_col = torch.full_like(lo_col, len(widths) - 1) if upper is None else (upper.long() - min_bits)
-    lo_col = torch.minimum(lo_col.clamp(0, len(widths) - 1), hi_col.clamp(0, len(widths) - 1))
-    hi_col = hi_col.clamp(0, len(widths) - 1)
+    first_ok = torch.where(ok.any(1), ok.to(torch.int8).argmax(1), torch.full_like(lo_col, nw - 1))
+    capped = torch.minimum(torch.maximum(lo_col, first_ok), hi_col)
+    if fits(capped):
+        lo_col = capped
+    else:
+        e = e + CAP_PENALTY * (e - max_error).clamp_min(0)
     forbidden = (col < lo_col[:, None]) | (col > hi_col[:, None])
     e = torch.where(forbidden, torch.inf, e)
-    total = float(n.sum())
-    budget = avg_bits * total - scale_bits * total  # code bits available
+    if not fits(lo_col):  # the bounds alone break the budget: nothing better is allowed
+        return widths[lo_col].long()
 
+    # 1. Lagrangian relaxation on the global budget.
     def pick(lam: float) -> torch.Tensor:
-        cost = e + lam * widths[None, :]
-        return cost.argmin(1)  # first minimum: ties go to the narrower width
+        return (e + lam * widths[None, :]).argmin(1)  # first minimum: ties go to the narrower width
 
-    def used(idx: torch.Tensor) -> float:
-        return float((n * widths[idx]).sum())
-
-    lo_idx = lo_col  # narrowest allowed widths: cheapest possible
-    if used(lo_idx) >= budget:
-        return widths[lo_idx].long()
+    total_budget = float(budget.sum())
     lo, hi = 0.0, 1.0
-    while used(pick(hi)) > budget and hi < 1e30:
+    while float(used(pick(hi)).sum()) > total_budget and hi < 1e30:
         hi *= 4.0
-    if used(pick(0.0)) <= budget:
+    if float(used(pick(0.0)).sum()) <= total_budget:
         idx = pick(0.0)
     else:
         for _ in range(iterations):
             mid = 0.5 * (lo + hi)
-            if used(pick(mid)) > budget:
+            if float(used(pick(mid)).sum()) > total_budget:
                 lo = mid
             else:
                 hi = mid
         idx = pick(hi)
-    # Greedy fill: spend the remaining budget on single-step upgrades, best gain per bit first.
-    # Each pass sorts the units once (O(U log U)); a unit whose upgrade no longer fits is skipped;
-    # passes repeat while one upgraded something (in practice one or two passes).
-    idx = idx.clone()
+    idx = torch.maximum(idx, lo_col).clone()
+
+    # 2. Repair: while a rank is over its budget, narrow (by one level) the unit that adds the least
+    # error per code bit freed on that rank.
+    over = used(idx) - budget
+    while bool((over > 1e-9 * budget.abs().clamp_min(1)).any()):
+        r = int(over.argmax())
+        prv = idx - 1
+        can = (idx > lo_col) & (a[r] > 0)
+        loss = (e.gather(1, prv.clamp_min(0)[:, None]) - e.gather(1, idx[:, None])).squeeze(1) * n
+        freed = a[r] * (widths[idx] - widths[prv.clamp_min(0)])
+        score = torch.where(can, loss / freed.clamp_min(1e-300), torch.inf)
+        u = int(score.argmin())  # first minimum: lowest unit index
+        if not can[u]:  # cannot happen when the lower bounds fit (checked above)
+            break
+        idx[u] -= 1
+        over = used(idx) - budget
+
+    # 3. Greedy fill: spend what is left on single-step upgrades, best gain per bit first, each only
+    # if it fits on every rank. Passes repeat while one upgraded something.
     left = budget - used(idx)
     while True:
         nxt = torch.minimum(idx + 1, hi_col)
         gain = (e.gather(1, idx[:, None]) - e.gather(1, nxt[:, None])).squeeze(1) * n
-        cost = n * (widths[nxt] - widths[idx])
-        ratio = torch.where((nxt > idx) & (gain > 0), gain / cost.clamp_min(1e-300), -torch.inf)
+        step_bits = widths[nxt] - widths[idx]
+        ratio = torch.where((nxt > idx) & (gain > 0), gain / (n * step_bits).clamp_min(1e-300), -torch.inf)
         order = sorted(range(len(n)), key=lambda u: (-float(ratio[u]), u))  # ties: lowest unit index
         changed = False
         for u in order:
             if ratio[u] == -torch.inf:
                 break
-            if float(cost[u]) <= left:
-                left -= float(cost[u])
+            cost = a[:, u] * step_bits[u]
+            if bool((cost <= left + 1e-9).all()):
+                left -= cost
                 idx[u] += 1
                 changed = True
         if not changed:

@@ -60,9 +60,10 @@ class STQuantConfig:
     interval: int = 100
     """Steps between decisions."""
     warmup_steps: int = 100
-    """Steps at ``warmup_bits`` before the first decision."""
-    warmup_bits: int = 8
-    """Width of every unit during warm-up."""
+    """Steps before the first decision (the units sit at their starting widths, within the budget)."""
+    warmup_bits: int | None = None
+    """Starting width of every unit; None = the most even widths the budget allows. A set value
+    must fit the budget (``warmup_bits`` + scale bits <= ``avg_bits``): the budget bounds the peak."""
     stats_steps: int = 4
     """Steps before each decision whose errors are measured (the rest run without statistics)."""
     max_move: int = 2
@@ -109,14 +110,22 @@ class STQuantConfig:
     def _check_scheduler(self) -> None:
         for name in ("min_bits", "max_bits", "warmup_bits"):
             v = getattr(self, name)
-            if not isinstance(v, int) or not MIN_BITS <= v <= MAX_BITS:
-                _fail(name, v, f"use an int in {MIN_BITS}..{MAX_BITS}")
+            if name == "warmup_bits" and v is None:
+                continue
+            if not isinstance(v, int) or isinstance(v, bool) or not MIN_BITS <= v <= MAX_BITS:
+                _fail(name, v, f"use an int in {MIN_BITS}..{MAX_BITS}" + (" or None" if name == "warmup_bits" else ""))
         if self.min_bits > self.max_bits:
             _fail("min_bits", self.min_bits, f"must not exceed max_bits={self.max_bits}")
         lo, hi = self.min_bits + self.scale_bits(), self.max_bits + self.scale_bits()
         if not isinstance(self.avg_bits, (int, float)) or not lo <= self.avg_bits <= hi:
             _fail("avg_bits", self.avg_bits, f"use a number in [{lo:g}, {hi:g}] (min/max_bits plus "
                   f"{self.scale_bits():g} scale bits per element), or None for fixed bits")  # fmt: skip
+        if self.warmup_bits is not None and not (
+            self.min_bits <= self.warmup_bits and self.warmup_bits + self.scale_bits() <= self.avg_bits + 1e-9
+        ):
+            _fail("warmup_bits", self.warmup_bits, f"the starting width must lie in [min_bits={self.min_bits}, "
+                  f"avg_bits - scale bits = {self.avg_bits - self.scale_bits():g}] so that the budget bounds the "
+                  "peak from step 1; use None for the most even widths the budget allows")  # fmt: skip
         for name, minimum in (("interval", 1), ("warmup_steps", 0), ("stats_steps", 1), ("max_move", 1)):
             v = getattr(self, name)
             if not isinstance(v, int) or v < minimum:

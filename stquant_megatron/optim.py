@@ -39,8 +39,29 @@ def _codebook(cfg: STQuantConfig, moment: str, bits: int, device: torch.device):
     return get_codebook(cfg.codebook(moment, bits), bits, moment == "exp_avg", device)
 
 
+GRAD_LIMIT = 1.8e19
+"""Largest gradient magnitude whose square is finite in fp32 (sqrt(3.4e38) = 1.84e19). Above it the
+second moment overflows and, stored with a block-wise absmax scale, would ruin its whole block."""
+
+
 class NonFiniteGradError(ValueError):
-    """A step saw NaN or Inf gradients; nothing was changed."""
+    """A step saw NaN, Inf or overflowing gradients; nothing was changed."""
+
+
+def _check_group(group: dict[str, Any], where: str) -> None:
+    """Reject Adam variants this optimizer does not implement (they would be silently ignored)."""
+    for flag in ("amsgrad", "maximize", "capturable", "differentiable"):
+        if group.get(flag):
+            raise ValueError(
+                f"{where} has {flag}=True; STQuantAdamW implements plain Adam/AdamW only. "
+                f"Set {flag}=False (or use torch.optim.AdamW for {flag})"
+            )
+    for p in group.get("params", ()):
+        if torch.is_tensor(p) and p.dtype == torch.float64:
+            raise TypeError(
+                f"{where} holds a float64 parameter of shape {tuple(p.shape)}; STQuantAdamW updates in fp32. "
+                "Use fp32/bf16/fp16 parameters, or torch.optim.AdamW for float64"
+            )
 
 
 class STQuantAdamW(torch.optim.Optimizer):
@@ -80,17 +101,19 @@ class STQuantAdamW(torch.optim.Optimizer):
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay
         )
-        super().__init__(params, defaults)
-        self.config = config or STQuantConfig()
         self._names: dict[int, tuple[str, int]] = {}
         self._full_numel: dict[int, int] = {}
-        self.stats: dict[torch.Tensor, torch.Tensor] = {}
-        """Per-parameter fp32 [3] sums (err exp_avg, err exp_avg_sq, |U|^2) while ``collect_stats``."""
+        self._replicas: dict[int, int] = {}
+        self._units_changed = False
+        self.config = config or STQuantConfig()
+        super().__init__(params, defaults)
         self.collect_stats = False
+        """Whether the current step measures the scheduler's error statistics."""
         self.probe_neighbors = False
         """With ``collect_stats``: also measure each unit's error one width below and above."""
-        self.last_stats: dict[torch.Tensor, torch.Tensor] = {}
-        """Per-parameter fp32 [9] of the last probing step: its [3] sums and the 6 probe sums."""
+        self.last_stats: dict[str, torch.Tensor] = {}
+        """This rank's statistics of the last measuring step, per unit: ``[err, ref]``, or on a
+        probe step ``[err, ref, err at b, err at b-1, err at b+1]`` (what the scheduler all-reduces)."""
         self.decision_callbacks: list = []
         """Called as ``cb(decision, optimizer)`` after every scheduler decision (e.g. loggers)."""
         self.global_step = 0
@@ -98,6 +121,7 @@ class STQuantAdamW(torch.optim.Optimizer):
         self.group_step_authoritative = False
         """Hosts that keep the step in ``param_group["step"]`` (Megatron with TE/apex) set this:
         loading a state dict then sets every parameter's step from its group's."""
+        self._peak_bytes = 0
         cfg = self.config
         self.scheduler: PrecisionScheduler | None = None
         if cfg.avg_bits is not None:
@@ -108,17 +132,29 @@ class STQuantAdamW(torch.optim.Optimizer):
                 scale_bits=cfg.scale_bits(), group=process_group,
             )  # fmt: skip
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        _check_group(param_group if isinstance(param_group, dict) else {}, f"param group {len(self.param_groups)}")
+        super().add_param_group(param_group)
+        _check_group(self.param_groups[-1], f"param group {len(self.param_groups) - 1}")
+        self._units_changed = True  # the scheduler learns the new units at the next step
+
     # ----------------------------------------------------------------------------- naming
-    def set_param_name(self, param: torch.Tensor, name: str, index_offset: int = 0, full_numel: int | None = None) -> None:
+    def set_param_name(
+        self, param: torch.Tensor, name: str, index_offset: int = 0, full_numel: int | None = None, replicas: int = 1
+    ) -> None:
         """Name ``param``'s units (``name.exp_avg``, ``name.exp_avg_sq``).
 
         When ``param`` is a shard, ``index_offset`` is the global index of its first element in
         the full tensor (so stochastic rounding does not depend on the sharding) and
         ``full_numel`` the full tensor's size (so every shard of a tensor is packed, or none).
+        ``replicas``: how many ranks of the process group keep the same elements (e.g. the
+        tensor-parallel size for a parameter that is not split by tensor parallelism); the
+        scheduler counts them once in the unit's size.
         """
         self._names[id(param)] = (name, index_offset)
         if full_numel is not None:
             self._full_numel[id(param)] = full_numel
+        self._replicas[id(param)] = replicas
 
     def param_name(self, param: torch.Tensor) -> str:
         return self._naming(param)[0]
@@ -149,17 +185,21 @@ class STQuantAdamW(torch.optim.Optimizer):
         for _, p in self._params() if param is None else [(None, param)]:
             if not self.state[p]:
                 self._init_state(p)
+        self._note_bytes()
+
+    def _new_packed(self, p: torch.Tensor, moment: str, bits: int) -> PackedState:
+        cfg = self.config
+        return PackedState.zeros(
+            p.numel(), bits=bits, kind=cfg.codebook(moment, bits), signed=moment == "exp_avg",
+            block_size=cfg.block_size, scale_dtype=_SCALE_DTYPES[cfg.scale_dtype], device=p.device,
+        )  # fmt: skip
 
     def _init_state(self, p: torch.Tensor) -> dict[str, Any]:
-        cfg, st = self.config, self.state[p]
+        st = self.state[p]
         st["step"] = torch.tensor(0.0, dtype=torch.float32)
         for moment in MOMENTS:
             if self._is_packed(p):
-                bits = self._planned_bits(p, moment)
-                st[moment] = PackedState.zeros(
-                    p.numel(), bits=bits, kind=cfg.codebook(moment, bits), signed=moment == "exp_avg",
-                    block_size=cfg.block_size, scale_dtype=_SCALE_DTYPES[cfg.scale_dtype], device=p.device,
-                )  # fmt: skip
+                st[moment] = self._new_packed(p, moment, self._planned_bits(p, moment))
             else:
                 st[moment] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
         return st
@@ -174,6 +214,16 @@ class STQuantAdamW(torch.optim.Optimizer):
                 elif torch.is_tensor(v):
                     total += v.numel() * v.element_size()
         return total
+
+    def peak_state_bytes(self) -> int:
+        """High-water mark of ``state_bytes()`` since construction, transitions included (a unit
+        being re-coded briefly holds its old and its new codes)."""
+        return max(self._peak_bytes, self.state_bytes())
+
+    def _note_bytes(self, extra: int = 0, now: int | None = None) -> int:
+        now = self.state_bytes() if now is None else now
+        self._peak_bytes = max(self._peak_bytes, now + extra)
+        return now
 
     def unit_bits(self) -> dict[str, int]:
         """``{"<param name>.<moment>": bits}`` for every unit; fp32 escapes report 32."""
@@ -192,12 +242,19 @@ class STQuantAdamW(torch.optim.Optimizer):
         return out
 
     def _planned_bits(self, p: torch.Tensor, moment: str) -> int:
-        """Width of a unit whose state does not exist yet."""
-        if self.scheduler is None:
-            return self.config.moment_bits(moment)
-        if self.scheduler.names:
-            return self.scheduler.current().get(f"{self.param_name(p)}.{moment}", self.config.warmup_bits)
-        return self.config.warmup_bits
+        """Width of a unit whose state does not exist yet (or is being loaded)."""
+        sched, cfg = self.scheduler, self.config
+        if sched is None:
+            return cfg.moment_bits(moment)
+        if sched.names and sched.bits is not None:
+            bits = sched.current().get(f"{self.param_name(p)}.{moment}")
+            if bits is not None:
+                return bits
+            return cfg.min_bits if sched.numel is not None else cfg.warmup_bits or cfg.min_bits
+        if cfg.warmup_bits is not None:
+            return cfg.warmup_bits
+        # before the scheduler is set up: the widest uniform width within the budget
+        return max(cfg.min_bits, min(cfg.max_bits, int(cfg.avg_bits - cfg.scale_bits() + 1e-9)))
 
     # ----------------------------------------------------------------------------- scheduler
     def _packed_units(self):
@@ -208,48 +265,74 @@ class STQuantAdamW(torch.optim.Optimizer):
                 for moment in MOMENTS:
                     yield f"{name}.{moment}", p, moment
 
+    def _setup_scheduler(self) -> None:
+        """Agree on the units (collective) and bring existing packed state to the scheduler's widths."""
+        sched = self.scheduler
+        units = list(self._packed_units())
+        sched.setup({u: p.numel() for u, p, _ in units}, {u: self._replicas.get(id(p), 1) for u, p, _ in units})
+        self._units_changed = False
+        if not sched.within_budget() or bool(((sched.bits < sched.min_bits) | (sched.bits > sched.max_bits)).any()):
+            # widths restored from a checkpoint that break this run's budget or range: start again
+            warnings.warn(
+                f"stquant: the restored widths ({sched.average_bits():.3f} bits on average, "
+                f"{sched.rank_bits().max():.3f} on the fullest rank) break avg_bits={sched.avg_bits} or "
+                f"[{sched.min_bits}, {sched.max_bits}]; the units start again at widths within the budget",
+                RuntimeWarning, stacklevel=3,
+            )  # fmt: skip
+            sched.bits = sched._initial_bits()
+        self._apply_widths(sched.current())
+
+    def _apply_widths(self, bits: dict[str, int]) -> None:
+        """Re-code packed units to ``bits``: narrowing ones first, so that memory only grows after it
+        has shrunk; the peak counts each unit's old and new codes while it is re-coded."""
+        moves = []
+        for unit, p, moment in self._packed_units():
+            state = self.state[p].get(moment) if p in self.state else None
+            if isinstance(state, PackedState) and unit in bits and state.bits != bits[unit]:
+                moves.append((bits[unit] - state.bits, unit, state, moment))
+        if not moves:
+            return
+        now = self.state_bytes()
+        for _, unit, state, moment in sorted(moves, key=lambda t: (t[0], t[1])):
+            b = bits[unit]
+            new_bytes = state.recoded_nbytes(b)
+            self._note_bytes(extra=new_bytes, now=now)
+            old_bytes = state.nbytes
+            state.requantize(b, self.config.codebook(moment, b))
+            now += state.nbytes - old_bytes
+
     def _schedule(self) -> None:
         """After a step: decide and re-code units when a decision is due."""
         sched, step = self.scheduler, self.global_step
         if not sched.due(step):
             return
-        local = {}
-        for unit, p, moment in self._packed_units():
-            st, last = self.stats.get(p), self.last_stats.get(p)
-            if st is not None:
-                i = 0 if moment == "exp_avg" else 1
-                # error at b, b-1, b+1, all on the probe's sampled blocks
-                probe = last[[7 + i, 2, 3 + 2 * i, 4 + 2 * i]] if last is not None else torch.zeros(4, device=st.device)
-                local[unit] = torch.cat([st[[i, 2]], probe])
-        decision = sched.decide(step, local)
-        self.stats.clear()
-        self.last_stats.clear()
-        for unit, p, moment in self._packed_units():
-            state = self.state[p].get(moment) if p in self.state else None
-            bits = decision.bits[unit]
-            if isinstance(state, PackedState) and state.bits != bits:
-                state.requantize(bits, self.config.codebook(moment, bits))
+        decision = sched.decide(step)
+        self._apply_widths(decision.bits)
         if not dist.is_initialized() or dist.get_rank() == 0:
             nparams = sum(p.numel() for _, p in self._params())
             log.info(
-                "stquant step %d: avg bits %.3f, state %.3f B/param, %d of %d units moved",
-                step, decision.avg_bits, self.state_bytes() / max(1, nparams), decision.moved, len(decision.bits),
+                "stquant step %d: avg bits %.3f, state %.3f B/param (peak %.3f), %d of %d units moved",
+                step, decision.avg_bits, self.state_bytes() / max(1, nparams),
+                self.peak_state_bytes() / max(1, nparams), decision.moved, len(decision.bits),
             )  # fmt: skip
         for callback in self.decision_callbacks:
             callback(decision, self)
 
     # ----------------------------------------------------------------------------- step
     def _check_finite(self, work: list) -> bool:
-        """True if every gradient is finite. One host sync for all gradients."""
+        """True if every gradient is finite and below ``GRAD_LIMIT``. One host sync for all gradients."""
         by_key: dict[tuple, list[torch.Tensor]] = {}
         for _, _, g in work:
             by_key.setdefault((g.device, g.dtype), []).append(g)
         maxes = [n.float() for gs in by_key.values() for n in torch._foreach_norm(gs, math.inf)]
-        if bool(torch.isfinite(torch.stack([m.cpu() for m in maxes])).all()):
+        top = torch.stack([m.cpu() for m in maxes])
+        if bool((top <= GRAD_LIMIT).all()):  # False for NaN too
             return True
-        bad = [self.param_name(p) for _, p, g in work if not bool(torch.isfinite(g).all())]
+        bad = [self.param_name(p) for _, p, g in work if not bool((g.abs() <= GRAD_LIMIT).all())]
+        what = "non-finite gradient (NaN or Inf)" if not bool(torch.isfinite(top).all()) else (
+            f"gradient larger than {GRAD_LIMIT:.2g} in magnitude (its square overflows fp32)")  # fmt: skip
         msg = (
-            f"non-finite gradient (NaN or Inf) in {len(bad)} parameter(s): {bad[:5]}"
+            f"{what} in {len(bad)} parameter(s): {bad[:5]}"
             f"{' ...' if len(bad) > 5 else ''}; the optimizer state and parameters were left unchanged"
         )
         if self.config.nonfinite == "raise":
@@ -259,32 +342,46 @@ class STQuantAdamW(torch.optim.Optimizer):
         warnings.warn(msg + "; step skipped (STQuantConfig.nonfinite='skip')", RuntimeWarning, stacklevel=3)
         return False
 
+    def _validate_work(self, work: list) -> list:
+        """Everything that can be checked before anything changes: dtypes, shapes, the step backend."""
+        fns = []
+        for _, p, g in work:
+            name = self.param_name(p)
+            if g.is_sparse:
+                raise RuntimeError(f"parameter {name!r} has a sparse gradient; STQuantAdamW needs dense gradients "
+                                   "(use torch.optim.SparseAdam)")  # fmt: skip
+            if not p.is_floating_point() or p.dtype == torch.float64:
+                raise TypeError(f"parameter {name!r} has dtype {p.dtype}; STQuantAdamW needs an fp32/bf16/fp16 parameter")
+            if g.numel() != p.numel() or not g.is_floating_point():
+                raise ValueError(f"gradient of {name!r} has {g.numel()} elements of {g.dtype}; the parameter has "
+                                 f"{p.numel()}: gradients must match their parameters")  # fmt: skip
+            fns.append(get_step_fn(self.config.backend, p.device) if self._is_packed(p) else None)
+        return fns
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = []
-        for group, p in self._params():
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("STQuantAdamW does not support sparse gradients; use torch.optim.SparseAdam")
-            if not p.is_floating_point():
-                raise TypeError(f"parameter {self.param_name(p)!r} has dtype {p.dtype}; STQuantAdamW needs a float parameter")
-            work.append((group, p, p.grad))
+        work = [(group, p, p.grad) for group, p in self._params() if p.grad is not None and p.numel() > 0]
+        fns = self._validate_work(work)
         if not work or (self.config.nonfinite != "unchecked" and not self._check_finite(work)):
             return loss
         cfg = self.config
         sched = self.scheduler
         if sched is not None:
-            if sched.numel is None:
-                sched.setup({unit: p.numel() for unit, p, _ in self._packed_units()})
+            if sched.numel is None or self._units_changed:
+                self._setup_scheduler()
             self.collect_stats = sched.collecting(self.global_step + 1)
             self.probe_neighbors = sched.due(self.global_step + 1)
-        for group, p, g in work:
-            st = self.state[p] or self._init_state(p)
+        created = False
+        local_stats: dict[str, torch.Tensor] = {}
+        for (group, p, g), fn in zip(work, fns):
+            if not self.state[p]:
+                self._init_state(p)
+                created = True
+            st = self.state[p]
             st["step"] += 1
             step = int(st["step"].item())  # a CPU tensor: no device sync
             beta1, beta2 = group["betas"]
@@ -308,7 +405,7 @@ class STQuantAdamW(torch.optim.Optimizer):
                         for b in (st_.bits - 1, st_.bits + 1)
                     )  # fmt: skip
             target = p if p.is_contiguous() else p.contiguous()
-            get_step_fn(cfg.backend, p.device)(
+            fn(
                 target, g.contiguous(), m.codes, m.scale, v.codes, v.scale, m.codebook, v.codebook, scalars,
                 block_size=m.block_size, stochastic=cfg.stochastic_rounding,
                 rng_keys=tuple(rng_key(cfg.seed, step, uid, s) for s in _SALTS),
@@ -316,18 +413,25 @@ class STQuantAdamW(torch.optim.Optimizer):
                 compile=cfg.compile,
             )  # fmt: skip
             if stats is not None:
-                acc = self.stats.get(p)
-                self.stats[p] = stats if acc is None else acc.add_(stats)
-                if nbr_stats is not None:
-                    self.last_stats[p] = torch.cat([stats, nbr_stats])
+                for i, moment in enumerate(MOMENTS):
+                    row = [stats[i], stats[2]]
+                    if nbr_stats is not None:  # err at b, b-1, b+1 on the probe's sampled blocks
+                        row += [nbr_stats[4 + i], nbr_stats[2 * i], nbr_stats[2 * i + 1]]
+                    local_stats[f"{name}.{moment}"] = torch.stack(row)
             if target is not p:
                 p.copy_(target)
+        if created:
+            self._note_bytes()
         self.global_step += 1
         for group in self.param_groups:  # the step also lives in the group, as in TE/apex FusedAdam
             steps = [self.state[p]["step"] for p in group["params"] if p in self.state and "step" in self.state[p]]
             if steps:
                 group["step"] = int(max(float(s) for s in steps))
+        if self.collect_stats:
+            self.last_stats = local_stats
         if sched is not None:
+            if self.collect_stats:
+                sched.accumulate(local_stats)
             self._schedule()
         return loss
 
@@ -342,13 +446,17 @@ class STQuantAdamW(torch.optim.Optimizer):
         sd["stquant"] = {
             "format_version": STATE_FORMAT_VERSION, "config": self.config.to_dict(), "global_step": self.global_step,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "stats": {self.param_name(p): s.tolist() for p, s in self.stats.items()},
         }  # fmt: skip
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of this optimizer, or of ``torch.optim.AdamW`` / ``Adam`` (dense moments
-        are quantized). Everything is validated first: on error the optimizer is left as it was."""
+        are quantized).
+
+        Widths: the config and the scheduler decide. Packed moments whose width, block size, scale
+        type or codebook differ from what this optimizer would use are re-coded to it (one warning
+        says how many); with the scheduler, a checkpoint's own scheduler entry sets the widths.
+        Everything is validated first; on any error nothing has changed."""
         meta = state_dict.get("stquant")
         if meta is not None and meta.get("format_version") != STATE_FORMAT_VERSION:
             raise ValueError(
@@ -364,31 +472,50 @@ class STQuantAdamW(torch.optim.Optimizer):
                 f"this optimizer {len(groups)} of sizes {[len(g['params']) for g in groups]}: build the optimizer "
                 "over the same parameters in the same order"
             )
+        for i, g in enumerate(saved_groups):
+            _check_group({k: v for k, v in g.items() if k != "params"}, f"checkpoint param group {i}")
+        sched_sd = (meta or {}).get("scheduler")
+        if self.scheduler is not None and sched_sd is not None:
+            self.scheduler.validate_state_dict(sched_sd)
+        planned = dict(zip(sched_sd["names"], sched_sd["bits"])) if sched_sd and sched_sd.get("bits") else {}
+        global_step = self._check_count("global_step", (meta or {}).get("global_step", 0))
         id_map = {
             sid: p for a, b in zip(groups, saved_groups) for sid, p in zip(b["params"], a["params"])
         }  # fmt: skip
         moments: dict[tuple[torch.Tensor, str], Any] = {}
         stripped = {}
+        recoded = []
         for k, st in state_dict.get("state", {}).items():
             if k not in id_map:
                 raise ValueError(f"checkpoint state refers to parameter index {k!r}, which no param group lists")
             p = id_map[k]
+            name = self.param_name(p)
             st = dict(st)
             missing = [key for key in ("step", *MOMENTS) if key not in st]
             if missing:
                 raise ValueError(
-                    f"checkpoint state of {self.param_name(p)!r} lacks {missing} (has {sorted(st)}): "
-                    "it is not an Adam state dict"
+                    f"checkpoint state of {name!r} lacks {missing} (has {sorted(st)}): it is not an Adam state dict"
                 )
-            if not torch.is_tensor(st["step"]):  # torch < 1.12 saved the step as a number
-                st["step"] = torch.tensor(float(st["step"]), dtype=torch.float32)
+            for flag in ("max_exp_avg_sq",):
+                if flag in st:
+                    raise ValueError(f"checkpoint state of {name!r} has {flag!r}: it was saved with amsgrad=True, "
+                                     "which STQuantAdamW does not implement")  # fmt: skip
+            step = st["step"]
+            value = float(step) if torch.is_tensor(step) and step.numel() == 1 else step
+            st["step"] = torch.tensor(self._check_count(f"step of {name!r}", value), dtype=torch.float32)
             for key in MOMENTS:
-                moments[(p, key)] = self._load_moment(p, key, st.pop(key))
+                bits = planned.get(f"{name}.{key}") if self.scheduler is not None else None
+                moments[(p, key)] = self._load_moment(p, key, st.pop(key), bits, recoded)
             stripped[k] = st
+        if recoded:
+            warnings.warn(
+                f"stquant: {len(recoded)} checkpoint moment(s) were re-coded to this optimizer's format "
+                f"(first: {recoded[:3]}); the config and the scheduler set widths, block size, scale type "
+                "and codebook", RuntimeWarning, stacklevel=2,
+            )  # fmt: skip
         old_groups = [dict(g) for g in self.param_groups]
-        old = (copy.copy(self.state), self.global_step, dict(self.stats))
-        old_sched = self.scheduler.state_dict() if self.scheduler is not None and self.scheduler.names else None
-        by_name = {self.param_name(p): p for _, p in self._params()}
+        old = (copy.copy(self.state), self.global_step)
+        old_sched = copy.deepcopy(self.scheduler.__dict__) if self.scheduler is not None else None
         try:
             super().load_state_dict({**state_dict, "state": stripped})
             for (p, key), value in moments.items():
@@ -401,55 +528,75 @@ class STQuantAdamW(torch.optim.Optimizer):
                     if "step" in group:
                         for p in group["params"]:
                             self.state[p]["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
-            if meta is not None:
-                self.load_stquant_meta(meta, by_name)
+            self.global_step = global_step
+            if self.scheduler is not None and sched_sd is not None:
+                self.scheduler.load_state_dict(sched_sd)
+                self.scheduler.numel = None  # element counts and ranks are agreed again at the next step
         except Exception:
-            self.state, self.global_step, self.stats = old
+            self.state, self.global_step = old
             if old_sched is not None:
-                self.scheduler.load_state_dict(old_sched)
+                self.scheduler.__dict__.update(old_sched)
             for g, saved in zip(self.param_groups, old_groups):
                 g.clear()
                 g.update(saved)
             raise
+        self._note_bytes()
 
-    def load_stquant_meta(self, meta: dict[str, Any], by_name: dict[str, torch.Tensor] | None = None) -> None:
-        """Restore the step counter, scheduler (per-unit bits) and statistics saved in
-        ``state_dict()["stquant"]``; packed units are re-coded to the restored widths."""
-        by_name = by_name or {self.param_name(p): p for _, p in self._params()}
-        self.global_step = int(meta.get("global_step", 0))
+    @staticmethod
+    def _check_count(what: str, value: Any) -> int:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or value < 0 or value != int(value):
+            raise ValueError(f"checkpoint {what} is {value!r}; it must be a whole number >= 0")
+        return int(value)
+
+    def load_stquant_meta(self, meta: dict[str, Any]) -> None:
+        """Restore the step counter and the scheduler (per-unit bits, window statistics) saved in
+        ``state_dict()["stquant"]`` (hosts that load moments themselves, such as Megatron); packed
+        units are re-coded to the restored widths. Validated first: on error nothing changes."""
+        global_step = self._check_count("global_step", meta.get("global_step", 0))
         saved = meta.get("scheduler")
         if self.scheduler is not None and saved is not None and saved.get("bits") is not None:
-            self.scheduler.load_state_dict(meta["scheduler"])
-            bits = self.scheduler.current()
-            for unit, p, moment in self._packed_units():
-                st = self.state.get(p, {}).get(moment)
-                if isinstance(st, PackedState) and unit in bits and st.bits != bits[unit]:
-                    st.requantize(bits[unit], self.config.codebook(moment, bits[unit]))
-        self.stats = {
-            by_name[k]: torch.tensor(v, dtype=torch.float32, device=by_name[k].device)
-            for k, v in (meta.get("stats") or {}).items() if k in by_name
-        }  # fmt: skip
+            self.scheduler.validate_state_dict(saved)
+            self.scheduler.load_state_dict(saved)
+            self.scheduler.numel = None  # agreed again (collective) at the next step
+            self._apply_widths(self.scheduler.current())
+        self.global_step = global_step
 
-    def _load_moment(self, p: torch.Tensor, key: str, value: Any):
+    def _load_moment(self, p: torch.Tensor, key: str, value: Any, bits: int | None, recoded: list) -> Any:
+        """A validated moment in this optimizer's format (packed at ``bits`` or the planned width)."""
         name = self.param_name(p)
         if isinstance(value, dict):
-            state = PackedState.from_dict(value, p.device)
+            state = PackedState.from_dict(value, p.device, where=f"checkpoint {key} of {name!r}")
             if state.numel != p.numel() or state.signed != (key == "exp_avg"):
                 raise ValueError(
                     f"checkpoint {key} of {name!r} has numel={state.numel}, signed={state.signed}; "
                     f"the parameter has numel={p.numel()}: the checkpoint belongs to another model"
                 )
-            return state
-        if not torch.is_tensor(value) or value.numel() != p.numel() or not value.is_floating_point():
-            got = (tuple(value.shape), value.dtype) if torch.is_tensor(value) else type(value).__name__
-            raise ValueError(f"checkpoint {key} of {name!r} should be a float tensor of {p.numel()} elements; got {got}")
-        if not self._is_packed(p):
-            return value.detach().to(device=p.device, dtype=torch.float32).reshape(p.shape).clone()
-        if key == "exp_avg_sq" and bool((value < 0).any()):
-            raise ValueError(f"checkpoint exp_avg_sq of {name!r} has negative values: it is not a second moment")
-        cfg, bits = self.config, self._planned_bits(p, key)
-        state = PackedState.zeros(
-            p.numel(), bits=bits, kind=cfg.codebook(key, bits), signed=key == "exp_avg",
-            block_size=cfg.block_size, scale_dtype=_SCALE_DTYPES[cfg.scale_dtype], device=p.device,
-        )  # fmt: skip
-        return state.copy_(value)
+            if not self._is_packed(p):
+                return state.dequantize().reshape(p.shape)
+        else:
+            if not torch.is_tensor(value) or not value.is_floating_point() or value.numel() != p.numel() or (
+                value.dim() > 1 and tuple(value.shape) != tuple(p.shape)
+            ):
+                got = (tuple(value.shape), value.dtype) if torch.is_tensor(value) else type(value).__name__
+                raise ValueError(
+                    f"checkpoint {key} of {name!r} should be a float tensor of shape {tuple(p.shape)} (or flat, "
+                    f"{p.numel()} elements); got {got}: the checkpoint belongs to another model"
+                )
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"checkpoint {key} of {name!r} has NaN or Inf values")
+            if key == "exp_avg_sq" and bool((value < 0).any()):
+                raise ValueError(f"checkpoint exp_avg_sq of {name!r} has negative values: it is not a second moment")
+            if not self._is_packed(p):
+                return value.detach().to(device=p.device, dtype=torch.float32).reshape(p.shape).clone()
+            state = None
+        cfg = self.config
+        bits = bits if bits is not None else self._planned_bits(p, key)
+        if state is None:
+            return self._new_packed(p, key, bits).copy_(value)
+        want = (bits, cfg.block_size, _SCALE_DTYPES[cfg.scale_dtype], cfg.codebook(key, bits))
+        have = (state.bits, state.block_size, state.scale.dtype, state.codebook.kind)
+        if have != want:
+            recoded.append(f"{name}.{key}: {have[0]} bits/block {have[1]} -> {want[0]} bits/block {want[1]}")
+            return state.recode(bits, want[3], block_size=cfg.block_size, scale_dtype=want[2])
+        return state

@@ -1,8 +1,10 @@
 """Scheduler history -> heatmap (units x decisions, colour = bits) and a table.
 
-The history is ``PrecisionScheduler.state_dict()["history"]`` with its ``names``; it travels in
-every checkpoint (standalone ``optimizer.state_dict()["stquant"]``, Megatron's optimizer entry
-``optimizer.stquant``), and ``save_history`` writes it as JSON.
+The full history is the JSON-lines file a scheduler appends to, one line per decision
+(``optimizer.scheduler.history_path``; under Megatron-LM rank 0 keeps
+``<--save>/stquant_history.jsonl``). Checkpoints and the in-memory scheduler keep the last few
+decisions only (``PrecisionScheduler.state_dict()["history"]`` with its ``names``); they are read
+too, and ``save_history`` writes them as JSON.
 
     stquant-megatron report CHECKPOINT_OR_JSON [--out bits.png]
 """
@@ -16,20 +18,25 @@ from typing import Any
 
 def history_of(obj: Any) -> dict[str, Any]:
     """``{"names": [...], "history": [...]}`` from an optimizer, a scheduler state dict, a
-    checkpoint (any nesting; torch_dist directories: their ``common.pt``) or a JSON file."""
+    checkpoint (any nesting; torch_dist directories: their ``common.pt``; loaded with
+    ``weights_only=True``), a JSON file or a JSON-lines history file (``.jsonl``)."""
     if hasattr(obj, "scheduler") and getattr(obj, "scheduler", None) is not None:
         obj = obj.scheduler.state_dict()
     if isinstance(obj, (str, os.PathLike)):
         path = os.fspath(obj)
         if os.path.isdir(path):
             path = os.path.join(path, "common.pt")
+        if path.endswith(".jsonl"):
+            from .scheduler import read_history
+
+            return read_history(path)
         if path.endswith(".json"):
             with open(path) as f:
                 obj = json.load(f)
         else:
             import torch
 
-            obj = torch.load(path, map_location="cpu", weights_only=False)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     found = _find(obj)
     if found is None:
         raise ValueError("no stquant scheduler history found (was the run made with avg_bits / --stquant-avg-bits?)")

@@ -1,28 +1,39 @@
 """The STQuant precision scheduler: measured sensitivity -> budgeted bits -> in-place transitions.
 
-Per unit (parameter x moment) the fused step accumulates, over the ``stats_steps`` steps before
-each decision, the damage its quantization does to Adam's update direction U = m / denom::
+Per unit (parameter x moment) the fused step measures, over the ``stats_steps`` steps before each
+decision, the damage its quantization does to Adam's update direction U = m / denom::
 
     E_u = sum ||U(Q(m), v) - U(m, v)||^2 / sum ||U(m, v)||^2      (exp_avg units; likewise exp_avg_sq)
 
-On the last of those steps the kernel also measures E_u one width below and one above (nothing is
-stored); the error curve uses those measured ratios for the neighbouring widths and continues
-with 4 per bit beyond them (one more bit halves the quantization step, which quarters the squared
-error; ``benchmarks/codebooks.py`` measures 3.5-7.7 per bit on real moments).
+On the last of those steps the kernel also measures the error one width below and one above, and
+at the current width again, all on the same sampled blocks (every ``PROBE_STRIDE``-th one), so the
+ratios E(b-1)/E(b) and E(b)/E(b+1) compare like with like. The error curve uses those measured
+ratios for the neighbouring widths and continues with 4 per bit beyond them (one more bit halves
+the quantization step, which quarters the squared error).
 
-Every rank fills the same ``[num_units, 6]`` tensor of error sums (zeros for units it owns none
-of), all-reduces it over the optimizer's process group, and runs the same deterministic
-``allocation.allocate`` on identical numbers: every rank ends with identical bits. Unit names and
-element counts are agreed once (all-gather / all-reduce) when the scheduler is set up.
+After every statistics step each rank's per-unit sums go into a fixed ``[num_units, 5]`` tensor
+(zeros for units it holds no shard of) that is all-reduced over the optimizer's process group and
+added to the window: every rank holds the same global sums at every step (so a checkpoint taken
+inside a window carries the global sums, whichever rank writes it), and runs the same deterministic
+``allocation.allocate`` on them at the decision: every rank ends with identical bits.
 
-Schedule: ``warmup_bits`` for ``warmup_steps`` steps; then a decision every ``interval`` steps.
-After the first decision a unit moves at most ``max_move`` levels per decision, and a new plan
-is adopted only if it lowers the total error by more than ``hysteresis`` (relative) or the
-current plan breaks the budget. See ``docs/scheduler.md``.
+The budget ``avg_bits`` bounds the state of every rank from the first step: the units start at the
+widths a neutral allocation gives under the budget (or at ``warmup_bits`` when set, which must fit),
+statistics are measured from step 1, and the first decision comes after ``warmup_steps`` steps, then
+one every ``interval`` steps. After the first decision a unit moves at most ``max_move`` levels per
+decision; a new plan is adopted only if it lowers the total error by more than ``hysteresis``
+(relative) or the current plan breaks the budget. A unit that had no gradient during the window
+keeps its width. See ``docs/scheduler.md``.
+
+Memory is O(units): the last ``history_keep`` decisions stay in memory and in checkpoints; the full
+history is appended, one JSON line per decision, to ``history_path`` when set.
 """
 
 from __future__ import annotations
 
+import collections
+import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +45,12 @@ from .allocation import MAX_BITS, MIN_BITS, allocate
 WIDTHS = torch.arange(MIN_BITS, MAX_BITS + 1, dtype=torch.float64)
 DEFAULT_RATIO = 4.0
 """Error ratio per bit where it was not measured: one more bit halves the quantization step."""
+NUM_STATS = 5
+"""Window columns per unit: err, ref (every statistics step), then from the probe step: err at b,
+err at b-1, err at b+1 (the probe's sampled blocks)."""
+HISTORY_KEEP = 8
+HISTORY_FORMAT = "stquant-history-v2"
+STATE_VERSION = 2
 
 
 @dataclass
@@ -45,6 +62,10 @@ class Decision:
     moved: int
     avg_bits: float
     errors: dict[str, float] = field(default_factory=dict)
+
+    def row(self, names: list[str]) -> dict[str, Any]:
+        return {"step": self.step, "bits": [self.bits[k] for k in names], "moved": self.moved,
+                "avg_bits": self.avg_bits, "errors": [self.errors.get(k, 0.0) for k in names]}  # fmt: skip
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -66,22 +87,28 @@ def error_curves(rel: torch.Tensor, bits: torch.Tensor, down: torch.Tensor, up: 
     return rel[:, None] * factor
 
 
+def _bad(unit: str, fieldname: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"scheduler checkpoint: unit {unit!r} has {fieldname}={value!r}; {allowed}")
+
+
 class PrecisionScheduler:
     """Decides the width of every unit. Pure bookkeeping: the optimizer applies the widths.
 
     Args:
-        avg_bits: the budget in bits per element of scheduled units, scale bits included.
+        avg_bits: the budget in bits per element of scheduled units, scale bits included; it holds
+            on every rank of ``group`` at every step.
         min_bits, max_bits: allowed widths.
-        max_error: per-unit cap on E_u; wins over the budget.
+        max_error: per-unit cap on E_u, met wherever the budget allows it.
         interval, warmup_steps, warmup_bits, stats_steps, max_move, hysteresis: see module docstring.
         scale_bits: scale overhead per element (32 / block_size for fp32 scales).
         group: process group whose ranks must agree (None: no communication).
+        history_keep: decisions kept in memory and in checkpoints.
     """
 
     def __init__(
         self, *, avg_bits: float, min_bits: int, max_bits: int, max_error: float, interval: int,
-        warmup_steps: int, warmup_bits: int, stats_steps: int, max_move: int, hysteresis: float,
-        scale_bits: float, group: Any = None,
+        warmup_steps: int, warmup_bits: int | None, stats_steps: int, max_move: int, hysteresis: float,
+        scale_bits: float, group: Any = None, history_keep: int = HISTORY_KEEP,
     ):  # fmt: skip
         self.avg_bits, self.min_bits, self.max_bits, self.max_error = avg_bits, min_bits, max_bits, max_error
         self.interval, self.warmup_steps, self.warmup_bits = interval, warmup_steps, warmup_bits
@@ -89,9 +116,18 @@ class PrecisionScheduler:
         self.scale_bits, self.group = scale_bits, group
         self.names: list[str] = []
         self.numel: torch.Tensor | None = None
+        """float64 [U]: elements per unit over the group, each replicated copy counted once."""
+        self.rank_numel: torch.Tensor | None = None
+        """float64 [R, U]: elements of each unit each rank holds (its memory), R = group size."""
         self.bits: torch.Tensor | None = None
         self.decisions = 0
-        self.history: list[Decision] = []
+        self.window: torch.Tensor | None = None
+        """float64 [U, NUM_STATS]: global statistics of the current window (identical on all ranks)."""
+        self.moves: torch.Tensor | None = None
+        """int64 [U]: how many decisions changed each unit's width."""
+        self.history: collections.deque[Decision] = collections.deque(maxlen=history_keep)
+        self.history_path: str | None = None
+        """When set (on one rank), every decision is appended to this file as one JSON line."""
 
     # --------------------------------------------------------------------------- set-up
     def _distributed(self) -> bool:
@@ -102,29 +138,66 @@ class PrecisionScheduler:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
-    def setup(self, local_numel: dict[str, int]) -> None:
-        """Agree on the unit names (all-gather, once) and their total element counts."""
+    def setup(self, local_numel: dict[str, int], replicas: dict[str, int] | None = None) -> None:
+        """Agree on the unit names (all-gather) and their element counts. Called once, and again
+        when units are added (new units start at ``min_bits``: the budget keeps holding).
+
+        ``replicas[unit]``: how many ranks of the group hold the same elements of ``unit``'s
+        parameter besides being data-parallel shards (e.g. the tensor-parallel size for a parameter
+        every TP rank keeps whole); those copies count once in the unit's size."""
         names = set(local_numel)
         if self._distributed():
             gathered: list[Any] = [None] * dist.get_world_size(self.group)
             dist.all_gather_object(gathered, sorted(names), group=self.group)
             names = set().union(*map(set, gathered))
-        if self.names and self.names != sorted(names):  # names restored from a checkpoint
-            diff = sorted(set(self.names) ^ names)[:5]
-            raise ValueError(f"the checkpoint's scheduled units differ from this model's (first differences: {diff})")
-        self.names = sorted(names)
-        n = torch.tensor([float(local_numel.get(k, 0)) for k in self.names], dtype=torch.float64)
-        self.numel = self._all_reduce(n)
+        names = sorted(names)
+        old = {k: i for i, k in enumerate(self.names)}
+        replicas = replicas or {}
+        local = torch.tensor([float(local_numel.get(k, 0)) for k in names], dtype=torch.float64)
+        weight = torch.tensor([1.0 / max(1, replicas.get(k, 1)) for k in names], dtype=torch.float64)
+        self.numel = self._all_reduce(local * weight)
+        self.rank_numel = self._all_gather(local)
         if self.bits is None:
-            self.bits = torch.full((len(self.names),), self.warmup_bits, dtype=torch.long)
+            self.names = names
+            self.bits = self._initial_bits()
+            self.moves = torch.zeros(len(names), dtype=torch.long)
+            self.window = torch.zeros(len(names), NUM_STATS, dtype=torch.float64, device=self._device())
+            return
+        keep = [old.get(k) for k in names]
+        bits = torch.full((len(names),), self.min_bits, dtype=torch.long)
+        moves = torch.zeros(len(names), dtype=torch.long)
+        window = torch.zeros(len(names), NUM_STATS, dtype=torch.float64, device=self._device())
+        for i, j in enumerate(keep):
+            if j is not None:
+                bits[i], moves[i], window[i] = self.bits[j], self.moves[j], self.window[j]
+        self.names, self.bits, self.moves, self.window = names, bits, moves, window
+
+    def _initial_bits(self) -> torch.Tensor:
+        """``warmup_bits`` if set, else a neutral allocation (the same curve for every unit) under the
+        budget on every rank: every width is as even as the budget allows."""
+        u = len(self.names)
+        if self.warmup_bits is not None:
+            return torch.full((u,), self.warmup_bits, dtype=torch.long)
+        neutral = DEFAULT_RATIO ** -(WIDTHS - MIN_BITS)
+        return allocate(
+            self.numel.clamp_min(1e-12), neutral.expand(u, -1).clone(), avg_bits=self.avg_bits,
+            min_bits=self.min_bits, max_bits=self.max_bits, scale_bits=self.scale_bits, rank_numel=self.rank_numel,
+        )  # fmt: skip
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         if not self._distributed():
             return t
-        dev = self._device()
-        buf = t.to(dev)
+        buf = t.to(self._device())
         dist.all_reduce(buf, group=self.group)
         return buf.cpu()
+
+    def _all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        if not self._distributed():
+            return t[None, :].clone()
+        dev = self._device()
+        parts = [torch.empty_like(t, device=dev) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(parts, t.to(dev), group=self.group)
+        return torch.stack([p.cpu() for p in parts])
 
     # --------------------------------------------------------------------------- schedule
     def collecting(self, step: int) -> bool:
@@ -145,66 +218,209 @@ class PrecisionScheduler:
         return {k: int(b) for k, b in zip(self.names, self.bits.tolist())}
 
     def average_bits(self, bits: torch.Tensor | None = None) -> float:
+        """Bits per element over the group (scales included)."""
         bits = self.bits if bits is None else bits
         n = self.numel
-        return float((n * bits.double()).sum() / n.sum()) + self.scale_bits
+        return float((n * bits.double()).sum() / n.sum().clamp_min(1e-300)) + self.scale_bits
+
+    def rank_bits(self, bits: torch.Tensor | None = None) -> torch.Tensor:
+        """float64 [R]: bits per element of each rank's scheduled state (scales included)."""
+        bits = self.bits if bits is None else bits
+        a = self.rank_numel
+        return (a @ bits.double()) / a.sum(1).clamp_min(1e-300) + self.scale_bits
+
+    def within_budget(self, bits: torch.Tensor | None = None) -> bool:
+        held = self.rank_numel.sum(1) > 0
+        return bool((self.rank_bits(bits)[held] <= self.avg_bits + 1e-9).all())
+
+    # --------------------------------------------------------------------------- statistics
+    def accumulate(self, local_stats: dict[str, torch.Tensor]) -> None:
+        """Add one step's statistics: per unit this rank's ``[err, ref]`` sums, or on the probe step
+        ``[err, ref, err at b, err at b-1, err at b+1]`` (the last three on the sampled blocks).
+        All-reduced over the group here, so every rank's window holds the global sums."""
+        dev = self._device()
+        s = torch.zeros(len(self.names), NUM_STATS, dtype=torch.float64, device=dev)
+        index = {k: i for i, k in enumerate(self.names)}
+        rows, vals = [], []
+        for k, v in local_stats.items():
+            rows.append(index[k])
+            vals.append(torch.nn.functional.pad(v.detach().to(dev, torch.float64), (0, NUM_STATS - v.numel())))
+        if rows:
+            s[torch.tensor(rows, device=dev)] = torch.stack(vals)
+        if self._distributed():
+            dist.all_reduce(s, group=self.group)
+        self.window.add_(s)
 
     # --------------------------------------------------------------------------- decisions
-    def decide(self, step: int, local_stats: dict[str, torch.Tensor]) -> Decision:
-        """Allocate widths from this rank's sums per unit (all-reduced here):
-        ``[err, ref]`` accumulated over the statistics steps, then, from the last step alone,
-        ``[err, ref, err at b-1, err at b+1]`` (zeros where not measured)."""
-        s = torch.zeros(len(self.names), 6, dtype=torch.float64)
-        index = {k: i for i, k in enumerate(self.names)}
-        for k, v in local_stats.items():
-            v = v.detach().double().cpu()
-            s[index[k], : v.numel()] = v
-        s = self._all_reduce(s)
-        rel = torch.nan_to_num(_ratio(s[:, 0], s[:, 1]), nan=0.0)  # no statistics: no measured damage
-        error = error_curves(rel, self.bits, _ratio(s[:, 4], s[:, 2]), _ratio(s[:, 2], s[:, 5]))
+    def decide(self, step: int) -> Decision:
+        """Allocate widths from the window's statistics, then start a new window."""
+        s = self.window.to("cpu", copy=True)
+        self.window.zero_()
+        measured = s[:, 1] > 0  # a unit without a gradient in the window has no reference energy
+        rel = torch.where(measured, s[:, 0] / s[:, 1].clamp_min(1e-300), torch.zeros_like(s[:, 0]))
+        error = error_curves(rel, self.bits, _ratio(s[:, 3], s[:, 2]), _ratio(s[:, 2], s[:, 4]))
         first = self.decisions == 0
-        lower = upper = None
-        if not first:
+        if first:
+            lower = torch.full_like(self.bits, self.min_bits)
+            upper = torch.full_like(self.bits, self.max_bits)
+        else:
             lower = (self.bits - self.max_move).clamp(self.min_bits, self.max_bits)
             upper = (self.bits + self.max_move).clamp(self.min_bits, self.max_bits)
+        lower = torch.where(measured, lower, self.bits.clamp(self.min_bits, self.max_bits))  # unmeasured: hold
+        upper = torch.where(measured, upper, self.bits.clamp(self.min_bits, self.max_bits))
         new = allocate(
-            self.numel, error, avg_bits=self.avg_bits, min_bits=self.min_bits, max_bits=self.max_bits,
-            max_error=self.max_error, scale_bits=self.scale_bits, lower=lower, upper=upper,
+            self.numel.clamp_min(1e-12), error, avg_bits=self.avg_bits, min_bits=self.min_bits,
+            max_bits=self.max_bits, max_error=self.max_error, scale_bits=self.scale_bits, lower=lower, upper=upper,
+            rank_numel=self.rank_numel,
         )  # fmt: skip
         if not first:
             old_err = float((self.numel * rel).sum())
             new_err = float((self.numel * error.gather(1, (new - MIN_BITS)[:, None]).squeeze(1)).sum())
-            over_budget = self.average_bits() > self.avg_bits + 1e-9
-            if not over_budget and old_err - new_err <= self.hysteresis * old_err:
+            out_of_range = bool(((self.bits < self.min_bits) | (self.bits > self.max_bits)).any())
+            capped = bool((rel > self.max_error).any())
+            if (self.within_budget() and not out_of_range and not capped
+                    and old_err - new_err <= self.hysteresis * old_err):  # fmt: skip
                 new = self.bits.clone()
-        moved = int((new != self.bits).sum())
+        changed = new != self.bits
+        moved = int(changed.sum())
+        self.moves += changed.long()
         self.bits = new
         self.decisions += 1
         d = Decision(step, self.current(), moved, self.average_bits(),
-                     {k: float(torch.nan_to_num(r)) for k, r in zip(self.names, rel)})  # fmt: skip
+                     {k: float(r) for k, r in zip(self.names, rel.tolist())})  # fmt: skip
         self.history.append(d)
+        if self.history_path:
+            self.append_history(d, self.history_path)
         return d
+
+    def append_history(self, d: Decision, path: str) -> None:
+        """Append ``d`` to the JSON-lines file ``path``: one complete line per decision in one
+        ``write(2)`` on an ``O_APPEND`` file (a header line with the unit names first, and again
+        whenever they change)."""
+        header = None
+        if not os.path.exists(path) or os.path.getsize(path) == 0 or _last_header(path) != self.names:
+            header = json.dumps({"format": HISTORY_FORMAT, "names": self.names})
+        data = ((header + "\n") if header else "") + json.dumps(d.row(self.names)) + "\n"
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            buf = data.encode()
+            while buf:
+                buf = buf[os.write(fd, buf):]
+        finally:
+            os.close(fd)
 
     # --------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
+        """Plain values, O(units): names, bits, decisions, moves, the window's global sums and the
+        last ``history_keep`` decisions."""
         return {
-            "names": list(self.names), "bits": self.bits.tolist() if self.bits is not None else None,
-            "decisions": self.decisions,
-            "history": [
-                {"step": d.step, "bits": [d.bits[k] for k in self.names], "moved": d.moved, "avg_bits": d.avg_bits,
-                 "errors": [d.errors.get(k, 0.0) for k in self.names]}
-                for d in self.history
-            ],
+            "version": STATE_VERSION, "names": list(self.names),
+            "bits": self.bits.tolist() if self.bits is not None else None, "decisions": self.decisions,
+            "moves": self.moves.tolist() if self.moves is not None else None,
+            "window": self.window.cpu().tolist() if self.window is not None else None,
+            "history": [d.row(self.names) for d in self.history],
         }  # fmt: skip
 
+    def validate_state_dict(self, sd: dict[str, Any]) -> None:
+        """Raise ``ValueError`` (unit, field, value, allowed range) for anything this scheduler
+        cannot take; changes nothing."""
+        if not isinstance(sd, dict) or "names" not in sd or "bits" not in sd:
+            got = sorted(sd) if isinstance(sd, dict) else type(sd).__name__
+            raise ValueError(f"scheduler checkpoint lacks 'names'/'bits' (has {got})")
+        names = sd["names"]
+        if not isinstance(names, list) or not all(isinstance(k, str) for k in names) or len(set(names)) != len(names):
+            raise ValueError("scheduler checkpoint: 'names' must be a list of distinct unit names")
+        if self.names and list(names) != self.names:
+            diff = sorted(set(self.names) ^ set(names))[:5]
+            raise ValueError(f"scheduler checkpoint units differ from this model's (first differences: {diff})")
+        bits = sd["bits"]
+        if bits is None:
+            return
+        if not isinstance(bits, list) or len(bits) != len(names):
+            raise ValueError(f"scheduler checkpoint: 'bits' should list {len(names)} widths, got {bits!r:.80}")
+        for k, b in zip(names, bits):
+            if not isinstance(b, int) or isinstance(b, bool) or not MIN_BITS <= b <= MAX_BITS:
+                raise _bad(k, "bits", b, f"allowed widths are {MIN_BITS}..{MAX_BITS}")
+        dec = sd.get("decisions", 0)
+        if not isinstance(dec, int) or isinstance(dec, bool) or dec < 0:
+            raise ValueError(f"scheduler checkpoint: decisions={dec!r}; need an int >= 0")
+        window = sd.get("window")
+        if window is not None:
+            w = torch.tensor(window, dtype=torch.float64)
+            if tuple(w.shape) != (len(names), NUM_STATS):
+                raise ValueError(f"scheduler checkpoint: window has shape {tuple(w.shape)}; need ({len(names)}, {NUM_STATS})")
+            bad = ~(torch.isfinite(w) & (w >= 0)).all(1)
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0])
+                raise _bad(names[i], "window", window[i], "statistics are finite sums >= 0")
+        moves = sd.get("moves")
+        if moves is not None and (not isinstance(moves, list) or len(moves) != len(names)
+                                  or not all(isinstance(m, int) and m >= 0 for m in moves)):  # fmt: skip
+            raise ValueError(f"scheduler checkpoint: 'moves' should list {len(names)} ints >= 0")
+        for h in sd.get("history") or []:
+            if not isinstance(h, dict) or len(h.get("bits", ())) != len(names):
+                raise ValueError("scheduler checkpoint: a history entry does not match the unit names")
+
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        if self.names and list(sd["names"]) != self.names:
-            missing = sorted(set(self.names) ^ set(sd["names"]))[:5]
-            raise ValueError(f"scheduler checkpoint units differ from this model's (first differences: {missing})")
-        self.names = list(sd["names"])
+        """Validate (``validate_state_dict``), then restore. Version 1 entries (full history, no
+        window) load with an empty window and their last ``history_keep`` decisions."""
+        self.validate_state_dict(sd)
+        names = list(sd["names"])
+        self.names = names
         self.bits = None if sd["bits"] is None else torch.tensor(sd["bits"], dtype=torch.long)
-        self.decisions = int(sd["decisions"])
-        self.history = [
-            Decision(h["step"], dict(zip(self.names, h["bits"])), h["moved"], h["avg_bits"], dict(zip(self.names, h["errors"])))
-            for h in sd["history"]
-        ]
+        self.decisions = int(sd.get("decisions", 0))
+        u = len(names)
+        self.moves = torch.tensor(sd["moves"], dtype=torch.long) if sd.get("moves") is not None else torch.zeros(u, dtype=torch.long)
+        w = sd.get("window")
+        self.window = (torch.tensor(w, dtype=torch.float64) if w is not None
+                       else torch.zeros(u, NUM_STATS, dtype=torch.float64)).to(self._device())  # fmt: skip
+        self.history.clear()
+        for h in (sd.get("history") or [])[-HISTORY_KEEP * 64 :]:  # the deque keeps the last history_keep
+            self.history.append(Decision(int(h["step"]), dict(zip(names, h["bits"])), int(h["moved"]),
+                                         float(h["avg_bits"]), dict(zip(names, h.get("errors") or []))))  # fmt: skip
+
+
+def _last_header(path: str) -> list[str] | None:
+    """Unit names of the last header line of a history file."""
+    names = None
+    with open(path) as f:
+        for line in f:
+            if line.startswith('{"format"'):
+                try:
+                    names = json.loads(line)["names"]
+                except (ValueError, KeyError):
+                    pass
+    return names
+
+
+def read_history(path: str) -> dict[str, Any]:
+    """``{"names", "history"}`` from a JSON-lines history file: the latest header's names; decisions
+    written under other names are mapped by name (0 bits where a unit did not exist). A trailing
+    partial line (a crash during a write) is ignored."""
+    names: list[str] = []
+    blocks: list[tuple[list[str], dict]] = []
+    with open(path) as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}: line is not JSON ({e}); is it a stquant history file?") from None
+            if "format" in obj:
+                names = list(obj["names"])
+            else:
+                blocks.append((names, obj))
+    rows = []
+    for row_names, obj in blocks:
+        if row_names == names:
+            rows.append(obj)
+        else:
+            where = dict(zip(row_names, range(len(row_names))))
+            pick = [where.get(k) for k in names]
+            rows.append({**obj, "bits": [obj["bits"][j] if j is not None else 0 for j in pick],
+                         "errors": [obj["errors"][j] if j is not None else 0.0 for j in pick]})  # fmt: skip
+    return {"names": names, "history": rows}
+
+

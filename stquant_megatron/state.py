@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .formats.codebooks import Codebook, get_codebook
+from .formats.codebooks import MAX_BITS, MIN_BITS, Codebook, get_codebook
 from .formats.packing import num_blocks, pack_codes, unpack_codes
 from .kernels.torch_adam import CHUNK_ELEMENTS, dequantize_blocks, quantize_blocks
 
@@ -78,22 +78,47 @@ class PackedState:
             self.scale[b0:b1] = scale
         return self
 
-    def requantize(self, bits: int, kind: str) -> None:
-        """Re-code in place at a new width: dequantize at the old width, quantize at the new one.
+    def recoded_nbytes(self, bits: int, block_size: int | None = None, scale_dtype: torch.dtype | None = None) -> int:
+        """Bytes this state would take at another width (block size, scale type)."""
+        bs = block_size or self.block_size
+        nb = num_blocks(self.numel, bs)
+        return nb * bits * (bs // 8) + nb * torch.empty((), dtype=scale_dtype or self.scale.dtype).element_size()
 
-        The new codes are allocated once; the conversion goes chunk by chunk, so the scratch
-        memory besides the new codes is one chunk, not the tensor.
-        """
+    def recode(
+        self, bits: int, kind: str, *, block_size: int | None = None, scale_dtype: torch.dtype | None = None
+    ) -> PackedState:
+        """A new state holding these values at another width, codebook, block size or scale type:
+        dequantize, quantize (nearest), chunk by chunk, so the scratch memory besides the new codes
+        is one chunk, not the tensor."""
+        bs = block_size or self.block_size
         new = PackedState.zeros(
-            self.numel, bits=bits, kind=kind, signed=self.signed, block_size=self.block_size,
-            scale_dtype=self.scale.dtype, device=self.codes.device,
+            self.numel, bits=bits, kind=kind, signed=self.signed, block_size=bs,
+            scale_dtype=scale_dtype or self.scale.dtype, device=self.codes.device,
         )  # fmt: skip
-        for b0, b1, e0, e1 in self._chunks():
-            x = dequantize_blocks(unpack_codes(self.codes[b0:b1], self.bits), self.scale[b0:b1], self.codebook)
-            x.view(-1)[e1 - e0 :] = 0.0  # padding holds zeros, as after copy_ and the fused step
+        if bs == self.block_size:
+            for b0, b1, e0, e1 in self._chunks():
+                x = dequantize_blocks(unpack_codes(self.codes[b0:b1], self.bits), self.scale[b0:b1], self.codebook)
+                x.view(-1)[e1 - e0 :] = 0.0  # padding holds zeros, as after copy_ and the fused step
+                codes, scale = quantize_blocks(x, new.codebook, new.scale.dtype)
+                new.codes[b0:b1] = pack_codes(codes, bits)
+                new.scale[b0:b1] = scale
+            return new
+        step = max(bs, self.block_size, CHUNK_ELEMENTS)  # a multiple of both block sizes (powers of two)
+        for e0 in range(0, self.numel, step):
+            e1 = min(self.numel, e0 + step)
+            s0, s1 = e0 // self.block_size, -(-e1 // self.block_size)
+            x = dequantize_blocks(unpack_codes(self.codes[s0:s1], self.bits), self.scale[s0:s1], self.codebook).view(-1)
+            x = x[: e1 - e0]
+            n0, n1 = e0 // bs, -(-e1 // bs)
+            x = torch.nn.functional.pad(x, (0, (n1 - n0) * bs - (e1 - e0))).view(n1 - n0, bs)
             codes, scale = quantize_blocks(x, new.codebook, new.scale.dtype)
-            new.codes[b0:b1] = pack_codes(codes, bits)
-            new.scale[b0:b1] = scale
+            new.codes[n0:n1] = pack_codes(codes, bits)
+            new.scale[n0:n1] = scale
+        return new
+
+    def requantize(self, bits: int, kind: str) -> None:
+        """Re-code in place at a new width (``recode``): the unit briefly holds its old and new codes."""
+        new = self.recode(bits, kind)
         self.codes, self.scale, self.codebook = new.codes, new.scale, new.codebook
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,26 +129,36 @@ class PackedState:
         }  # fmt: skip
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], device: torch.device) -> PackedState:
-        """Rebuild from ``to_dict()``; raises ValueError on any inconsistency."""
+    def from_dict(cls, d: dict[str, Any], device: torch.device, where: str = "packed state entry") -> PackedState:
+        """Rebuild from ``to_dict()``; raises ValueError (naming ``where``) on any inconsistency."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{where} should be a dict from PackedState.to_dict(); got {type(d).__name__}")
         try:
             bits, kind, signed = int(d["bits"]), str(d["codebook"]), bool(d["signed"])
             numel, block_size = int(d["numel"]), int(d["block_size"])
             codes, scale = d["codes"], d["scale"]
         except (KeyError, TypeError) as e:
-            raise ValueError(f"packed state entry is malformed ({e!r}); keys found: {sorted(d)}") from None
+            raise ValueError(f"{where} is malformed ({e!r}); keys found: {sorted(d)}") from None
         if numel < 0 or block_size <= 0 or block_size % 8:
-            raise ValueError(f"packed state entry has numel={numel}, block_size={block_size}; "
+            raise ValueError(f"{where} has numel={numel}, block_size={block_size}; "
                              "need numel >= 0 and a block size that is a positive multiple of 8")  # fmt: skip
-        cb = get_codebook(kind, bits, signed, device)
+        if not MIN_BITS <= bits <= MAX_BITS:
+            raise ValueError(f"{where} has bits={bits}; allowed widths are {MIN_BITS}..{MAX_BITS}")
+        try:
+            cb = get_codebook(kind, bits, signed, device)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
         nb = num_blocks(numel, block_size)
         want = (nb, bits, block_size // 8)
         if not torch.is_tensor(codes) or codes.dtype != torch.uint8 or tuple(codes.shape) != want:
             got = (codes.dtype, tuple(codes.shape)) if torch.is_tensor(codes) else type(codes)
-            raise ValueError(f"packed codes should be uint8 {want} for numel={numel}, bits={bits}; got {got}")
+            raise ValueError(f"{where}: codes should be uint8 {want} for numel={numel}, bits={bits}; got {got}")
         if not torch.is_tensor(scale) or scale.dtype not in _SCALE_DTYPES.values() or tuple(scale.shape) != (nb,):
             got = (scale.dtype, tuple(scale.shape)) if torch.is_tensor(scale) else type(scale)
-            raise ValueError(f"packed scale should be fp32/bf16 ({nb},); got {got}")
+            raise ValueError(f"{where}: scale should be fp32/bf16 ({nb},); got {got}")
+        if not bool((torch.isfinite(scale) & (scale >= 0)).all()):
+            bad = scale[~(torch.isfinite(scale) & (scale >= 0))][:3].tolist()
+            raise ValueError(f"{where}: block scales must be finite and >= 0 (absmax values); found {bad}")
         return cls(codes.to(device).contiguous(), scale.to(device).contiguous(), cb, numel, block_size)
 
     def __repr__(self) -> str:

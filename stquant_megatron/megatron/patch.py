@@ -142,25 +142,42 @@ def install(distopt: Any, config: STQuantConfig) -> STQuantAdamW:
     for model_param, (gi, go) in distopt.model_param_group_index_map.items():
         main = inner.param_groups[gi]["params"][go]
         offset = distopt._get_model_param_range_map(model_param)["param"].start
-        inner.set_param_name(main, names[model_param], offset, full_numel=model_param.numel())
+        inner.set_param_name(main, names[model_param], offset, full_numel=model_param.numel(),
+                             replicas=_replicas(distopt, model_param))  # fmt: skip
+    inner.history_file = "stquant_history_expert.jsonl" if any(
+        g.get("is_expert_parallel") for g in inner.param_groups) else "stquant_history.jsonl"  # fmt: skip
     inner.init_state()
     inner.decision_callbacks.append(log_to_megatron_writers)
     distopt.optimizer = inner
     return inner
 
 
-def _save_history(optimizer: STQuantAdamW, get_args) -> None:
-    """Rank 0 keeps ``<--save>/stquant_history.json`` current (input of ``stquant-megatron report``;
-    torch_dist dp_reshardable checkpoints keep the optimizer's non-tensor state inside .distcp)."""
+def _replicas(distopt: Any, model_param: torch.Tensor) -> int:
+    """Ranks of the optimizer's group that keep the same elements of ``model_param`` apart from
+    data-parallel sharding: the tensor-parallel size for a parameter that TP does not split (norms,
+    routers, ...), 1 for a TP-split one. The scheduler counts such copies once in the budget."""
+    if getattr(model_param, "tensor_model_parallel", False):
+        return 1
+    expert = not getattr(model_param, "allreduce", True)
+    group = getattr(distopt, "expert_tp_group" if expert else "tp_group", None)
+    if group is not None:
+        return torch.distributed.get_world_size(group)
+    from megatron.core import parallel_state as ps
+
+    return ps.get_expert_tensor_parallel_world_size() if expert else ps.get_tensor_model_parallel_world_size()
+
+
+def _save_history(optimizer: STQuantAdamW, decision: Any, get_args) -> None:
+    """Rank 0 appends each decision to ``<--save>/stquant_history.jsonl`` (one JSON line per decision;
+    ``stquant_history_expert.jsonl`` for the MoE expert optimizer), the input of ``stquant-megatron
+    report``: torch_dist dp_reshardable checkpoints keep the optimizer's non-tensor state inside .distcp."""
     try:
         save_dir = getattr(get_args(), "save", None)
     except (AssertionError, AttributeError):  # Megatron-LM args not initialized (megatron-core use)
         return
     if save_dir and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
-        from ..report import save_history
-
-        os.makedirs(save_dir, exist_ok=True)
-        save_history(optimizer, os.path.join(save_dir, "stquant_history.json"))
+        name = getattr(optimizer, "history_file", "stquant_history.jsonl")
+        optimizer.scheduler.append_history(decision, os.path.join(save_dir, name))
 
 
 def log_to_megatron_writers(decision: Any, optimizer: STQuantAdamW) -> None:
@@ -170,7 +187,7 @@ def log_to_megatron_writers(decision: Any, optimizer: STQuantAdamW) -> None:
         from megatron.training.global_vars import get_args, get_tensorboard_writer, get_wandb_writer
     except ImportError:  # megatron-core without Megatron-LM's training package
         return
-    _save_history(optimizer, get_args)
+    _save_history(optimizer, decision, get_args)
     tb, wb = get_tensorboard_writer(), get_wandb_writer()
     if tb is None and wb is None:
         return
