@@ -128,6 +128,7 @@ class PrecisionScheduler:
         self.history: collections.deque[Decision] = collections.deque(maxlen=history_keep)
         self.history_path: str | None = None
         """When set (on one rank), every decision is appended to this file as one JSON line."""
+        self._headers: dict[str, list[str]] = {}
 
     # --------------------------------------------------------------------------- set-up
     def _distributed(self) -> bool:
@@ -298,8 +299,12 @@ class PrecisionScheduler:
         ``write(2)`` on an ``O_APPEND`` file (a header line with the unit names first, and again
         whenever they change)."""
         header = None
-        if not os.path.exists(path) or os.path.getsize(path) == 0 or _last_header(path) != self.names:
+        known = self._headers.get(path)
+        if known is None:  # first write to this file in this process: read its last header once
+            known = _last_header(path) if os.path.exists(path) else None
+        if known != self.names:
             header = json.dumps({"format": HISTORY_FORMAT, "names": self.names})
+        self._headers[path] = list(self.names)
         data = ((header + "\n") if header else "") + json.dumps(d.row(self.names)) + "\n"
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

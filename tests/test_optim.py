@@ -810,3 +810,131 @@ def test_checkpoint_missing_adam_keys_is_rejected_without_change():
         opt.load_state_dict(broken)
     after = opt.state[model.weight]
     assert torch.equal(after["exp_avg"].codes, before["exp_avg"]) and torch.equal(after["step"], before["step"])
+
+
+# ------------------------------------------------------------------------------ robustness (bad input)
+
+
+def _stepped(bits=4, steps=2, **cfg):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8))
+    opt = STQuantAdamW(model.named_parameters(), lr=1e-2, config=STQuantConfig(bits=bits, min_numel=256, **cfg))
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(torch.randn(16, 64, generator=gen)).pow(2).mean().backward()
+        opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("flag", ["amsgrad", "maximize"])
+def test_unsupported_adam_flags_are_rejected(flag):
+    ref = torch.nn.Linear(64, 32)
+    torch_opt = torch.optim.AdamW(ref.parameters(), **{flag: True})
+    ref(torch.randn(4, 64)).sum().backward()
+    torch_opt.step()
+    model, opt = _stepped()
+    before = _snapshot(opt, model)
+    sd = {"state": {0: torch_opt.state_dict()["state"][0], 1: torch_opt.state_dict()["state"][1]},
+          "param_groups": [{**torch_opt.state_dict()["param_groups"][0], "params": [0, 1, 2, 3]}]}  # fmt: skip
+    with pytest.raises(ValueError, match=f"{flag}=True"):
+        opt.load_state_dict(sd)
+    _assert_same_snapshot(before, _snapshot(opt, model))
+    with pytest.raises(ValueError, match=f"{flag}=True"):
+        STQuantAdamW([{"params": list(ref.parameters()), flag: True}])
+
+
+def test_float64_parameters_are_rejected():
+    with pytest.raises(TypeError, match="float64 parameter of shape \\(32, 64\\)"):
+        STQuantAdamW(torch.nn.Linear(64, 32).double().parameters())
+
+
+@pytest.mark.parametrize("case", ["nan-v", "inf-m", "shape", "neg-v"])
+def test_bad_dense_moments_are_rejected_without_change(case):
+    model, opt = _stepped()
+    sd = copy.deepcopy(opt.state_dict())
+    w = model[0].weight
+    dense = {"exp_avg": torch.zeros_like(w), "exp_avg_sq": torch.ones_like(w)}
+    match = {"nan-v": "NaN or Inf", "inf-m": "NaN or Inf", "shape": "shape \\(32, 64\\)", "neg-v": "negative"}[case]
+    if case == "nan-v":
+        dense["exp_avg_sq"][3, 3] = float("nan")
+    elif case == "inf-m":
+        dense["exp_avg"][0, 1] = float("inf")
+    elif case == "shape":
+        dense["exp_avg"] = torch.zeros(64, 32)  # same numel, another layout: another model
+    else:
+        dense["exp_avg_sq"][0, 0] = -1.0
+    sd["state"][0] = {"step": torch.tensor(2.0), **dense}
+    before = _snapshot(opt, model)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(sd)
+    _assert_same_snapshot(before, _snapshot(opt, model))
+
+
+def test_checkpoint_format_is_recoded_to_the_config_with_a_warning():
+    """Rule: the config decides widths, block size and scale type; a checkpoint in another format
+    (here 2 bits at block 128, and the two moments at different block sizes) is re-coded to it."""
+    _, src = _stepped(bits=2, block_size=128)
+    sd = src.state_dict()
+    sd["state"][0]["exp_avg_sq"] = PackedState.from_dict(sd["state"][0]["exp_avg_sq"], torch.device("cpu")).recode(
+        3, "pow2", block_size=64).to_dict()  # fmt: skip
+    want = {k: (st["exp_avg"].dequantize(), st["exp_avg_sq"].dequantize()) for k, st in
+            ((i, {m: PackedState.from_dict(sd["state"][i][m], torch.device("cpu")) for m in ("exp_avg", "exp_avg_sq")})
+             for i in (0, 2))}  # fmt: skip
+    _, dst = _stepped(bits=8, block_size=256, steps=0)
+    with pytest.warns(RuntimeWarning, match="re-coded to this optimizer's format"):
+        dst.load_state_dict(sd)
+    for i, p in ((0, dst.param_groups[0]["params"][0]), (2, dst.param_groups[0]["params"][2])):
+        for j, moment in enumerate(("exp_avg", "exp_avg_sq")):
+            st = dst.state[p][moment]
+            assert st.bits == 8 and st.block_size == 256
+            ref = want[i][j]
+            # 8-bit re-coding of the loaded values: within one 8-bit step of the 256-block absmax
+            step = ref.abs().max() * (2.0 / 127 if j == 0 else 1.0 / 16)
+            assert float((st.dequantize() - ref).abs().max()) <= float(step)
+
+
+def test_failing_step_changes_nothing(monkeypatch):
+    """backend='triton' on CPU without the interpreter fails before anything is updated (escapes,
+    step counters and the clock included)."""
+    model, opt = _stepped(backend="triton", steps=0)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model(torch.randn(4, 64)).pow(2).mean().backward()
+    before = _snapshot(opt, model)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        opt.step()
+    _assert_same_snapshot(before, _snapshot(opt, model))
+    assert opt.global_step == 0 and all(not st for st in opt.state.values())
+
+
+def test_huge_finite_gradient_is_refused_not_stored():
+    model, opt = _stepped()
+    opt.zero_grad()
+    model(torch.randn(4, 64)).pow(2).mean().backward()
+    model[0].weight.grad[0, 0] = 3e19  # finite, but its square overflows fp32
+    before = _snapshot(opt, model)
+    with pytest.raises(NonFiniteGradError, match="square overflows fp32"):
+        opt.step()
+    _assert_same_snapshot(before, _snapshot(opt, model))
+
+
+def test_empty_parameter_with_gradient():
+    empty = torch.nn.Parameter(torch.zeros(0, 4))
+    w = torch.nn.Parameter(torch.randn(64, 64))
+    opt = STQuantAdamW([w, empty], config=STQuantConfig(min_numel=256))
+    empty.grad = torch.zeros(0, 4)
+    w.grad = torch.randn(64, 64)
+    opt.step()
+    assert opt.global_step == 1 and empty.numel() == 0
+
+
+class _Payload:  # not a tensor or plain value: weights_only refuses to build it
+    pass
+
+
+def test_report_loads_checkpoints_with_weights_only(tmp_path):
+    from stquant_megatron.report import history_of
+
+    torch.save({"stquant": {"names": [], "history": []}, "x": _Payload()}, tmp_path / "ck.pt")
+    with pytest.raises(Exception, match="[Ww]eights only"):
+        history_of(str(tmp_path / "ck.pt"))

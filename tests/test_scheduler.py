@@ -242,14 +242,14 @@ def test_all_ranks_agree_on_bits():
 
 
 def test_history_is_bounded_in_memory_and_checkpoint(tmp_path):
-    layers = torch.nn.Sequential(*[torch.nn.Linear(64, 64, bias=False) for _ in range(4)])
+    layers = torch.nn.Sequential(*[torch.nn.Linear(32, 32, bias=False) for _ in range(4)])
     cfg = STQuantConfig(avg_bits=4.0, warmup_steps=1, interval=1, stats_steps=1, min_numel=1024)
     opt = STQuantAdamW(layers.named_parameters(), lr=1e-3, config=cfg)
     opt.scheduler.history_path = str(tmp_path / "h.jsonl")
     gen = torch.Generator().manual_seed(0)
     sizes = {}
     for step in range(1, 2001):
-        x = torch.randn(8, 64, generator=gen)
+        x = torch.randn(4, 32, generator=gen)
         layers(x).pow(2).mean().backward()
         opt.step()
         opt.zero_grad()
