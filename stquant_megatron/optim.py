@@ -478,7 +478,7 @@ class STQuantAdamW(torch.optim.Optimizer):
         if self.scheduler is not None and sched_sd is not None:
             self.scheduler.validate_state_dict(sched_sd)
         planned = dict(zip(sched_sd["names"], sched_sd["bits"])) if sched_sd and sched_sd.get("bits") else {}
-        global_step = self._check_count("global_step", (meta or {}).get("global_step", 0))
+        global_step = self._check_count("global_step", meta.get("global_step", 0)) if meta is not None else self.global_step
         id_map = {
             sid: p for a, b in zip(groups, saved_groups) for sid, p in zip(b["params"], a["params"])
         }  # fmt: skip
@@ -515,7 +515,8 @@ class STQuantAdamW(torch.optim.Optimizer):
             )  # fmt: skip
         old_groups = [dict(g) for g in self.param_groups]
         old = (copy.copy(self.state), self.global_step)
-        old_sched = copy.deepcopy(self.scheduler.__dict__) if self.scheduler is not None else None
+        old_sched = ({k: copy.deepcopy(v) for k, v in vars(self.scheduler).items() if k != "group"}
+                     if self.scheduler is not None else None)  # fmt: skip
         try:
             super().load_state_dict({**state_dict, "state": stripped})
             for (p, key), value in moments.items():

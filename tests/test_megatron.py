@@ -70,6 +70,20 @@ def _run(rank, world, spec):
         inner = _inners(opt)[0]
         n = sum(p.numel() for g in inner.param_groups for p in g["params"])
         res["bytes_per_param"] = inner.state_bytes() / n
+    if spec.get("peak"):
+        from stquant_megatron.formats.packing import num_blocks
+
+        inner = _inners(opt)[0]
+        cfg, params = inner.config, [p for g in inner.param_groups for p in g["params"]]
+        packed = [p for p in params if inner._is_packed(p)]
+        escapes = [p for p in params if not inner._is_packed(p)]
+        blocks = [num_blocks(p.numel(), cfg.block_size) * cfg.block_size for p in packed]
+        # this rank's budget, from its shard sizes: packed moments at avg_bits over whole blocks,
+        # fp32 escapes and step counters; slack: one unit's codes and scales at 8 bits
+        budget = (cfg.avg_bits / 8 * 2 * sum(blocks) + sum(8 * p.numel() for p in escapes)
+                  + 4 * len(params))  # fmt: skip
+        res["peak"] = (inner.peak_state_bytes(), budget, max(blocks) * (1 + 4 / cfg.block_size))
+        res["rank_avg_bits"] = float(inner.scheduler.rank_bits().max())
     if "save" in spec:
         gpt.save_checkpoint(model, opt, spec["save"], spec.get("fmt", "dp_reshardable"))
         res["before"] = _snapshot(opt)
@@ -107,6 +121,14 @@ def test_patched_gpt_tracks_stock(tp, pp, world):
     # every rank sees the same loss (broadcast by the harness) and packed state is really small
     assert all(r["losses"] == ours[0]["losses"] for r in ours)
     assert all(r["bytes_per_param"] < 3.0 for r in ours), [r["bytes_per_param"] for r in ours]
+
+
+def test_scheduler_budget_bounds_each_ranks_peak():
+    cfg = dict(avg_bits=3.0, warmup_steps=2, interval=2, stats_steps=1, min_numel=1024)
+    for r in run_distributed(_run, 2, dict(config=cfg, steps=6, peak=True), timeout=400):
+        peak, budget, slack = r["peak"]
+        assert peak <= budget + slack, (peak, budget, slack)
+        assert r["rank_avg_bits"] <= 3.0 + 1e-9
 
 
 @pytest.mark.parametrize("fmt", ["dp_reshardable", "fully_reshardable", "torch"])
@@ -293,5 +315,5 @@ def test_decisions_reach_megatron_writers(monkeypatch, tmp_path):
     got = {k: (v, s) for k, v, s in writer.rows}
     assert got["stquant/bits/param0.exp_avg"] == (decision.bits["param0.exp_avg"], 1)
     assert got["stquant/avg_bits"] == (decision.avg_bits, 1) and "stquant/error/param0.exp_avg_sq" in got
-    hist = history_of(str(tmp_path / "stquant_history.json"))  # what `stquant-megatron report` reads
+    hist = history_of(str(tmp_path / "stquant_history.jsonl"))  # what `stquant-megatron report` reads
     assert hist["names"] == opt.scheduler.names and hist["history"][0]["step"] == 1
