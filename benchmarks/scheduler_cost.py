@@ -26,8 +26,9 @@ On a busy shared machine the CPU time is the steadier of the two. By default tor
 intra-op thread (``--threads``), because a multi-threaded op stalls whenever one of its threads is
 preempted. (c) is measured twice:
 
-- first decision after warm-up: every unit starts at ``warmup_bits`` (8) and nearly all move, so this
-  is the most expensive decision (each repetition resets the units to 8 bits first, untimed);
+- the first decision: every unit starts at the budget's starting widths and may move any number of
+  levels (no ``max_move`` bound yet), so this is the most expensive decision (each repetition resets
+  the units to their starting widths first, untimed);
 - a later decision: moves are bounded by ``max_move`` and damped by ``hysteresis``; with the fixed
   synthetic gradients here the statistics barely change, so it usually moves few or no units.
 
@@ -51,7 +52,7 @@ import time
 
 import torch
 
-from stquant_megatron import PackedState, STQuantAdamW, STQuantConfig
+from stquant_megatron import STQuantAdamW, STQuantConfig
 from stquant_megatron.allocation import MAX_BITS, MIN_BITS, allocate
 
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-3, (0.9, 0.999), 1e-8, 0.01
@@ -104,7 +105,7 @@ class Bench:
     def decision(self, decision_step: int) -> tuple[tuple[float, float], int]:
         """Time ``opt._schedule()`` due at ``decision_step``; returns ((wall s, CPU s), units moved)."""
         self.opt.global_step = decision_step
-        assert self.sched.due(decision_step) and self.opt.stats
+        assert self.sched.due(decision_step) and float(self.sched.window[:, 1].sum()) > 0
         before = self.opt.unit_bits()
         gc.collect()
         gc.disable()
@@ -115,21 +116,16 @@ class Bench:
         finally:
             gc.enable()
         after = self.opt.unit_bits()
-        assert not self.opt.stats  # the decision consumed the statistics
+        assert float(self.sched.window.abs().sum()) == 0  # the decision consumed the statistics
         return t, sum(before[k] != after[k] for k in before)
 
-    def reset_to_warmup(self) -> None:
-        """Untimed: every unit back at ``warmup_bits`` and the scheduler before its first decision."""
-        cfg = self.cfg
-        for _, p, moment in self.opt._packed_units():
-            st = self.opt.state[p][moment]
-            if isinstance(st, PackedState) and st.bits != cfg.warmup_bits:
-                st.requantize(cfg.warmup_bits, cfg.codebook(moment, cfg.warmup_bits))
-        self.sched.bits = torch.full_like(self.sched.bits, cfg.warmup_bits)
+    def reset_to_start(self) -> None:
+        """Untimed: every unit back at its starting width and the scheduler before its first decision."""
+        self.sched.bits = self.sched._initial_bits()
+        self.opt._apply_widths(self.sched.current())
         self.sched.decisions = 0
         self.sched.history.clear()
-        self.opt.stats.clear()
-        getattr(self.opt, "last_stats", {}).clear()
+        self.sched.window.zero_()
 
 
 def med(xs: list[float]) -> float:
@@ -208,17 +204,17 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(3):
         bench.plain_step()
     bench.stats_step(bench.first_decision, 0)
-    opt.stats.clear()
+    opt.scheduler.window.zero_()
     n_st = cfg.stats_steps
 
-    # (c, first): every unit at warmup_bits, a full statistics window, then the decision
-    first, first_moved, stats_at_warmup = Samples(), [], Samples()
+    # (c, first): every unit at its starting width, a full statistics window, then the decision
+    first, first_moved, stats_at_start = Samples(), [], Samples()
     for r in range(reps):
-        bench.reset_to_warmup()
+        bench.reset_to_start()
         for k in range(n_st):
             t = bench.stats_step(bench.first_decision, k)
             if k < n_st - 1:
-                stats_at_warmup.add(t)
+                stats_at_start.add(t)
         t, moved = bench.decision(bench.first_decision)
         first.add(t)
         first_moved.append(moved)
@@ -283,9 +279,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"  b - a = {b - a:.1f} ms = {(b - a) / a:+.1%} of a")  # fmt: skip
         print(f"(b') last statistics step, probing     {bp:10.1f} ms   (min {min(probe.get(clock)):.1f}, n={len(probe)});"
               f"  b' - a = {bp - a:.1f} ms = {(bp - a) / a:+.1%} of a")  # fmt: skip
-        if len(stats_at_warmup):
-            print(f"     statistics step at warm-up bits   {med(stats_at_warmup.get(clock)):10.1f} ms   (n={len(stats_at_warmup)})")
-        print(f"(c)  first decision (all units move)   {c_first:10.1f} ms   (min {min(first.get(clock)):.1f}, n={len(first)})")
+        if len(stats_at_start):
+            print(f"     statistics step at starting widths {med(stats_at_start.get(clock)):10.1f} ms   (n={len(stats_at_start)})")
+        print(f"(c)  first decision (unbounded moves)  {c_first:10.1f} ms   (min {min(first.get(clock)):.1f}, n={len(first)})")
         print(f"     later decision                    {c_later:10.1f} ms   (min {min(later.get(clock)):.1f}, n={len(later)})")
         o_first, o_later = overhead(c_first), overhead(c_later)
         parts = f"statistics {((b - a) * (n_st - 1) + (bp - a)) / n_int / a:.2%}"
