@@ -278,8 +278,9 @@ class PrecisionScheduler:
             old_err = float((self.numel * rel).sum())
             new_err = float((self.numel * error.gather(1, (new - MIN_BITS)[:, None]).squeeze(1)).sum())
             out_of_range = bool(((self.bits < self.min_bits) | (self.bits > self.max_bits)).any())
-            capped = bool((rel > self.max_error).any())
-            if (self.within_budget() and not out_of_range and not capped
+            new_e = error.gather(1, (new - MIN_BITS)[:, None]).squeeze(1)
+            fewer_over_cap = int((new_e > self.max_error).sum()) < int((rel > self.max_error).sum())
+            if (self.within_budget() and not out_of_range and not fewer_over_cap
                     and old_err - new_err <= self.hysteresis * old_err):  # fmt: skip
                 new = self.bits.clone()
         changed = new != self.bits
