@@ -63,6 +63,8 @@ def _run(rank, world, spec):
     else:
         unpatch()
     model_kwargs = dict(num_layers=spec.get("layers", 2), hidden_size=64, bf16=True)
+    if spec.get("pos"):
+        model_kwargs["position_embedding_type"] = spec["pos"]
     model, opt = gpt.build_gpt_and_optimizer(lr=3e-3, **model_kwargs)
     res = {"inner": sorted({type(i).__name__ for i in _inners(opt)})}
     res["losses"] = [h["loss"] for h in gpt.train(model, opt, spec.get("steps", STEPS))]
@@ -104,6 +106,15 @@ def _run(rank, world, spec):
         res["bits"] = [inner.unit_bits() for inner in _inners(opt)]
         res["avg_bits"] = [inner.scheduler.average_bits() for inner in _inners(opt)]
         res["decisions"] = [[d.bits for d in inner.scheduler.history] for inner in _inners(opt)]
+        from megatron.core import parallel_state as ps
+
+        from stquant_megatron.megatron.patch import global_param_names
+
+        sched = _inners(opt)[0].scheduler
+        res["unit_numel"] = {k: float(n) for k, n in zip(sched.names, sched.numel)}
+        tp = ps.get_tensor_model_parallel_world_size()  # the full size of each tensor, from the model
+        res["model_numel"] = {name: p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1)
+                              for p, name in global_param_names(model).items()}  # fmt: skip
     return res
 
 
@@ -179,13 +190,21 @@ def test_fully_reshardable_changes_tp(tmp_path):
 
 def test_scheduler_agrees_across_tp_dp_ranks():
     cfg = dict(avg_bits=4.0, warmup_steps=2, interval=2, stats_steps=1, min_numel=1024)
-    res = run_distributed(_run, 4, dict(tp=2, config=cfg, steps=8, bits_history=True), timeout=400)
+    # learned position embeddings: a packed tensor that every TP rank keeps whole
+    res = run_distributed(_run, 4, dict(tp=2, config=cfg, steps=8, bits_history=True, pos="learned_absolute"),
+                          timeout=400)  # fmt: skip
     decisions = [r["decisions"] for r in res]
     assert all(d == decisions[0] for d in decisions) and len(decisions[0][0]) >= 3
     for r in res:
-        assert abs(r["avg_bits"][0] - 4.0) <= 0.05, r["avg_bits"]
+        assert 3.9 <= r["avg_bits"][0] <= 4.0 + 1e-9, r["avg_bits"]
     packed = {v for v in res[0]["bits"][0].values() if v != 32}
     assert len(packed) > 1, res[0]["bits"][0]
+    # each unit's size in the budget is its tensor's full size: TP-split tensors summed over TP ranks,
+    # TP-replicated ones (e.g. position embeddings) counted once, not once per TP rank
+    model_numel = res[0]["model_numel"]
+    for unit, n in res[0]["unit_numel"].items():
+        assert n == model_numel[unit.rsplit(".", 1)[0]], (unit, n)
+    assert "embedding.position_embeddings.weight.exp_avg" in res[0]["unit_numel"]
 
 
 def _unsupported(rank, world):
