@@ -133,9 +133,12 @@ class STQuantAdamW(torch.optim.Optimizer):
             )  # fmt: skip
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        _check_group(param_group if isinstance(param_group, dict) else {}, f"param group {len(self.param_groups)}")
         super().add_param_group(param_group)
-        _check_group(self.param_groups[-1], f"param group {len(self.param_groups) - 1}")
+        try:
+            _check_group(self.param_groups[-1], f"param group {len(self.param_groups) - 1}")
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
         self._units_changed = True  # the scheduler learns the new units at the next step
 
     # ----------------------------------------------------------------------------- naming
