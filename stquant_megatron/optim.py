@@ -44,6 +44,12 @@ GRAD_LIMIT = 1.8e19
 second moment overflows and, stored with a block-wise absmax scale, would ruin its whole block."""
 
 
+def _stage_on_host(device: torch.device) -> bool:
+    """Whether a re-coded unit's old codes wait in host memory (accelerators: keeps the device peak
+    within the budget; on the CPU the host is the device and staging would only copy)."""
+    return device.type != "cpu"
+
+
 class NonFiniteGradError(ValueError):
     """A step saw NaN, Inf or overflowing gradients; nothing was changed."""
 
@@ -287,7 +293,8 @@ class STQuantAdamW(torch.optim.Optimizer):
 
     def _apply_widths(self, bits: dict[str, int]) -> None:
         """Re-code packed units to ``bits``: narrowing ones first, so that memory only grows after it
-        has shrunk; the peak counts each unit's old and new codes while it is re-coded."""
+        has shrunk. On CUDA a unit's old codes are staged in host memory while it is re-coded, so the
+        device never holds both; elsewhere (the host is the device) the peak counts both."""
         moves = []
         for unit, p, moment in self._packed_units():
             state = self.state[p].get(moment) if p in self.state else None
@@ -298,10 +305,10 @@ class STQuantAdamW(torch.optim.Optimizer):
         now = self.state_bytes()
         for _, unit, state, moment in sorted(moves, key=lambda t: (t[0], t[1])):
             b = bits[unit]
-            new_bytes = state.recoded_nbytes(b)
-            self._note_bytes(extra=new_bytes, now=now)
+            stage = _stage_on_host(state.codes.device)
             old_bytes = state.nbytes
-            state.requantize(b, self.config.codebook(moment, b))
+            self._note_bytes(extra=(state.recoded_nbytes(b) - old_bytes) if stage else state.recoded_nbytes(b), now=now)
+            state.requantize(b, self.config.codebook(moment, b), stage_on_host=stage)
             now += state.nbytes - old_bytes
 
     def _schedule(self) -> None:

@@ -85,19 +85,22 @@ class PackedState:
         return nb * bits * (bs // 8) + nb * torch.empty((), dtype=scale_dtype or self.scale.dtype).element_size()
 
     def recode(
-        self, bits: int, kind: str, *, block_size: int | None = None, scale_dtype: torch.dtype | None = None
+        self, bits: int, kind: str, *, block_size: int | None = None, scale_dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
     ) -> PackedState:
-        """A new state holding these values at another width, codebook, block size or scale type:
-        dequantize, quantize (nearest), chunk by chunk, so the scratch memory besides the new codes
-        is one chunk, not the tensor."""
+        """A new state holding these values at another width, codebook, block size or scale type (on
+        ``device``, default this state's): dequantize, quantize (nearest), chunk by chunk, so the
+        scratch memory besides the new codes is one chunk, not the tensor."""
+        dev = torch.device(device) if device is not None else self.codes.device
+        cb = get_codebook(self.codebook.kind, self.bits, self.signed, dev)
         bs = block_size or self.block_size
         new = PackedState.zeros(
             self.numel, bits=bits, kind=kind, signed=self.signed, block_size=bs,
-            scale_dtype=scale_dtype or self.scale.dtype, device=self.codes.device,
+            scale_dtype=scale_dtype or self.scale.dtype, device=dev,
         )  # fmt: skip
         if bs == self.block_size:
             for b0, b1, e0, e1 in self._chunks():
-                x = dequantize_blocks(unpack_codes(self.codes[b0:b1], self.bits), self.scale[b0:b1], self.codebook)
+                x = dequantize_blocks(unpack_codes(self.codes[b0:b1].to(dev), self.bits), self.scale[b0:b1].to(dev), cb)
                 x.view(-1)[e1 - e0 :] = 0.0  # padding holds zeros, as after copy_ and the fused step
                 codes, scale = quantize_blocks(x, new.codebook, new.scale.dtype)
                 new.codes[b0:b1] = pack_codes(codes, bits)
@@ -107,7 +110,8 @@ class PackedState:
         for e0 in range(0, self.numel, step):
             e1 = min(self.numel, e0 + step)
             s0, s1 = e0 // self.block_size, -(-e1 // self.block_size)
-            x = dequantize_blocks(unpack_codes(self.codes[s0:s1], self.bits), self.scale[s0:s1], self.codebook).view(-1)
+            x = dequantize_blocks(unpack_codes(self.codes[s0:s1].to(dev), self.bits), self.scale[s0:s1].to(dev), cb)
+            x = x.view(-1)
             x = x[: e1 - e0]
             n0, n1 = e0 // bs, -(-e1 // bs)
             x = torch.nn.functional.pad(x, (0, (n1 - n0) * bs - (e1 - e0))).view(n1 - n0, bs)
@@ -116,9 +120,20 @@ class PackedState:
             new.scale[n0:n1] = scale
         return new
 
-    def requantize(self, bits: int, kind: str) -> None:
-        """Re-code in place at a new width (``recode``): the unit briefly holds its old and new codes."""
-        new = self.recode(bits, kind)
+    def requantize(self, bits: int, kind: str, *, stage_on_host: bool = False) -> None:
+        """Re-code in place at a new width (``recode``). The unit briefly holds its old and new codes;
+        with ``stage_on_host`` the old codes move to host memory first and their device buffers are
+        released before the new ones are allocated, so the device holds one chunk of scratch besides
+        the new codes (GPU runs: the device peak stays within the budget)."""
+        if not stage_on_host:
+            new = self.recode(bits, kind)
+        else:
+            dev = self.codes.device
+            host = PackedState(self.codes.to("cpu", copy=True), self.scale.to("cpu", copy=True),
+                               get_codebook(self.codebook.kind, self.bits, self.signed, "cpu"), self.numel,
+                               self.block_size)  # fmt: skip
+            self.codes = self.scale = None  # the optimizer holds no other reference: the device memory is free
+            new = host.recode(bits, kind, device=dev)
         self.codes, self.scale, self.codebook = new.codes, new.scale, new.codebook
 
     def to_dict(self) -> dict[str, Any]:

@@ -360,3 +360,24 @@ def test_warmup_bits_must_fit_the_budget():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         STQuantConfig(avg_bits=4.0)
+
+
+def test_staged_transition_equals_direct_and_keeps_peak_within_budget(monkeypatch):
+    """With the old codes staged in host memory (what CUDA runs do), re-coding gives the same codes
+    and the peak never exceeds the budget: the device does not hold a unit's old and new codes."""
+    import stquant_megatron.optim as optim_mod
+
+    st = PackedState.zeros(5000, bits=6, kind="pow2", signed=False, block_size=128)
+    st.copy_(torch.rand(5000) ** 4)
+    direct = PackedState(st.codes.clone(), st.scale.clone(), st.codebook, st.numel, st.block_size)
+    direct.requantize(3, "pow2")
+    st.requantize(3, "pow2", stage_on_host=True)
+    assert torch.equal(st.codes, direct.codes) and torch.equal(st.scale, direct.scale) and st.bits == 3
+
+    monkeypatch.setattr(optim_mod, "_stage_on_host", lambda device: True)
+    model = _model()
+    opt = STQuantAdamW(model.named_parameters(), lr=1e-3, config=STQuantConfig(**{**SCHED, "avg_bits": 3.5, "stats_steps": 3}))
+    budget, _ = _budget_bytes(model, opt, 3.5)
+    _train(model, opt, 24)
+    assert opt.scheduler.decisions == 4 and sum(d.moved for d in opt.scheduler.history) > 0
+    assert opt.peak_state_bytes() <= budget, (opt.peak_state_bytes(), budget)
