@@ -24,6 +24,11 @@ Two tasks, each trained with the same seed, data order and step count for every 
       windows of the step). A stock fp32 AdamW run in that same 1-rank set-up is the reference of
       the peer rows (``val_loss_vs_adamw`` of a "(1 rank)" row is against "fp32 AdamW (1 rank)").
 
+    ``--gpt-seeds N`` runs every configuration for seeds ``seed .. seed+N-1`` (the seed sets the
+    initial weights and the data order) and reports the mean final val loss and the mean and
+    standard deviation (n - 1) over seeds of ``final_val / final_val(fp32 AdamW, same seed, same
+    world size)``; curves and bits history are the first seed's.
+
 ``digits``
     A small ViT (2x2 patches of scikit-learn's 8x8 ``load_digits`` images -> 16 tokens, class token,
     4 pre-norm transformer layers, dim 64) with the standalone optimizers on a fixed stratified
@@ -41,6 +46,12 @@ qmaps/absmax, fp32 moments of unquantized tensors, step counters), tensor subcla
 their inner tensors and each storage counted once; ours: ``STQuantAdamW.state_bytes()``. For the
 2-rank runs the state of both ranks is summed (each rank holds a shard), divided by the model's
 parameter count. Megatron's fp32 main params are not optimizer state and are not counted.
+Reported twice: at the end of training (``state_bytes_per_param``) and at its peak
+(``peak_state_bytes_per_param``): ours ``STQuantAdamW.peak_state_bytes()``, the high-water mark
+since construction with precision transitions included (a re-coded unit briefly holds old and new
+codes); the peers allocate their state once, at the first step, so theirs is the max of the state
+bytes sampled after the first step, at every eval point and at the end. With several seeds: final
+bytes are the mean, peak bytes the max over seeds.
 
 torchao's optimizers compile their per-parameter step with ``torch.compile`` (inductor C++ on CPU);
 the first step of each parameter shape compiles (tens of seconds on a loaded 2-core machine, cached
@@ -50,12 +61,14 @@ on disk afterwards), which shows in wall time only.
     python benchmarks/quality.py --task all --json benchmarks/results/quality.json --plots out/quality
 
 ``--json PATH`` writes ``{"task", "rows": [{"optimizer", "bits", "state_bytes_per_param",
-"final_val_loss", "val_loss_vs_adamw", "accuracy"}]}``; with ``--task all`` one file per task, the task
+"peak_state_bytes_per_param", "final_val_loss", "val_loss_vs_adamw", "val_loss_vs_adamw_std",
+"accuracy"}]}`` (``val_loss_vs_adamw_std``: None unless GPT ran several seeds); with ``--task all`` one file per task, the task
 name inserted before the suffix (``quality.json`` -> ``quality_gpt.json``, ``quality_digits.json``).
 Next to each, ``<name>.meta.json`` holds what the rows do not: set-up, hardware, versions, command,
-wall times, loss curves and the adaptive runs' bits history (``benchmarks/results_table.py`` reads it).
+wall times, loss curves, per-seed results and the adaptive runs' bits history (every decision of
+the run, recorded by a decision callback; ``benchmarks/results_table.py`` reads the meta file).
 ``--plots DIR`` writes ``quality_<task>_loss.png`` (train/val loss curves per optimizer),
-``quality_<task>_memory.png`` (state bytes/param vs final val loss) and
+``quality_<task>_memory.png`` (peak state bytes/param vs final val loss) and
 ``quality_<task>_bits_avg<X>.png`` (bits heatmap of each adaptive run).
 """
 
@@ -182,6 +195,41 @@ def state_bytes(opt) -> int:
     return sum(out.values())
 
 
+class PeakMeter:
+    """Peak optimizer-state bytes of one process. Ours (``peak_state_bytes()``): the optimizer's own
+    high-water mark, transitions included. Others allocate their state once, at the first step: the
+    max of ``state_bytes`` sampled after the first step, at every eval point and at the end."""
+
+    def __init__(self, opts: list):
+        self.opts = list(opts)
+        self.sampled = 0
+
+    def sample(self) -> None:
+        self.sampled = max(self.sampled, sum(state_bytes(o) for o in self.opts))
+
+    def value(self) -> int:
+        if all(hasattr(o, "peak_state_bytes") for o in self.opts):
+            return sum(int(o.peak_state_bytes()) for o in self.opts)
+        self.sample()
+        return self.sampled
+
+
+def record_decisions(opt) -> list[dict]:
+    """Every scheduler decision of ``opt`` (the scheduler keeps only the last few in memory): a list
+    that a decision callback fills with ``Decision.row(names)``."""
+    rows: list[dict] = []
+    opt.decision_callbacks.append(lambda d, o: rows.append(d.row(o.scheduler.names)))
+    return rows
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (n - 1; None for fewer than 2 values)."""
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, None
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
 def lr_at(step: int, steps: int, lr: float, warmup_frac: float = 0.05, final_frac: float = 0.1) -> float:
     """Linear warm-up, then cosine decay to ``final_frac * lr`` (the same for every optimizer)."""
     warm = max(1, round(warmup_frac * steps))
@@ -275,7 +323,6 @@ def gpt_rank(rank: int, world: int, spec: dict, setup: dict, progress: bool = Tr
 
     from stquant_megatron import STQuantConfig
     from stquant_megatron.megatron import patch, unpatch
-    from stquant_megatron.report import history_of
     from stquant_megatron.testing import gpt, init_megatron_parallel
     from stquant_megatron.testing.data import stdlib_corpus
 
@@ -302,6 +349,12 @@ def gpt_rank(rank: int, world: int, spec: dict, setup: dict, progress: bool = Tr
     if spec.family == "stq" and inner_types != ["STQuantAdamW"]:
         raise RuntimeError(f"patch did not install STQuantAdamW (inner optimizers: {inner_types})")
     nparams = sum(p.numel() for p in model[0].parameters())
+    # a fingerprint of the initial weights (shows that the seed changes the init)
+    init_fingerprint = float(sum(p.detach().float().sum().item() for p in model[0].parameters()))
+    inner = inners[0].optimizer
+    scheduled = spec.family == "stq" and getattr(inner, "scheduler", None) is not None
+    decisions = record_decisions(inner) if scheduled else None
+    peak = PeakMeter([mo.optimizer for mo in inners])
 
     train_tokens, val_tokens = stdlib_corpus("train"), stdlib_corpus("val")
     train_curve, val_curve = [], []
@@ -313,7 +366,10 @@ def gpt_rank(rank: int, world: int, spec: dict, setup: dict, progress: bool = Tr
         if not math.isfinite(out["loss"]):
             raise FloatingPointError(f"{spec.label}: non-finite loss at step {step}")
         train_curve.append(out["loss"])
+        if step == 0:
+            peak.sample()
         if setup.eval_every and (step + 1) % setup.eval_every == 0 and step + 1 < setup.steps:
+            peak.sample()
             val_curve.append((step + 1, _gpt_val_loss(model, optimizer, val_tokens, setup.val_windows_curve,
                                                       setup, dp_rank, dp_size)))  # fmt: skip
         bar.update(1)
@@ -325,22 +381,22 @@ def gpt_rank(rank: int, world: int, spec: dict, setup: dict, progress: bool = Tr
     bar.close()
     res = dict(
         train_curve=train_curve, val_curve=val_curve, final_val=final_val, nparams=nparams,
-        state_bytes=sum(state_bytes(mo.optimizer) for mo in inners), train_seconds=train_seconds,
-        inner=inner_types, world=world,
+        state_bytes=sum(state_bytes(mo.optimizer) for mo in inners), peak_state_bytes=peak.value(),
+        train_seconds=train_seconds, inner=inner_types, world=world, seed=setup.seed,
+        init_fingerprint=init_fingerprint,
     )  # fmt: skip
-    inner = inners[0].optimizer
-    if spec.family == "stq" and getattr(inner, "scheduler", None) is not None and rank == 0:
-        res["bits_history"] = history_of(inner)
+    if scheduled and rank == 0:
+        res["bits_history"] = {"names": list(inner.scheduler.names), "history": decisions}
         res["avg_bits"] = inner.scheduler.average_bits()
     return res
 
 
 def run_gpt(specs: list[OptSpec], setup: GPTSetup, progress: bool = True, log=print,
-            threads: int = 1) -> tuple[list[dict], dict]:
-    """Every optimizer on the GPT task. Returns (rows, meta)."""
+            threads: int = 1, seeds: int = 1) -> tuple[list[dict], dict]:
+    """Every optimizer on the GPT task, each configuration for seeds ``setup.seed + i``
+    (``i < seeds``). Returns (rows, meta)."""
     from stquant_megatron.testing import run_distributed
 
-    runs: dict[str, dict] = {}
     jobs = []
     for spec in specs:
         if spec.family == "stq" or spec.key == "adamw":
@@ -350,31 +406,54 @@ def run_gpt(specs: list[OptSpec], setup: GPTSetup, progress: bool = True, log=pr
     # the 1-rank fp32 reference only matters when a peer runs
     if not any(s.family in ("bnb8", "ao8", "ao4") for s in specs):
         jobs = [j for j in jobs if not (j[0].key == "adamw" and j[1] == 1)]
+    seed_list = [setup.seed + i for i in range(max(1, seeds))]
+    runs: dict[str, dict] = {}
     for spec, world in jobs:
+        per_seed = []
         t0 = time.perf_counter()
         try:
-            results = run_distributed(gpt_rank, world, asdict(spec), asdict(setup), progress,
-                                      timeout=max(600.0, 20.0 * setup.steps), num_threads=threads)  # fmt: skip
+            for seed in seed_list:
+                s_setup = GPTSetup(**{**asdict(setup), "seed": seed})
+                results = run_distributed(gpt_rank, world, asdict(spec), asdict(s_setup), progress,
+                                          timeout=max(600.0, 20.0 * setup.steps), num_threads=threads)  # fmt: skip
+                r = dict(results[0])
+                r["state_bytes"] = sum(x["state_bytes"] for x in results)
+                r["peak_state_bytes"] = sum(x["peak_state_bytes"] for x in results)
+                per_seed.append(r)
         except Exception as e:  # a peer that cannot run is reported, not fatal
             log(f"  !! {spec.label} ({world} rank{'s' if world > 1 else ''}) failed: {type(e).__name__}: {e}")
             continue
-        r = dict(results[0])
-        r["state_bytes"] = sum(x["state_bytes"] for x in results)
+        r = dict(per_seed[0])  # curves, bits history: first seed
+        r["final_val"] = sum(x["final_val"] for x in per_seed) / len(per_seed)
+        r["state_bytes"] = sum(x["state_bytes"] for x in per_seed) / len(per_seed)
+        r["peak_state_bytes"] = max(x["peak_state_bytes"] for x in per_seed)
+        r["per_seed"] = [{k: x[k] for k in ("seed", "final_val", "state_bytes", "peak_state_bytes", "train_seconds",
+                                            "init_fingerprint")} for x in per_seed]  # fmt: skip
         r["wall_seconds"] = time.perf_counter() - t0
         runs[f"{spec.key}@{world}"] = dict(spec=asdict(spec), **r)
-        log(f"  {spec.label} ({world} rank{'s' if world > 1 else ''}): val loss {r['final_val']:.4f}, "
-            f"{r['wall_seconds']:.0f} s (training {r['train_seconds']:.0f} s)", flush=True)
+        log(f"  {spec.label} ({world} rank{'s' if world > 1 else ''}): val loss {r['final_val']:.4f}"
+            + (f" (mean of {len(per_seed)} seeds)" if len(per_seed) > 1 else "")
+            + f", {r['wall_seconds']:.0f} s (training {sum(x['train_seconds'] for x in per_seed):.0f} s)", flush=True)
+    # val loss / fp32 AdamW of the same seed and world size, then mean and std over seeds
+    for name, r in runs.items():
+        ref = runs.get(f"adamw@{r['world']}")
+        ref_val = {x["seed"]: x["final_val"] for x in ref["per_seed"]} if ref else {}
+        for x in r["per_seed"]:
+            x["vs_adamw"] = x["final_val"] / ref_val[x["seed"]] if x["seed"] in ref_val else float("nan")
+        r["vs_adamw"], r["vs_adamw_std"] = _mean_std([x["vs_adamw"] for x in r["per_seed"]])
     rows = []
     for name, r in runs.items():
         spec = OptSpec(**r["spec"])
         world = r["world"]
-        ref = runs.get(f"adamw@{world}")
         label = spec.label + (" (1 rank)" if world == 1 else "")
         rows.append(dict(
             optimizer=label, bits=spec.bits, state_bytes_per_param=r["state_bytes"] / r["nparams"],
-            final_val_loss=r["final_val"], val_loss_vs_adamw=(r["final_val"] / ref["final_val"]) if ref else float("nan"),
+            peak_state_bytes_per_param=r["peak_state_bytes"] / r["nparams"],
+            final_val_loss=r["final_val"], val_loss_vs_adamw=r["vs_adamw"], val_loss_vs_adamw_std=r["vs_adamw_std"],
             accuracy=None,
         ))  # fmt: skip
+    seeds_text = (f"; val loss and its ratio to fp32 AdamW (same seed) are means over seeds {seed_list}, "
+                  "± the standard deviation of the ratio over seeds") if len(seed_list) > 1 else f"; seed {seed_list[0]}"
     meta = dict(
         task="gpt",
         setup=asdict(setup),
@@ -382,7 +461,7 @@ def run_gpt(specs: list[OptSpec], setup: GPTSetup, progress: bool = True, log=pr
             f"megatron-core {_mcore_version()} GPTModel ({setup.layers} layers, hidden {setup.hidden}, {setup.heads} heads, "
             f"seq {setup.seq}, byte vocab 256, bf16 params + fp32 main params), {_nparams(runs):,} "
             f"parameters; Python stdlib sources ({setup.steps} steps, global batch {setup.global_batch} x {setup.seq} bytes); "
-            f"val = {setup.val_windows} held-out windows"
+            f"val = {setup.val_windows} held-out windows" + seeds_text
         ),
         notes=[
             "fp32 AdamW and STQuant rows: 2 gloo CPU ranks (DP=2), Megatron DistributedOptimizer "
@@ -392,8 +471,15 @@ def run_gpt(specs: list[OptSpec], setup: GPTSetup, progress: bool = True, log=pr
             "Float16Optimizer (fp32 main params, same clipping and param groups), same global batch; their "
             "val_loss_vs_adamw is against 'fp32 AdamW (1 rank)', the same set-up with torch AdamW.",
         ],
+        seeds=seed_list,
         runs={k: {kk: vv for kk, vv in v.items()} for k, v in runs.items()},
     )
+    if len(seed_list) > 1:
+        meta["notes"].append(
+            f"Each configuration ran with seeds {seed_list} (initial weights and data order); curves and bits "
+            "heatmaps are the first seed's; state bytes/param: mean over seeds, peak: max over seeds; "
+            "per-seed numbers in the .meta.json (runs.*.per_seed)."
+        )
     return rows, meta
 
 
@@ -479,6 +565,8 @@ def digits_run(spec: OptSpec, setup: DigitsSetup, seed: int, data, progress: boo
         for g, ns in zip(opt.param_groups, names):
             for p, n in zip(g["params"], ns):
                 opt.set_param_name(p, n)
+    decisions = record_decisions(opt) if getattr(opt, "scheduler", None) is not None else None
+    peak = PeakMeter([opt])
     gen = torch.Generator().manual_seed(seed * 7919 + 1)
     order = torch.empty(0, dtype=torch.int64)
     train_curve, val_curve = [], []
@@ -505,7 +593,10 @@ def digits_run(spec: OptSpec, setup: DigitsSetup, seed: int, data, progress: boo
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()
         train_curve.append(loss.item())
+        if step == 0:
+            peak.sample()
         if setup.eval_every and (step + 1) % setup.eval_every == 0 and step + 1 < setup.steps:
+            peak.sample()
             val_curve.append((step + 1, evaluate()[0]))
         bar.update(1)
         bar.set_postfix(loss=f"{train_curve[-1]:.3f}", refresh=False)
@@ -515,11 +606,9 @@ def digits_run(spec: OptSpec, setup: DigitsSetup, seed: int, data, progress: boo
     bar.set_postfix(loss=f"{train_curve[-1]:.3f}", val=f"{val:.3f}", acc=f"{acc:.4f}")
     bar.close()
     res = dict(train_curve=train_curve, val_curve=val_curve, final_val=val, accuracy=acc, nparams=nparams,
-               state_bytes=state_bytes(opt), train_seconds=seconds)  # fmt: skip
-    if getattr(opt, "scheduler", None) is not None:
-        from stquant_megatron.report import history_of
-
-        res["bits_history"] = history_of(opt)
+               state_bytes=state_bytes(opt), peak_state_bytes=peak.value(), train_seconds=seconds)  # fmt: skip
+    if decisions is not None:
+        res["bits_history"] = {"names": list(opt.scheduler.names), "history": decisions}
         res["avg_bits"] = opt.scheduler.average_bits()
     return res
 
@@ -538,7 +627,10 @@ def run_digits(specs: list[OptSpec], setup: DigitsSetup, progress: bool = True, 
         r = dict(per_seed[0])  # curves, bits history: first seed
         r["final_val"] = sum(x["final_val"] for x in per_seed) / len(per_seed)
         r["accuracy"] = sum(x["accuracy"] for x in per_seed) / len(per_seed)
-        r["per_seed"] = [dict(seed=s, final_val=x["final_val"], accuracy=x["accuracy"]) for s, x in zip(seeds, per_seed)]
+        r["state_bytes"] = sum(x["state_bytes"] for x in per_seed) / len(per_seed)
+        r["peak_state_bytes"] = max(x["peak_state_bytes"] for x in per_seed)
+        r["per_seed"] = [dict(seed=s, final_val=x["final_val"], accuracy=x["accuracy"], state_bytes=x["state_bytes"],
+                              peak_state_bytes=x["peak_state_bytes"]) for s, x in zip(seeds, per_seed)]  # fmt: skip
         r["wall_seconds"] = time.perf_counter() - t0
         runs[spec.key] = dict(spec=asdict(spec), world=1, **r)
         log(f"  {spec.label}: accuracy {100 * r['accuracy']:.2f}%, test loss {r['final_val']:.4f}, "
@@ -549,8 +641,9 @@ def run_digits(specs: list[OptSpec], setup: DigitsSetup, progress: bool = True, 
         spec = OptSpec(**r["spec"])
         rows.append(dict(
             optimizer=spec.label, bits=spec.bits, state_bytes_per_param=r["state_bytes"] / r["nparams"],
+            peak_state_bytes_per_param=r["peak_state_bytes"] / r["nparams"],
             final_val_loss=r["final_val"], val_loss_vs_adamw=(r["final_val"] / ref["final_val"]) if ref else float("nan"),
-            accuracy=r["accuracy"],
+            val_loss_vs_adamw_std=None, accuracy=r["accuracy"],
         ))  # fmt: skip
     xtr, _, xte, _ = data
     meta = dict(
@@ -562,7 +655,9 @@ def run_digits(specs: list[OptSpec], setup: DigitsSetup, progress: bool = True, 
             f"{setup.steps} steps of batch {setup.batch}, standalone optimizers"
             + (f"; accuracy and loss are means over seeds {seeds}" if len(seeds) > 1 else f"; seed {seeds[0]}")
         ),
-        notes=["final_val_loss = test-set cross-entropy; accuracy = test-set accuracy (fraction)."],
+        notes=["final_val_loss = test-set cross-entropy; accuracy = test-set accuracy (fraction)."]
+        + (["state bytes/param: mean over seeds; peak: max over seeds."] if len(seeds) > 1 else []),
+        seeds=seeds,
         runs=runs,
     )
     return rows, meta
@@ -571,13 +666,17 @@ def run_digits(specs: list[OptSpec], setup: DigitsSetup, progress: bool = True, 
 # ----------------------------------------------------------------------------------- output
 def print_table(task: str, rows: list[dict], log=print) -> None:
     log(f"\n[{task}]")
-    head = f"{'optimizer':34s} {'bits':>9s} {'state B/param':>13s} {'final val loss':>14s} {'val/AdamW':>9s} {'accuracy':>8s}"
+    head = (f"{'optimizer':34s} {'bits':>9s} {'state B/param':>13s} {'peak B/param':>12s} {'final val loss':>14s} "
+            f"{'val/AdamW':>18s} {'accuracy':>8s}")  # fmt: skip
     log(head)
     log("-" * len(head))
     for r in rows:
         acc = "" if r["accuracy"] is None else f"{100 * r['accuracy']:7.2f}%"
-        log(f"{r['optimizer']:34s} {r['bits']:>9s} {r['state_bytes_per_param']:13.3f} {r['final_val_loss']:14.4f} "
-            f"{r['val_loss_vs_adamw']:9.4f} {acc:>8s}")  # fmt: skip
+        ratio = f"{r['val_loss_vs_adamw']:.4f}"
+        if r.get("val_loss_vs_adamw_std") is not None:
+            ratio += f" ± {r['val_loss_vs_adamw_std']:.4f}"
+        log(f"{r['optimizer']:34s} {r['bits']:>9s} {r['state_bytes_per_param']:13.3f} "
+            f"{r['peak_state_bytes_per_param']:12.3f} {r['final_val_loss']:14.4f} {ratio:>18s} {acc:>8s}")  # fmt: skip
 
 
 def json_path(path: str, task: str, several: bool) -> str:
@@ -671,12 +770,12 @@ def plots(task: str, meta: dict, rows: list[dict], out_dir: str, prefix: str | N
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for r in rows:
         ours = r["optimizer"].startswith("STQuant")
-        ax.scatter(r["state_bytes_per_param"], r["final_val_loss"], marker="o" if ours else "s",
+        ax.scatter(r["peak_state_bytes_per_param"], r["final_val_loss"], marker="o" if ours else "s",
                    color="tab:red" if ours else "tab:blue")  # fmt: skip
-        ax.annotate(r["optimizer"], (r["state_bytes_per_param"], r["final_val_loss"]), fontsize=7,
+        ax.annotate(r["optimizer"], (r["peak_state_bytes_per_param"], r["final_val_loss"]), fontsize=7,
                     xytext=(4, 3), textcoords="offset points")  # fmt: skip
     ax.set_xscale("log", base=2)
-    ax.set(xlabel="optimizer state bytes per parameter (log2)", ylabel="final validation loss",
+    ax.set(xlabel="peak optimizer state bytes per parameter (log2)", ylabel="final validation loss",
            title=f"{task}: memory vs quality (red: STQuant)")  # fmt: skip
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -703,6 +802,9 @@ def main(argv=None) -> int:
     ap.add_argument("--plots", metavar="DIR", help="write loss-curve, memory-vs-loss and bits-heatmap PNGs")
     ap.add_argument("--gpt-steps", type=int, help="GPT training steps (default 200; --quick 40)")
     ap.add_argument("--digits-steps", type=int, help="digits training steps (default 400; --quick 120)")
+    ap.add_argument("--gpt-seeds", type=int, default=1,
+                    help="GPT: seeds per configuration (setup seed + i: initial weights and data order); mean val "
+                         "loss, mean and std of the ratio to fp32 AdamW of the same seed (default 1)")
     ap.add_argument("--digits-seeds", type=int, help="digits: seeds per optimizer, results averaged (default 1)")
     ap.add_argument("--optimizers", nargs="+", metavar="KEY",
                     help="subset: adamw bnb8 ao8 ao4 stq8 stq4 auto4.0 auto3.5 (adamw always runs)")
@@ -711,6 +813,8 @@ def main(argv=None) -> int:
                          "process oversubscribe the cores and can be 10-40x slower)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
+    if args.gpt_seeds < 1 or (args.digits_seeds is not None and args.digits_seeds < 1):
+        ap.error("--gpt-seeds / --digits-seeds must be at least 1")
     torch.set_num_threads(args.threads)
 
     tasks = ["gpt", "digits"] if args.task == "all" else [args.task]
@@ -728,8 +832,9 @@ def main(argv=None) -> int:
                 setup.steps = args.gpt_steps
                 setup.eval_every = max(1, setup.steps // 6)
             specs = optimizer_specs(setup.steps, args.optimizers)
-            print(f"\n== gpt: {setup.steps} steps, {len(specs)} optimizers (peers and an fp32 reference on 1 rank) ==", flush=True)
-            rows, meta = run_gpt(specs, setup, progress, threads=args.threads)
+            print(f"\n== gpt: {setup.steps} steps x {args.gpt_seeds} seed(s), {len(specs)} optimizers "
+                  "(peers and an fp32 reference on 1 rank) ==", flush=True)
+            rows, meta = run_gpt(specs, setup, progress, threads=args.threads, seeds=args.gpt_seeds)
         else:
             setup = DigitsSetup()
             if args.quick:

@@ -48,17 +48,29 @@ def _fmt_acc(a) -> str:
     return "" if a is None else f"{100 * a:.2f} %"
 
 
+def _fmt_peak(r: dict) -> str:
+    """Peak state bytes/param; "n/a" for result files made before the peak was measured."""
+    v = r.get("peak_state_bytes_per_param")
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def _fmt_ratio(r: dict) -> str:
+    std = r.get("val_loss_vs_adamw_std")
+    return f"{r['val_loss_vs_adamw']:.4f}" + ("" if std is None else f" ± {std:.4f}")
+
+
 def task_table(data: dict) -> list[str]:
     rows = data["rows"]
     has_acc = any(r.get("accuracy") is not None for r in rows)
     loss_name = "final val loss" if data["task"] != "digits" else "final test loss"
-    head = ["optimizer", "bits", "state bytes / param", loss_name, "val loss vs fp32 AdamW"] + (["test accuracy"] if has_acc else [])
+    head = (["optimizer", "bits", "final state bytes / param", "peak state bytes / param", loss_name,
+             "val loss vs fp32 AdamW"] + (["test accuracy"] if has_acc else []))  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r in rows:
         ours = r["optimizer"].startswith("STQuant")
         name = f"**{r['optimizer']}**" if ours else r["optimizer"]
-        cells = [name, r["bits"], f"{r['state_bytes_per_param']:.3f}", f"{r['final_val_loss']:.4f}",
-                 f"{r['val_loss_vs_adamw']:.4f}"]  # fmt: skip
+        cells = [name, r["bits"], f"{r['state_bytes_per_param']:.3f}", _fmt_peak(r), f"{r['final_val_loss']:.4f}",
+                 _fmt_ratio(r)]  # fmt: skip
         if has_acc:
             cells.append(_fmt_acc(r.get("accuracy")))
         lines.append("| " + " | ".join(cells) + " |")
@@ -105,7 +117,7 @@ def targets(results: dict[str, dict]) -> list[str]:
         checks = []
         if name == "GPT":
             ok = ours["val_loss_vs_adamw"] <= TARGET_RATIO
-            checks.append(f"val loss vs fp32 AdamW {ours['val_loss_vs_adamw']:.4f} (target <= {TARGET_RATIO}): "
+            checks.append(f"val loss vs fp32 AdamW {_fmt_ratio(ours)} (target <= {TARGET_RATIO}): "
                           f"{'met' if ok else '**missed**'}")  # fmt: skip
         else:
             base = row(data, "fp32 AdamW")
@@ -115,9 +127,13 @@ def targets(results: dict[str, dict]) -> list[str]:
                 checks.append(f"accuracy {diff:+.2f} points vs fp32 AdamW (target within {TARGET_ACC_POINTS}): "
                               f"{'met' if ok else '**missed**'}")  # fmt: skip
         if ao4 is not None:
-            ok = ours["state_bytes_per_param"] < ao4["state_bytes_per_param"]
-            checks.append(f"{ours['state_bytes_per_param']:.3f} vs torchao AdamW4bit {ao4['state_bytes_per_param']:.3f} "
-                          f"state bytes/param: {'fewer' if ok else '**not fewer**'}")  # fmt: skip
+            a, b = ours.get("peak_state_bytes_per_param"), ao4.get("peak_state_bytes_per_param")
+            if a is None or b is None:
+                checks.append("peak state bytes/param vs torchao AdamW4bit: n/a (result file made before the peak "
+                              "was measured)")  # fmt: skip
+            else:
+                checks.append(f"peak {a:.3f} vs torchao AdamW4bit peak {b:.3f} state bytes/param: "
+                              f"{'fewer' if a < b else '**not fewer**'}")  # fmt: skip
         out.append(f"- {name}, STQuant adaptive 4.0: " + "; ".join(checks) + ".")
     return out
 
@@ -134,7 +150,14 @@ def block(paths: list[str]) -> str:
     commands, hardware, versions = [], set(), {}
     for task, data in results.items():
         meta = metas[task]
-        lines.append(f"**{TITLES.get(task, task)}**" + (f": {meta['description']}." if meta.get("description") else ""))
+        desc = meta.get("description") or ""
+        seeds = meta.get("seeds")
+        setup = meta.get("setup") or {}
+        if not seeds and "seed" in setup and setup.get("seeds", 1) == 1:
+            seeds = [setup["seed"]]  # result files made before several GPT seeds existed: one seed
+        if seeds and "seed" not in desc:
+            desc += (f"; seeds {seeds}" if len(seeds) > 1 else f"; seed {seeds[0]}")
+        lines.append(f"**{TITLES.get(task, task)}**" + (f": {desc.lstrip('; ')}." if desc else ""))
         lines.append("")
         lines += task_table(data)
         lines.append("")
@@ -171,9 +194,19 @@ def block(paths: list[str]) -> str:
         lines.append("- Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v) + ".")
     lines.append("- State bytes / param: optimizer-state storage actually allocated (codes, scales, qmaps/absmax, fp32 "
                  "moments of small tensors, step counters; each storage once), over all ranks, divided by the "
-                 "parameter count. fp32 AdamW is 8 bytes + step counters.")
-    lines.append("- Same seed, data order, step count, learning-rate schedule, weight decay and gradient clipping for "
-                 "every optimizer; one training run each (see the noise gauges).")
+                 "parameter count. fp32 AdamW is 8 bytes + step counters. *Final*: at the end of training; *peak*: "
+                 "the high-water mark over the run (STQuant: `peak_state_bytes()`, precision transitions included; "
+                 "the peers allocate their state once at the first step and are sampled after it, at every eval and "
+                 "at the end); n/a: result file made before the peak was measured.")
+    many = {t: len(m.get("seeds") or []) for t, m in metas.items() if len(m.get("seeds") or []) > 1}
+    if many:
+        lines.append("- Same seeds, data order, step count, learning-rate schedule, weight decay and gradient clipping "
+                     "for every optimizer; " + ", ".join(f"{t}: {n} runs (seeds) each" for t, n in many.items())
+                     + ", otherwise one training run each (see the noise gauges); ± is the standard deviation over "
+                     "seeds of the per-seed ratio to fp32 AdamW.")  # fmt: skip
+    else:
+        lines.append("- Same seed, data order, step count, learning-rate schedule, weight decay and gradient clipping "
+                     "for every optimizer; one training run each (see the noise gauges).")
     lines.append("- Not measured here: GPU step time. There is no GPU on this machine; the GPU speed of the fused step "
                  "comes from the bytes-moved model only (`benchmarks/step.py`), and CPU step times are not representative.")
     lines.append(END)

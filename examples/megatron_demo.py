@@ -11,8 +11,8 @@ seed, data order, step count and learning-rate schedule:
   scheduler gives every moment tensor its own width (2-8 bits) within 4.0 bits per element on average;
 - ``stq4``:    fixed 4-bit moments (``STQuantConfig(bits=4)``).
 
-It prints a table (state bytes per parameter, memory saved against fp32 AdamW, final train and
-validation loss, validation loss ratio) and the scheduler's decisions, and writes to ``--out``:
+It prints a table (final and peak state bytes per parameter, memory saved against fp32 AdamW at the
+peak, final train and validation loss, validation loss ratio) and the scheduler's decisions, and writes to ``--out``:
 ``demo_loss.png`` (loss curves), ``demo_bits_avg4.0.png`` (bits heatmap), ``demo_memory.png``.
 
     bash examples/run_demo.sh                     # set-up (fresh machine) + this demo
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         print("the fp32 AdamW run failed; nothing to compare against", file=sys.stderr)
         return 1
     base = runs["adamw@2"]
-    base_bpp = base["state_bytes"] / base["nparams"]
+    base_peak = base["peak_state_bytes"] / base["nparams"]
 
     def tail_mean(curve):
         k = max(1, len(curve) // 10)
@@ -75,21 +75,23 @@ def main(argv=None) -> int:
 
     print(f"\n{base['nparams']:,} parameters; state = optimizer moments (+ step counters) of both ranks, "
           "storage actually allocated\n")  # fmt: skip
-    head = (f"{'run':24s} {'state B/param':>13s} {'memory saved':>12s} {'train loss':>10s} {'val loss':>9s} "
-            f"{'val/AdamW':>9s} {'time s':>7s}")  # fmt: skip
+    head = (f"{'run':24s} {'final B/param':>13s} {'peak B/param':>12s} {'memory saved':>12s} {'train loss':>10s} "
+            f"{'val loss':>9s} {'val/AdamW':>9s} {'time s':>7s}")  # fmt: skip
     print(head)
     print("-" * len(head))
     for key, r in runs.items():
         label = quality.OptSpec(**r["spec"]).label
-        bpp = r["state_bytes"] / r["nparams"]
-        print(f"{label:24s} {bpp:13.3f} {1 - bpp / base_bpp:12.1%} {tail_mean(r['train_curve']):10.4f} "
+        bpp, peak = r["state_bytes"] / r["nparams"], r["peak_state_bytes"] / r["nparams"]
+        print(f"{label:24s} {bpp:13.3f} {peak:12.3f} {1 - peak / base_peak:12.1%} {tail_mean(r['train_curve']):10.4f} "
               f"{r['final_val']:9.4f} {r['final_val'] / base['final_val']:9.4f} {r['train_seconds']:7.0f}")  # fmt: skip
-    print("(train loss: mean of the last 10% of steps; val loss: held-out stdlib files; memory saved vs fp32 AdamW)")
-    best = min((r for k, r in runs.items() if k != "adamw@2"), key=lambda r: r["state_bytes"], default=None)
+    print("(final/peak: state bytes per parameter at the end of training / at its high-water mark, STQuant's "
+          "precision transitions included; memory saved: peak vs fp32 AdamW's peak; train loss: mean of the last "
+          "10% of steps; val loss: held-out stdlib files)")  # fmt: skip
+    best = min((r for k, r in runs.items() if k != "adamw@2"), key=lambda r: r["peak_state_bytes"], default=None)
     if best is not None:
-        bpp = best["state_bytes"] / best["nparams"]
-        print(f"At 7B parameters that is {base_bpp * 7e9 / 2**30:.0f} GiB of fp32 Adam state against "
-              f"{bpp * 7e9 / 2**30:.1f} GiB ({quality.OptSpec(**best['spec']).label}), summed over all ranks.")
+        peak = best["peak_state_bytes"] / best["nparams"]
+        print(f"At 7B parameters that is {base_peak * 7e9 / 2**30:.0f} GiB of fp32 Adam state against a peak of "
+              f"{peak * 7e9 / 2**30:.1f} GiB ({quality.OptSpec(**best['spec']).label}), summed over all ranks.")
 
     from stquant_megatron.report import table
 
