@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 
 from .config import MOMENTS, STQuantConfig
-from .kernels import get_step_fn, rng_key, step_scalars, unit_id
-from .kernels.common import SALT_EXP_AVG, SALT_EXP_AVG_SQ
+from .kernels import get_group_step_fn, rng_key, step_scalars, unit_id
+from .kernels.common import SALT_EXP_AVG, SALT_EXP_AVG_SQ, GroupEntry
 from .kernels.torch_adam import dense_adam_step
 from .scheduler import PrecisionScheduler
 from .state import _SCALE_DTYPES, PackedState
@@ -283,6 +283,9 @@ class STQuantAdamW(torch.optim.Optimizer):
                 sched.setup({unit: p.numel() for unit, p, _ in self._packed_units()})
             self.collect_stats = sched.collecting(self.global_step + 1)
             self.probe_neighbors = sched.due(self.global_step + 1)
+        # Packed units are stepped per width group: one launch for all units sharing (widths,
+        # codebooks, dtypes, block size, rounding, statistics), O(groups) launches per step.
+        launches: dict[tuple, list] = {}
         for group, p, g in work:
             st = self.state[p] or self._init_state(p)
             st["step"] += 1
@@ -298,30 +301,40 @@ class STQuantAdamW(torch.optim.Optimizer):
                 continue
             name, offset = self._naming(p)
             uid = unit_id(name)
-            stats = nbr_stats = nbr_books = None
-            if self.collect_stats:
-                stats = torch.zeros(3, dtype=torch.float32, device=p.device)
-                if self.probe_neighbors:
-                    nbr_stats = torch.zeros(6, dtype=torch.float32, device=p.device)
-                    nbr_books = tuple(
-                        _codebook(cfg, key, b, p.device) for key, st_ in (("exp_avg", m), ("exp_avg_sq", v))
-                        for b in (st_.bits - 1, st_.bits + 1)
-                    )  # fmt: skip
             target = p if p.is_contiguous() else p.contiguous()
-            get_step_fn(cfg.backend, p.device)(
-                target, g.contiguous(), m.codes, m.scale, v.codes, v.scale, m.codebook, v.codebook, scalars,
-                block_size=m.block_size, stochastic=cfg.stochastic_rounding,
-                rng_keys=tuple(rng_key(cfg.seed, step, uid, s) for s in _SALTS),
-                index_offset=offset, stats=stats, neighbor_codebooks=nbr_books, neighbor_stats=nbr_stats,
-                compile=cfg.compile,
+            grad = g.contiguous()
+            probe = self.collect_stats and self.probe_neighbors
+            key = (m.bits, m.codebook.kind, v.bits, v.codebook.kind, m.block_size, target.dtype, grad.dtype,
+                   m.scale.dtype, v.scale.dtype, str(p.device), self.collect_stats, probe)  # fmt: skip
+            entry = GroupEntry(
+                target, grad, m.codes, m.scale, v.codes, v.scale, scalars,
+                tuple(rng_key(cfg.seed, step, uid, s) for s in _SALTS), offset,
             )  # fmt: skip
-            if stats is not None:
-                acc = self.stats.get(p)
-                self.stats[p] = stats if acc is None else acc.add_(stats)
-                if nbr_stats is not None:
-                    self.last_stats[p] = torch.cat([stats, nbr_stats])
-            if target is not p:
-                p.copy_(target)
+            launches.setdefault(key, []).append((p, m, v, entry))
+        for (_, _, _, _, block_size, *_, with_stats, probe), items in launches.items():
+            p0, m0, v0, _ = items[0]
+            dev = p0.device
+            stats = torch.zeros(len(items), 3, dtype=torch.float32, device=dev) if with_stats else None
+            nbr_stats = torch.zeros(len(items), 6, dtype=torch.float32, device=dev) if probe else None
+            nbr_books = None
+            if probe:
+                nbr_books = tuple(
+                    _codebook(cfg, key, b, dev) for key, st_ in (("exp_avg", m0), ("exp_avg_sq", v0))
+                    for b in (st_.bits - 1, st_.bits + 1)
+                )  # fmt: skip
+            get_group_step_fn(cfg.backend, dev)(
+                [it[3] for it in items], m0.codebook, v0.codebook, block_size=block_size,
+                stochastic=cfg.stochastic_rounding, stats=stats, neighbor_codebooks=nbr_books,
+                neighbor_stats=nbr_stats, compile=cfg.compile,
+            )  # fmt: skip
+            for i, (p, _, _, entry) in enumerate(items):
+                if stats is not None:
+                    acc = self.stats.get(p)
+                    self.stats[p] = stats[i].clone() if acc is None else acc.add_(stats[i])
+                    if nbr_stats is not None:
+                        self.last_stats[p] = torch.cat([stats[i], nbr_stats[i]])
+                if entry.param is not p:
+                    p.copy_(entry.param)
         self.global_step += 1
         for group in self.param_groups:  # the step also lives in the group, as in TE/apex FusedAdam
             steps = [self.state[p]["step"] for p in group["params"] if p in self.state and "step" in self.state[p]]
