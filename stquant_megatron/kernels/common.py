@@ -21,6 +21,9 @@ HASH_MUL2 = 0x846CA68B
 # The neighbouring-width error probe (scheduler input) looks at every PROBE_STRIDE-th block of a
 # unit (block index within the tensor or shard): a fixed sample, the same in both backends.
 PROBE_STRIDE = 4
+# Block sizes the fused step supports (powers of two); every one is compiled ahead of time for sm_80 and
+# sm_90 without spills by benchmarks/gpu_compile.py (the launch scales warps with the block).
+MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 32, 4096
 # Salts that give each moment its own random stream.
 SALT_EXP_AVG = 0x3C6EF372
 SALT_EXP_AVG_SQ = 0x1B873593

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from ..formats.codebooks import KINDS, LOG_STEP, Codebook
-from .common import HASH_MUL1, HASH_MUL2, PROBE_STRIDE, GroupEntry, StepScalars, check_group
+from .common import HASH_MUL1, HASH_MUL2, MAX_BLOCK_SIZE, PROBE_STRIDE, GroupEntry, StepScalars, check_group
 
 try:
     import triton
@@ -38,9 +38,6 @@ try:
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - triton is a test dependency
     HAS_TRITON = False
-
-MAX_BLOCK_SIZE = 4096
-
 
 def launch_shape(block_size: int) -> tuple[int, int]:
     """(blocks per program, warps) for a block size: at least 512 elements and 4 elements per thread
