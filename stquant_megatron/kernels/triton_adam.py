@@ -142,33 +142,50 @@ if HAS_TRITON:
         return (lo + up.to(tl.float32) + offset).to(tl.int32)
 
     @triton.jit
-    def _unpack(codes_ptr, r, e, blk_ok, BITS: tl.constexpr, BLOCK: tl.constexpr):
-        # codes (this program's first block): uint8[G, BITS, BLOCK // 8]; element e of block r is
-        # bit e % 8 of byte e // 8 of each plane
-        code = tl.zeros(e.shape, tl.int32) + r * 0
+    def _unpack(codes_ptr, r, w, i, blk_ok, BITS: tl.constexpr, W: tl.constexpr):
+        # codes (this program's first block): uint8[G, BITS, W]; element 8 * w + i of block r is bit i
+        # of byte w of each plane. Tensors are [G, W, 8]: the 8 elements of a byte sit side by side.
+        code = tl.zeros((r.shape[0], W, 8), tl.int32)
         for j in tl.static_range(BITS):
-            ptr = codes_ptr + (r * BITS + j) * (BLOCK // 8) + e // 8
-            plane = tl.load(ptr, mask=blk_ok, other=0).to(tl.int32)
-            code = code | (((plane >> (e % 8)) & 1) << j)
+            plane = tl.load(codes_ptr + (r * BITS + j) * W + w, mask=blk_ok, other=0).to(tl.int32)  # [G, W, 1]
+            code = code | (((plane >> i) & 1) << j)
         return code
 
     @triton.jit
-    def _pack(codes_ptr, code, r, blk_ok, e, BITS: tl.constexpr, BLOCK: tl.constexpr, G: tl.constexpr):
-        byte = tl.arange(0, BLOCK // 8)[None, :]
-        for j in tl.static_range(BITS):
-            bit = ((code >> j) & 1) << (e % 8)  # [G, BLOCK]
-            packed = tl.sum(tl.reshape(bit, (G, BLOCK // 8, 8)), axis=2)
-            ptr = codes_ptr + (r * BITS + j) * (BLOCK // 8) + byte
-            tl.store(ptr, packed.to(tl.uint8), mask=blk_ok)
+    def _spread4(c):
+        # 4-bit values -> bit j moved to bit 8 * j (the shifted copies do not overlap: no carries)
+        return (c.to(tl.uint32) * 0x204081) & 0x01010101
+
+    @triton.jit
+    def _pack(codes_ptr, code, r2, w2, blk_ok2, i, BITS: tl.constexpr, W: tl.constexpr):
+        # bit j of the 8 codes of a byte -> byte j of one word per 4 planes, summed over the byte's
+        # 8 elements (distinct bits: the sum is an OR); one reduction per 4 planes, no per-plane pass
+        lo = tl.sum(_spread4(code & 15) << i.to(tl.uint32), axis=2)  # [G, W] uint32: planes 0..3
+        for j in tl.static_range(min(BITS, 4)):
+            tl.store(codes_ptr + (r2 * BITS + j) * W + w2, ((lo >> (8 * j)) & 0xFF).to(tl.uint8), mask=blk_ok2)
+        if BITS > 4:
+            hi = tl.sum(_spread4(code >> 4) << i.to(tl.uint32), axis=2)  # planes 4..7
+            for j in tl.static_range(BITS - 4):
+                tl.store(codes_ptr + (r2 * BITS + 4 + j) * W + w2, ((hi >> (8 * j)) & 0xFF).to(tl.uint8),
+                         mask=blk_ok2)  # fmt: skip
+
+    @triton.jit
+    def _bmax(x):
+        # per-block max of a [G, W, 8] tensor, kept as [G, 1, 1]
+        return tl.max(tl.max(x, axis=2, keep_dims=True), axis=1, keep_dims=True)
+
+    @triton.jit
+    def _total(x):
+        return tl.sum(tl.sum(tl.sum(x, axis=2), axis=1), axis=0)
 
     @triton.jit
     def _requant_err(x, SIGNED: tl.constexpr, BITS: tl.constexpr, KIND: tl.constexpr, qmap_ptr, bounds_ptr,
                      SDTYPE: tl.constexpr):
         # x quantized (nearest) at another width and dequantized: the neighbouring-width probe
         if SIGNED:
-            s = _cast_rne(tl.max(tl.abs(x), axis=1), SDTYPE).to(tl.float32)[:, None]
+            s = _cast_rne(_bmax(tl.abs(x)), SDTYPE).to(tl.float32)
         else:
-            s = _cast_rne(tl.max(x, axis=1), SDTYPE).to(tl.float32)[:, None]
+            s = _cast_rne(_bmax(x), SDTYPE).to(tl.float32)
         s = tl.where(s > 0, s, 1.0)
         code = _encode(tl.div_rn(x, tl.broadcast_to(s, x.shape)), x, BITS, KIND, SIGNED, qmap_ptr, bounds_ptr, False)
         return _decode(code, BITS, KIND, SIGNED, qmap_ptr) * s
@@ -190,13 +207,18 @@ if HAS_TRITON:
         # 64-bit arithmetic once per program (bases); 32-bit per element (local offsets)
         blk0 = lpid.to(tl.int64) * G  # first block of the program
         base = blk0 * BLOCK  # first element
-        r = tl.arange(0, G)[:, None]  # [G, 1] block within the program
-        e = tl.arange(0, BLOCK)[None, :]  # [1, BLOCK] element within the block
-        loc = r * BLOCK + e  # [G, BLOCK] int32
+        W: tl.constexpr = BLOCK // 8  # bytes per plane of a block
+        r = tl.arange(0, G)[:, None, None]  # [G, 1, 1] block within the program
+        w = tl.arange(0, W)[None, :, None]  # [1, W, 1] byte within a plane
+        i = tl.arange(0, 8)[None, None, :]  # [1, 1, 8] bit within the byte
+        loc = r * BLOCK + w * 8 + i  # [G, W, 8] int32 element within the program
+        r2 = tl.arange(0, G)[:, None]  # [G, 1] and [1, W]: the packed bytes
+        w2 = tl.arange(0, W)[None, :]
         rem = tl.minimum(numel - base, G * BLOCK).to(tl.int32)
         brem = tl.minimum(num_blocks - blk0, G).to(tl.int32)
         inside = loc < rem
-        blk_ok = r < brem  # [G, 1]
+        blk_ok = r < brem  # [G, 1, 1]
+        blk_ok2 = r2 < brem
         p_ptr += base
         g_ptr += base
         ms_ptr += blk0
@@ -208,8 +230,8 @@ if HAS_TRITON:
         g = tl.load(g_ptr + loc, mask=inside, other=0.0).to(tl.float32)
         ms = tl.load(ms_ptr + r, mask=blk_ok, other=0.0).to(tl.float32)
         vs = tl.load(vs_ptr + r, mask=blk_ok, other=0.0).to(tl.float32)
-        m = _decode(_unpack(mc_ptr, r, e, blk_ok, M_BITS, BLOCK), M_BITS, M_KIND, True, mq_ptr) * ms
-        v = _decode(_unpack(vc_ptr, r, e, blk_ok, V_BITS, BLOCK), V_BITS, V_KIND, False, vq_ptr) * vs
+        m = _decode(_unpack(mc_ptr, r, w, i, blk_ok, M_BITS, W), M_BITS, M_KIND, True, mq_ptr) * ms
+        v = _decode(_unpack(vc_ptr, r, w, i, blk_ok, V_BITS, W), V_BITS, V_KIND, False, vq_ptr) * vs
 
         g = g + p * l2
         m = m * beta1 + g * omb1
@@ -233,18 +255,18 @@ if HAS_TRITON:
         else:
             um = m
             uv = v
-        m_scale = _cast_rne(tl.max(tl.abs(m), axis=1), ms_ptr.dtype.element_ty)
-        v_scale = _cast_rne(tl.max(v, axis=1), vs_ptr.dtype.element_ty)
-        tl.store(ms_ptr + r, m_scale[:, None], mask=blk_ok)
-        tl.store(vs_ptr + r, v_scale[:, None], mask=blk_ok)
-        sm = m_scale.to(tl.float32)[:, None]
-        sv = v_scale.to(tl.float32)[:, None]
+        m_scale = _cast_rne(_bmax(tl.abs(m)), ms_ptr.dtype.element_ty)  # [G, 1, 1]
+        v_scale = _cast_rne(_bmax(v), vs_ptr.dtype.element_ty)
+        tl.store(ms_ptr + r, m_scale, mask=blk_ok)
+        tl.store(vs_ptr + r, v_scale, mask=blk_ok)
+        sm = m_scale.to(tl.float32)
+        sv = v_scale.to(tl.float32)
         sm = tl.where(sm > 0, sm, 1.0)
         sv = tl.where(sv > 0, sv, 1.0)
         m_code = _encode(tl.div_rn(m, tl.broadcast_to(sm, m.shape)), um, M_BITS, M_KIND, True, mq_ptr, mb_ptr, STOCHASTIC)
         v_code = _encode(tl.div_rn(v, tl.broadcast_to(sv, v.shape)), uv, V_BITS, V_KIND, False, vq_ptr, vb_ptr, STOCHASTIC)
-        _pack(mc_ptr, m_code, r, blk_ok, e, M_BITS, BLOCK, G)
-        _pack(vc_ptr, v_code, r, blk_ok, e, V_BITS, BLOCK, G)
+        _pack(mc_ptr, m_code, r2, w2, blk_ok2, i, M_BITS, W)
+        _pack(vc_ptr, v_code, r2, w2, blk_ok2, i, V_BITS, W)
 
         if WITH_STATS:
             mq = _decode(m_code, M_BITS, M_KIND, True, mq_ptr) * sm
@@ -255,30 +277,30 @@ if HAS_TRITON:
             err_m = tl.where(inside, err_m, 0.0)
             err_v = tl.where(inside, err_v, 0.0)
             ref = tl.where(inside, ref, 0.0)
-            tl.store(partial_ptr + out_row * 3 + 0, tl.sum(tl.sum(err_m * err_m, axis=1), axis=0))
-            tl.store(partial_ptr + out_row * 3 + 1, tl.sum(tl.sum(err_v * err_v, axis=1), axis=0))
-            tl.store(partial_ptr + out_row * 3 + 2, tl.sum(tl.sum(ref * ref, axis=1), axis=0))
+            tl.store(partial_ptr + out_row * 3 + 0, _total(err_m * err_m))
+            tl.store(partial_ptr + out_row * 3 + 1, _total(err_v * err_v))
+            tl.store(partial_ptr + out_row * 3 + 2, _total(ref * ref))
             # the sampled blocks (block index within the unit), as in the twin
             probe = inside & ((blk0.to(tl.int32) + r) % _PROBE == 0)
             if N0_BITS + N1_BITS + N2_BITS + N3_BITS > 0:  # the current widths on the same sample
                 sm2 = tl.where(probe, err_m * err_m, 0.0)
                 sv2 = tl.where(probe, err_v * err_v, 0.0)
-                tl.store(npartial_ptr + out_row * 6 + 4, tl.sum(tl.sum(sm2, axis=1), axis=0))
-                tl.store(npartial_ptr + out_row * 6 + 5, tl.sum(tl.sum(sv2, axis=1), axis=0))
+                tl.store(npartial_ptr + out_row * 6 + 4, _total(sm2))
+                tl.store(npartial_ptr + out_row * 6 + 5, _total(sv2))
             if N0_BITS > 0:
                 e0 = tl.where(probe, tl.div_rn(_requant_err(m, True, N0_BITS, N0_KIND, q0_ptr, b0_ptr, ms_ptr.dtype.element_ty), denom) - ref, 0.0)
-                tl.store(npartial_ptr + out_row * 6 + 0, tl.sum(tl.sum(e0 * e0, axis=1), axis=0))
+                tl.store(npartial_ptr + out_row * 6 + 0, _total(e0 * e0))
             if N1_BITS > 0:
                 e1 = tl.where(probe, tl.div_rn(_requant_err(m, True, N1_BITS, N1_KIND, q1_ptr, b1_ptr, ms_ptr.dtype.element_ty), denom) - ref, 0.0)
-                tl.store(npartial_ptr + out_row * 6 + 1, tl.sum(tl.sum(e1 * e1, axis=1), axis=0))
+                tl.store(npartial_ptr + out_row * 6 + 1, _total(e1 * e1))
             if N2_BITS > 0:
                 vq2 = _requant_err(v, False, N2_BITS, N2_KIND, q2_ptr, b2_ptr, vs_ptr.dtype.element_ty)
                 e2 = tl.where(probe, tl.div_rn(m, tl.sqrt_rn(vq2) * inv_bc2 + eps) - ref, 0.0)
-                tl.store(npartial_ptr + out_row * 6 + 2, tl.sum(tl.sum(e2 * e2, axis=1), axis=0))
+                tl.store(npartial_ptr + out_row * 6 + 2, _total(e2 * e2))
             if N3_BITS > 0:
                 vq3 = _requant_err(v, False, N3_BITS, N3_KIND, q3_ptr, b3_ptr, vs_ptr.dtype.element_ty)
                 e3 = tl.where(probe, tl.div_rn(m, tl.sqrt_rn(vq3) * inv_bc2 + eps) - ref, 0.0)
-                tl.store(npartial_ptr + out_row * 6 + 3, tl.sum(tl.sum(e3 * e3, axis=1), axis=0))
+                tl.store(npartial_ptr + out_row * 6 + 3, _total(e3 * e3))
 
     # Per-step integers are typed and never specialized: one compile per configuration per run.
     _NOSPEC = ["numel", "num_blocks", "index_offset", "key_m", "key_v"]
@@ -320,6 +342,7 @@ if HAS_TRITON:
         partial_ptr, npartial_ptr,
         q0_ptr, b0_ptr, q1_ptr, b1_ptr, q2_ptr, b2_ptr, q3_ptr, b3_ptr,
         P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
+        ALIGNED: tl.constexpr,  # every param and grad address is a multiple of 16 bytes: vector loads
         BLOCK: tl.constexpr, G: tl.constexpr,
         M_BITS: tl.constexpr, M_KIND: tl.constexpr, V_BITS: tl.constexpr, V_KIND: tl.constexpr,
         STOCHASTIC: tl.constexpr, WITH_STATS: tl.constexpr,
@@ -330,8 +353,13 @@ if HAS_TRITON:
         ent = tl.load(prog_ptr + pid).to(tl.int64)
         row = meta_ptr + ent * 12
         hy = hyper_ptr + ent * 9
+        p_ptr = tl.load(row + 0).to(tl.pointer_type(P_DTYPE))
+        g_ptr = tl.load(row + 1).to(tl.pointer_type(G_DTYPE))
+        if ALIGNED:
+            p_ptr = tl.multiple_of(p_ptr, 16)
+            g_ptr = tl.multiple_of(g_ptr, 16)
         _step_body(
-            tl.load(row + 0).to(tl.pointer_type(P_DTYPE)), tl.load(row + 1).to(tl.pointer_type(G_DTYPE)),
+            p_ptr, g_ptr,
             tl.load(row + 2).to(tl.pointer_type(tl.uint8)), tl.load(row + 3).to(tl.pointer_type(S_DTYPE)),
             tl.load(row + 4).to(tl.pointer_type(tl.uint8)), tl.load(row + 5).to(tl.pointer_type(S_DTYPE)),
             mq_ptr, mb_ptr, vq_ptr, vb_ptr,
@@ -473,6 +501,7 @@ def triton_packed_adam_group_step(
     _packed_adam_group_kernel[(first,)](
         meta_t, hyper_t, prog_t, mcb.qmap, mcb.bounds, vcb.qmap, vcb.bounds, partial, npartial, *tables,
         P_DTYPE=_TL_DTYPES[e0.param.dtype], G_DTYPE=_TL_DTYPES[e0.grad.dtype], S_DTYPE=_TL_DTYPES[e0.exp_avg_scale.dtype],
+        ALIGNED=all(row[0] % 16 == 0 and row[1] % 16 == 0 for row in meta),
         BLOCK=block_size, G=G,
         M_BITS=mcb.bits, M_KIND=KINDS.index(mcb.kind), V_BITS=vcb.bits, V_KIND=KINDS.index(vcb.kind),
         STOCHASTIC=stochastic, WITH_STATS=with_stats, **consts, **opts,
