@@ -109,7 +109,7 @@ def matrix(quick: bool) -> list[Spec]:
             Spec(),
             Spec(path="unit", stochastic=True, stats="probe"),
             Spec(m_bits=2, v_bits=2, v_kind="log", stochastic=True, stats="stats"),
-            Spec(m_bits=8, v_bits=8, m_kind="linear", v_kind="linear", stats="probe", block=4096),
+            Spec(m_bits=8, v_bits=8, m_kind="linear", v_kind="linear", stats="probe", block=2048),
             Spec(m_bits=3, v_bits=5, pdtype="bf16", gdtype="bf16", sdtype="bf16", stochastic=True, block=32),
             Spec(m_bits=6, v_bits=7, pdtype="fp16", gdtype="fp16", sdtype="fp16", path="unit", block=1024),
             Spec(m_bits=4, v_bits=3, v_kind="log", stats="probe", stochastic=True, block=512),

@@ -28,7 +28,7 @@ class STQuantConfig:
     bits: int | tuple[int, int] = 4
     """Code width of both moments, or an ``(exp_avg, exp_avg_sq)`` pair; each in 2..8."""
     block_size: int = 128
-    """Elements sharing one scale: a power of two in 32..4096."""
+    """Elements sharing one scale: a power of two in 32..2048 (larger blocks spill on GPUs)."""
     min_numel: int = 4096
     """Tensors with fewer elements (norms, biases) keep fp32 moments ("escapes")."""
     stochastic_rounding: bool = False
