@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from .formats.codebooks import KINDS, LOG_STEP, MAX_BITS, MIN_BITS
+from .kernels.common import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
 
 # Codebook per (moment, bits) when the config says "auto": the kind with the lowest measured
 # update-direction error on real moments at every width (`python benchmarks/codebooks.py`: pow2
@@ -27,7 +28,7 @@ class STQuantConfig:
     bits: int | tuple[int, int] = 4
     """Code width of both moments, or an ``(exp_avg, exp_avg_sq)`` pair; each in 2..8."""
     block_size: int = 128
-    """Elements sharing one scale: a power of two in 32..4096."""
+    """Elements sharing one scale: a power of two in 32..2048 (larger blocks spill on GPUs)."""
     min_numel: int = 4096
     """Tensors with fewer elements (norms, biases) keep fp32 moments ("escapes")."""
     stochastic_rounding: bool = False
@@ -81,8 +82,8 @@ class STQuantConfig:
         if isinstance(bits, list):
             self.bits = tuple(bits)
         bs = self.block_size
-        if not isinstance(bs, int) or isinstance(bs, bool) or bs < 32 or bs > 4096 or bs & (bs - 1):
-            _fail("block_size", bs, "use a power of two in 32..4096 (default 128)")
+        if not isinstance(bs, int) or isinstance(bs, bool) or not MIN_BLOCK_SIZE <= bs <= MAX_BLOCK_SIZE or bs & (bs - 1):
+            _fail("block_size", bs, f"use a power of two in {MIN_BLOCK_SIZE}..{MAX_BLOCK_SIZE} (default 128)")
         if not isinstance(self.min_numel, int) or isinstance(self.min_numel, bool) or self.min_numel < 0:
             _fail("min_numel", self.min_numel, "use an int >= 0")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:

@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 
 from .config import MOMENTS, STQuantConfig
-from .kernels import get_step_fn, rng_key, step_scalars, unit_id
-from .kernels.common import SALT_EXP_AVG, SALT_EXP_AVG_SQ
+from .kernels import get_group_step_fn, rng_key, step_scalars, unit_id
+from .kernels.common import SALT_EXP_AVG, SALT_EXP_AVG_SQ, GroupEntry
 from .kernels.torch_adam import dense_adam_step
 from .scheduler import PrecisionScheduler
 from .state import _SCALE_DTYPES, PackedState
@@ -352,9 +352,8 @@ class STQuantAdamW(torch.optim.Optimizer):
         warnings.warn(msg + "; step skipped (STQuantConfig.nonfinite='skip')", RuntimeWarning, stacklevel=3)
         return False
 
-    def _validate_work(self, work: list) -> list:
+    def _validate_work(self, work: list) -> None:
         """Everything that can be checked before anything changes: dtypes, shapes, the step backend."""
-        fns = []
         for _, p, g in work:
             name = self.param_name(p)
             if g.is_sparse:
@@ -365,8 +364,8 @@ class STQuantAdamW(torch.optim.Optimizer):
             if g.numel() != p.numel() or not g.is_floating_point():
                 raise ValueError(f"gradient of {name!r} has {g.numel()} elements of {g.dtype}; the parameter has "
                                  f"{p.numel()}: gradients must match their parameters")  # fmt: skip
-            fns.append(get_step_fn(self.config.backend, p.device) if self._is_packed(p) else None)
-        return fns
+            if self._is_packed(p):
+                get_group_step_fn(self.config.backend, p.device)  # raises for a backend that cannot run here
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -375,7 +374,7 @@ class STQuantAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = [(group, p, p.grad) for group, p in self._params() if p.grad is not None and p.numel() > 0]
-        fns = self._validate_work(work)
+        self._validate_work(work)
         if not work or (self.config.nonfinite != "unchecked" and not self._check_finite(work)):
             return loss
         cfg = self.config
@@ -385,9 +384,11 @@ class STQuantAdamW(torch.optim.Optimizer):
                 self._setup_scheduler()
             self.collect_stats = sched.collecting(self.global_step + 1)
             self.probe_neighbors = sched.due(self.global_step + 1)
+        # Packed units are stepped per width group: one launch for all units sharing (widths,
+        # codebooks, dtypes, block size, rounding, statistics), O(groups) launches per step.
         created = False
-        local_stats: dict[str, torch.Tensor] = {}
-        for (group, p, g), fn in zip(work, fns):
+        launches: dict[tuple, list] = {}
+        for group, p, g in work:
             if not self.state[p]:
                 self._init_state(p)
                 created = True
@@ -405,31 +406,42 @@ class STQuantAdamW(torch.optim.Optimizer):
                 continue
             name, offset = self._naming(p)
             uid = unit_id(name)
-            stats = nbr_stats = nbr_books = None
-            if self.collect_stats:
-                stats = torch.zeros(3, dtype=torch.float32, device=p.device)
-                if self.probe_neighbors:
-                    nbr_stats = torch.zeros(6, dtype=torch.float32, device=p.device)
-                    nbr_books = tuple(
-                        _codebook(cfg, key, b, p.device) for key, st_ in (("exp_avg", m), ("exp_avg_sq", v))
-                        for b in (st_.bits - 1, st_.bits + 1)
-                    )  # fmt: skip
             target = p if p.is_contiguous() else p.contiguous()
-            fn(
-                target, g.contiguous(), m.codes, m.scale, v.codes, v.scale, m.codebook, v.codebook, scalars,
-                block_size=m.block_size, stochastic=cfg.stochastic_rounding,
-                rng_keys=tuple(rng_key(cfg.seed, step, uid, s) for s in _SALTS),
-                index_offset=offset, stats=stats, neighbor_codebooks=nbr_books, neighbor_stats=nbr_stats,
-                compile=cfg.compile,
+            grad = g.contiguous()
+            probe = self.collect_stats and self.probe_neighbors
+            key = (m.bits, m.codebook.kind, v.bits, v.codebook.kind, m.block_size, target.dtype, grad.dtype,
+                   m.scale.dtype, v.scale.dtype, str(p.device), self.collect_stats, probe)  # fmt: skip
+            entry = GroupEntry(
+                target, grad, m.codes, m.scale, v.codes, v.scale, scalars,
+                tuple(rng_key(cfg.seed, step, uid, s) for s in _SALTS), offset,
             )  # fmt: skip
-            if stats is not None:
-                for i, moment in enumerate(MOMENTS):
-                    row = [stats[i], stats[2]]
-                    if nbr_stats is not None:  # err at b, b-1, b+1 on the probe's sampled blocks
-                        row += [nbr_stats[4 + i], nbr_stats[2 * i], nbr_stats[2 * i + 1]]
-                    local_stats[f"{name}.{moment}"] = torch.stack(row)
-            if target is not p:
-                p.copy_(target)
+            launches.setdefault(key, []).append((p, name, m, v, entry))
+        local_stats: dict[str, torch.Tensor] = {}
+        for (_, _, _, _, block_size, *_, with_stats, probe), items in launches.items():
+            _, _, m0, v0, entry0 = items[0]
+            dev = entry0.param.device
+            stats = torch.zeros(len(items), 3, dtype=torch.float32, device=dev) if with_stats else None
+            nbr_stats = torch.zeros(len(items), 6, dtype=torch.float32, device=dev) if probe else None
+            nbr_books = None
+            if probe:
+                nbr_books = tuple(
+                    _codebook(cfg, key, b, dev) for key, st_ in (("exp_avg", m0), ("exp_avg_sq", v0))
+                    for b in (st_.bits - 1, st_.bits + 1)
+                )  # fmt: skip
+            get_group_step_fn(cfg.backend, dev)(
+                [it[4] for it in items], m0.codebook, v0.codebook, block_size=block_size,
+                stochastic=cfg.stochastic_rounding, stats=stats, neighbor_codebooks=nbr_books,
+                neighbor_stats=nbr_stats, compile=cfg.compile,
+            )  # fmt: skip
+            for i, (p, name, _, _, entry) in enumerate(items):
+                if stats is not None:
+                    for j, moment in enumerate(MOMENTS):
+                        row = [stats[i, j], stats[i, 2]]
+                        if nbr_stats is not None:  # err at b, b-1, b+1 on the probe's sampled blocks
+                            row += [nbr_stats[i, 4 + j], nbr_stats[i, 2 * j], nbr_stats[i, 2 * j + 1]]
+                        local_stats[f"{name}.{moment}"] = torch.stack(row)
+                if entry.param is not p:
+                    p.copy_(entry.param)
         if created:
             self._note_bytes()
         self.global_step += 1

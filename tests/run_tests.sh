@@ -13,3 +13,5 @@ echo "[tests] smoke: quality benchmark --quick path (executes end to end; qualit
 SMOKE="$(mktemp -d)"
 python benchmarks/quality.py --quick --gpt-steps 10 --digits-steps 30 --no-progress --json "$SMOKE/quality.json"
 python -c "import json,sys; [json.load(open(f'$SMOKE/quality_{t}.json'))['rows'][0]['state_bytes_per_param'] for t in ('gpt','digits')]"
+echo "[tests] GPU compile check: every feature compiled ahead of time for sm_80 and sm_90 (no GPU needed)"
+env -u TRITON_INTERPRET python benchmarks/gpu_compile.py --quick --arch 80,90 --json "$SMOKE/gpu_compile.json"

@@ -16,7 +16,7 @@ from stquant_megatron.formats.codebooks import KINDS, LOG_STEP, get_codebook
 INVALID = [
     ("bits", 1), ("bits", 9), ("bits", 0), ("bits", -4), ("bits", 4.0), ("bits", "4"), ("bits", True), ("bits", None),
     ("bits", (4,)), ("bits", (4, 4, 4)), ("bits", (2, 9)), ("bits", (1, 8)), ("bits", (4, 4.0)), ("bits", (False, 4)),
-    ("block_size", 16), ("block_size", 8192), ("block_size", 100), ("block_size", 128.0), ("block_size", 0),
+    ("block_size", 16), ("block_size", 8192), ("block_size", 4096), ("block_size", 100), ("block_size", 128.0), ("block_size", 0),
     ("block_size", -128), ("block_size", "128"),
     ("min_numel", -1), ("min_numel", 1.5), ("min_numel", "0"),
     ("seed", -1), ("seed", 2**32), ("seed", 1.0), ("seed", "0"),
@@ -43,7 +43,7 @@ def test_invalid_field_raises_naming_field_and_value(field, value):
 
 @pytest.mark.parametrize(
     "field,value,allowed",
-    [("bits", 9, "2..8"), ("block_size", 100, "power of two in 32..4096"), ("seed", -1, "0..2**32-1"),
+    [("bits", 9, "2..8"), ("block_size", 100, "power of two in 32..2048"), ("seed", -1, "0..2**32-1"),
      ("scale_dtype", "fp16", "'fp32', 'bf16'"), ("exp_avg_codebook", "log", "exp_avg_sq")],
 )  # fmt: skip
 def test_message_gives_allowed_range(field, value, allowed):
@@ -67,7 +67,7 @@ def test_defaults():
 VALID = [
     {},
     {"bits": 2}, {"bits": 8}, {"bits": (3, 5)}, {"bits": [8, 2]},
-    {"block_size": 32}, {"block_size": 4096}, {"block_size": 256},
+    {"block_size": 32}, {"block_size": 2048}, {"block_size": 256},
     {"min_numel": 0}, {"min_numel": 10**9},
     {"seed": 0}, {"seed": 2**32 - 1},
     {"scale_dtype": "bf16"}, {"nonfinite": "skip"}, {"nonfinite": "unchecked"},

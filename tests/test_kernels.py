@@ -527,3 +527,106 @@ def test_probe_ratios_agree_with_full_unit_measurement(backend, m_bits, v_bits):
         if (moment, bits + 1) in full:
             probe_up = float(ns[at] / ns[hi])
             assert probe_up == pytest.approx(full[(moment, bits)] / full[(moment, bits + 1)], rel=0.15), moment
+
+
+# ------------------------------------------------------------------ grouped launch (one launch per width group)
+
+GROUP_SIZES = [0, 1, 127, 128 * 5 + 3, 1000, 64]  # empty, one element, short tail, several blocks
+
+
+def _group_run(group_fn, *, mb, vb, vk, stochastic, probe, pdtype=torch.float32, gdtype=torch.float32,
+               sdtype=torch.float32, block=64, steps=2):  # fmt: skip
+    from stquant_megatron.kernels import GroupEntry
+
+    gen = torch.Generator().manual_seed(mb * 100 + vb)
+    mcb, vcb = get_codebook("pow2", mb, True), get_codebook(vk, vb, False)
+    units = []
+    for i, n in enumerate(GROUP_SIZES):
+        p = torch.randn(n, generator=gen).to(pdtype)
+        m = PackedState.zeros(n, bits=mb, kind="pow2", signed=True, block_size=block, scale_dtype=sdtype)
+        v = PackedState.zeros(n, bits=vb, kind=vk, signed=False, block_size=block, scale_dtype=sdtype)
+        units.append((p, m, v))
+    books = tuple(
+        get_codebook(kind if (kind != "log" or 2 <= b <= 4) else "pow2", b, signed) if 2 <= b <= 8 else None
+        for kind, b, signed in (("pow2", mb - 1, True), ("pow2", mb + 1, True), (vk, vb - 1, False), (vk, vb + 1, False))
+    )  # fmt: skip
+    stats = torch.zeros(len(units), 3)
+    nstats = torch.zeros(len(units), 6) if probe else None
+    for step in range(1, steps + 1):
+        entries = []
+        for i, (p, m, v) in enumerate(units):
+            g = (torch.randn(p.numel(), generator=gen) * 10.0 ** (i - 3)).to(gdtype)
+            sc = step_scalars(lr=1e-2 * (i + 1), beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1 * (i % 2),
+                              step=step + i, adamw=i != 3)  # fmt: skip
+            keys = (rng_key(5, step, i, SALT_EXP_AVG), rng_key(5, step, i, SALT_EXP_AVG_SQ))
+            entries.append(GroupEntry(p, g, m.codes, m.scale, v.codes, v.scale, sc, keys, 3_000_000_000 * (i % 2) + 7 * i))
+        group_fn(entries, mcb, vcb, block_size=block, stochastic=stochastic, stats=stats,
+                 neighbor_codebooks=books if probe else None, neighbor_stats=nstats)  # fmt: skip
+    return units, stats, nstats
+
+
+GROUP_CASES = [(4, 4, "pow2", False, False), (3, 5, "pow2", True, True), (2, 2, "log", True, False),
+               (8, 3, "log", False, True), (6, 7, "linear", True, True)]  # fmt: skip
+
+
+@pytest.mark.parametrize("mb,vb,vk,stochastic,probe", GROUP_CASES, ids=[f"m{c[0]}v{c[1]}{c[2]}{'-sr' * c[3]}{'-probe' * c[4]}" for c in GROUP_CASES])
+def test_group_step_triton_equals_torch(mb, vb, vk, stochastic, probe):
+    """One launch over a mixed-length group (empty, 1 element, short tail, several blocks; per-entry
+    scalars, keys and offsets beyond 2**32) gives the twin's params, codes and scales bit for bit."""
+    from stquant_megatron.kernels import torch_packed_adam_group_step, triton_packed_adam_group_step
+
+    a = _group_run(torch_packed_adam_group_step, mb=mb, vb=vb, vk=vk, stochastic=stochastic, probe=probe)
+    b = _group_run(triton_packed_adam_group_step, mb=mb, vb=vb, vk=vk, stochastic=stochastic, probe=probe)
+    for (pa, ma, va), (pb, mb_, vb_) in zip(a[0], b[0]):
+        assert torch.equal(pa, pb) and torch.equal(ma.codes, mb_.codes) and torch.equal(va.codes, vb_.codes)
+        assert torch.equal(ma.scale, mb_.scale) and torch.equal(va.scale, vb_.scale)
+    assert bool((a[1][1:, 2] > 0).all()) and bool((a[1][0] == 0).all())  # the empty entry has no error
+    torch.testing.assert_close(a[1], b[1], rtol=1e-5, atol=1e-12)
+    if probe:
+        torch.testing.assert_close(a[2], b[2], rtol=1e-5, atol=1e-12)
+        assert bool((a[2][1:, 4] >= 0).all()) and float(a[2][:, 4].sum()) > 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_group_step_equals_unit_steps(backend):
+    """The group entry point is the unit step on every entry (bf16 params, grads and scales)."""
+    from stquant_megatron.kernels import torch_packed_adam_group_step, triton_packed_adam_group_step
+
+    unit_fn = torch_packed_adam_step if backend == "torch" else triton_packed_adam_step
+    group_fn = torch_packed_adam_group_step if backend == "torch" else triton_packed_adam_group_step
+
+    def as_units(entries, mcb, vcb, *, stats, neighbor_stats, **kw):
+        for i, en in enumerate(entries):
+            unit_fn(en.param, en.grad, en.exp_avg_codes, en.exp_avg_scale, en.exp_avg_sq_codes, en.exp_avg_sq_scale,
+                    mcb, vcb, en.scalars, rng_keys=en.rng_keys, index_offset=en.index_offset, stats=stats[i],
+                    neighbor_stats=None if neighbor_stats is None else neighbor_stats[i], **kw)  # fmt: skip
+
+    kw = dict(mb=4, vb=4, vk="pow2", stochastic=True, probe=True, pdtype=torch.bfloat16, gdtype=torch.bfloat16,
+              sdtype=torch.bfloat16)  # fmt: skip
+    a = _group_run(group_fn, **kw)
+    b = _group_run(as_units, **kw)
+    for (pa, ma, va), (pb, mb_, vb_) in zip(a[0], b[0]):
+        assert torch.equal(pa, pb) and torch.equal(ma.codes, mb_.codes) and torch.equal(va.codes, vb_.codes)
+        assert torch.equal(ma.scale, mb_.scale) and torch.equal(va.scale, vb_.scale)
+    torch.testing.assert_close(a[1], b[1], rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_group_step_rejects_mixed_groups(backend):
+    from stquant_megatron.kernels import GroupEntry, torch_packed_adam_group_step, triton_packed_adam_group_step
+
+    fn = torch_packed_adam_group_step if backend == "torch" else triton_packed_adam_group_step
+    mcb, vcb = get_codebook("pow2", 4, True), get_codebook("pow2", 4, False)
+    sc = step_scalars(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1, adamw=True)
+
+    def entry(pdtype, bits=4):
+        m = PackedState.zeros(100, bits=bits, kind="pow2", signed=True, block_size=64)
+        v = PackedState.zeros(100, bits=4, kind="pow2", signed=False, block_size=64)
+        return GroupEntry(torch.zeros(100, dtype=pdtype), torch.zeros(100), m.codes, m.scale, v.codes, v.scale, sc)
+
+    with pytest.raises(ValueError, match="group entry 1 has .*dtype"):
+        fn([entry(torch.float32), entry(torch.bfloat16)], mcb, vcb, block_size=64)
+    with pytest.raises(ValueError, match="group entry 0 has 3/4-bit codes"):
+        fn([entry(torch.float32, bits=3)], mcb, vcb, block_size=64)
+    with pytest.raises(ValueError, match=r"stats has shape \(1, 3\); a group of 2 entries needs \(2, 3\)"):
+        fn([entry(torch.float32), entry(torch.float32)], mcb, vcb, block_size=64, stats=torch.zeros(1, 3))

@@ -9,12 +9,13 @@ import os
 
 import torch
 
-from .common import StepScalars, rng_key, step_scalars, unit_id
-from .torch_adam import torch_packed_adam_step
-from .triton_adam import HAS_TRITON, triton_packed_adam_step
+from .common import GroupEntry, StepScalars, rng_key, step_scalars, unit_id
+from .torch_adam import torch_packed_adam_group_step, torch_packed_adam_step
+from .triton_adam import HAS_TRITON, triton_packed_adam_group_step, triton_packed_adam_step
 
 __all__ = [
-    "StepScalars", "get_step_fn", "rng_key", "step_scalars", "torch_packed_adam_step",
+    "GroupEntry", "StepScalars", "get_group_step_fn", "get_step_fn", "rng_key", "step_scalars",
+    "torch_packed_adam_group_step", "torch_packed_adam_step", "triton_packed_adam_group_step",
     "triton_packed_adam_step", "unit_id",
 ]  # fmt: skip
 
@@ -35,3 +36,9 @@ def get_step_fn(backend: str, device: torch.device):
     if device.type == "cuda" and HAS_TRITON:
         return triton_packed_adam_step
     return torch_packed_adam_step
+
+
+def get_group_step_fn(backend: str, device: torch.device):
+    """The grouped entry point of the backend ``get_step_fn`` picks (same rules)."""
+    fn = get_step_fn(backend, device)
+    return triton_packed_adam_group_step if fn is triton_packed_adam_step else torch_packed_adam_group_step

@@ -9,7 +9,10 @@ from __future__ import annotations
 import math
 import struct
 import zlib
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 MASK32 = 0xFFFFFFFF
 # lowbias32 multipliers (C. Wellons, "Hash Prospector"): a 32-bit integer hash with good avalanche.
@@ -18,6 +21,9 @@ HASH_MUL2 = 0x846CA68B
 # The neighbouring-width error probe (scheduler input) looks at every PROBE_STRIDE-th block of a
 # unit (block index within the tensor or shard): a fixed sample, the same in both backends.
 PROBE_STRIDE = 4
+# Block sizes the fused step supports (powers of two); every one is compiled ahead of time for sm_80 and
+# sm_90 without spills by benchmarks/gpu_compile.py (the launch scales warps with the block).
+MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 32, 2048  # 4096 spills (64-register cap at 32 warps) with the probe
 # Salts that give each moment its own random stream.
 SALT_EXP_AVG = 0x3C6EF372
 SALT_EXP_AVG_SQ = 0x1B873593
@@ -86,3 +92,49 @@ def rng_key(seed: int, step: int, unit: int, salt: int) -> int:
     in the kernels), so it does not depend on how the tensor is sharded or chunked.
     """
     return mix32(mix32(mix32(mix32(seed) ^ step) ^ unit) ^ salt)
+
+
+class GroupEntry(NamedTuple):
+    """One unit of a grouped step (``*_packed_adam_group_step``): its tensors and per-step values.
+
+    Every entry of a group shares the widths, codebooks, dtypes (param, grad, scales), block size and
+    rounding; the scalars (learning rate, step count), RNG keys and index offset are per entry.
+    """
+
+    param: torch.Tensor
+    grad: torch.Tensor
+    exp_avg_codes: torch.Tensor
+    exp_avg_scale: torch.Tensor
+    exp_avg_sq_codes: torch.Tensor
+    exp_avg_sq_scale: torch.Tensor
+    scalars: StepScalars
+    rng_keys: tuple[int, int] = (0, 0)
+    index_offset: int = 0
+
+
+def check_group(entries, mcb, vcb, stats, neighbor_stats) -> None:
+    """What every entry of a group must share (clear errors before any launch)."""
+    n = len(entries)
+    for name, t, cols in (("stats", stats, 3), ("neighbor_stats", neighbor_stats, 6)):
+        if t is not None and tuple(t.shape) != (n, cols):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; a group of {n} entries needs ({n}, {cols})")
+    if not entries:
+        return
+    first = entries[0]
+    want = (first.param.dtype, first.grad.dtype, first.exp_avg_scale.dtype, first.param.device)
+    for i, en in enumerate(entries):
+        got = (en.param.dtype, en.grad.dtype, en.exp_avg_scale.dtype, en.param.device)
+        if got != want or en.exp_avg_sq_scale.dtype != first.exp_avg_scale.dtype:
+            raise ValueError(
+                f"group entry {i} has (param, grad, scale dtype, device) {got}, entry 0 has {want}: "
+                "group units by dtypes and device (optim.group_key does)"
+            )
+        if en.exp_avg_codes.shape[1] != mcb.bits or en.exp_avg_sq_codes.shape[1] != vcb.bits:
+            raise ValueError(
+                f"group entry {i} has {en.exp_avg_codes.shape[1]}/{en.exp_avg_sq_codes.shape[1]}-bit codes, "
+                f"the group's codebooks are {mcb.bits}/{vcb.bits}-bit"
+            )
+        if not (en.param.is_contiguous() and en.grad.is_contiguous()):
+            raise ValueError(f"group entry {i}: param and grad must be contiguous (pass .contiguous() copies)")
+        if en.grad.numel() != en.param.numel():
+            raise ValueError(f"group entry {i}: grad has {en.grad.numel()} elements, param {en.param.numel()}")

@@ -20,7 +20,7 @@ import torch
 
 from ..formats.packing import pack_codes, unpack_codes
 from ..formats.codebooks import Codebook, level_values
-from .common import HASH_MUL1, HASH_MUL2, MASK32, PROBE_STRIDE, StepScalars
+from .common import HASH_MUL1, HASH_MUL2, MASK32, PROBE_STRIDE, GroupEntry, StepScalars, check_group
 
 CHUNK_ELEMENTS = 1 << 18  # 256K elements: fp32 temporaries of 1 MiB, cache friendly on CPU
 
@@ -255,6 +255,39 @@ def torch_packed_adam_step(
             stats.add_(st)
         if nst is not None:
             neighbor_stats.add_(nst)
+
+
+def torch_packed_adam_group_step(
+    entries: list[GroupEntry],
+    exp_avg_codebook: Codebook,
+    exp_avg_sq_codebook: Codebook,
+    *,
+    block_size: int,
+    stochastic: bool = False,
+    stats: torch.Tensor | None = None,
+    neighbor_codebooks: tuple | None = None,
+    neighbor_stats: torch.Tensor | None = None,
+    compile: bool = False,
+) -> None:
+    """``torch_packed_adam_step`` on every entry of a group (twin of the one-launch Triton group step).
+
+    Args:
+        entries: ``GroupEntry`` per unit; all share the widths of the codebooks, the dtypes (param,
+            grad, scales), ``block_size`` and rounding.
+        stats: fp32 ``[len(entries), 3]`` or None; row i gets entry i's sums (see the unit step).
+        neighbor_codebooks / neighbor_stats: as in the unit step, ``neighbor_stats`` fp32 ``[len(entries), 6]``.
+    """
+    check_group(entries, exp_avg_codebook, exp_avg_sq_codebook, stats, neighbor_stats)
+    for i, en in enumerate(entries):
+        if en.param.numel() == 0:
+            continue
+        torch_packed_adam_step(
+            en.param, en.grad, en.exp_avg_codes, en.exp_avg_scale, en.exp_avg_sq_codes, en.exp_avg_sq_scale,
+            exp_avg_codebook, exp_avg_sq_codebook, en.scalars, block_size=block_size, stochastic=stochastic,
+            rng_keys=en.rng_keys, index_offset=en.index_offset, stats=None if stats is None else stats[i],
+            neighbor_codebooks=neighbor_codebooks, neighbor_stats=None if neighbor_stats is None else neighbor_stats[i],
+            compile=compile,
+        )  # fmt: skip
 
 
 def dense_adam_step(

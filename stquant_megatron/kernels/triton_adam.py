@@ -1,7 +1,7 @@
 """Triton kernel of the fused packed-Adam step (GPU path), twin of ``torch_adam.py``.
 
-One program handles ``GROUP`` consecutive blocks of ``BLOCK`` elements of one unit. For each
-block, in registers: unpack the bit planes of both moments, dequantize, apply Adam/AdamW to the
+One program handles ``G`` consecutive blocks of ``BLOCK`` elements of one unit (``launch_shape``
+picks ``G`` and the warps from the block size). For each block, in registers: unpack the bit planes of both moments, dequantize, apply Adam/AdamW to the
 fp32 parameter, take the new block absmax, quantize (nearest or stochastic), pack, store. Nothing
 but the packed state and the parameter/gradient is read or written.
 
@@ -13,7 +13,15 @@ Arithmetic is written operation for operation like the PyTorch twin, with IEEE-r
 and square root (``div_rn``, ``sqrt_rn``), so the packed codes match bit for bit (proved in
 ``tests/test_kernels.py`` under ``TRITON_INTERPRET=1``). Bit widths and codebook kinds are
 ``constexpr`` from closed sets (widths 2..8 and 3 kinds per moment, plus the neighbouring widths
-of the scheduler's probe step): a bounded set of specializations, never per-step recompiles.
+of the scheduler's probe step): a bounded set of specializations. Per-step and per-unit integers
+(RNG keys, index offset, sizes) are typed and never specialized (``do_not_specialize``), so a whole
+run compiles each configuration once. FMA contraction is off at launch (``enable_fp_fusion=False``):
+the twin rounds every product and sum, and so does the GPU. ``benchmarks/gpu_compile.py`` compiles
+every specialization ahead of time for sm_80 and sm_90 and checks all of this.
+
+Two launch paths share one body: ``triton_packed_adam_step`` (one unit) and
+``triton_packed_adam_group_step`` (one launch over a table of units sharing widths, codebooks,
+dtypes and rounding; no host sync).
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from ..formats.codebooks import KINDS, LOG_STEP, Codebook
-from .common import HASH_MUL1, HASH_MUL2, MASK32, PROBE_STRIDE, StepScalars
+from .common import HASH_MUL1, HASH_MUL2, MAX_BLOCK_SIZE, PROBE_STRIDE, GroupEntry, StepScalars, check_group
 
 try:
     import triton
@@ -31,22 +39,38 @@ try:
 except ImportError:  # pragma: no cover - triton is a test dependency
     HAS_TRITON = False
 
-GROUP = 4  # blocks per program
+def launch_shape(block_size: int) -> tuple[int, int]:
+    """(blocks per program, warps) for a block size: at least 512 elements and 4 elements per thread
+    per program, so registers stay bounded (no spills at any allowed block size, checked by
+    ``benchmarks/gpu_compile.py``) and a block's absmax stays within one program."""
+    g = max(1, 512 // block_size)
+    warps = max(4, min(32, g * block_size // 128))
+    return g, warps
+
+
+_TL_DTYPES = {}
 
 if HAS_TRITON:
+    _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+    # module constants used inside kernels must be constexpr for the real compiler
+    _MUL1: tl.constexpr = tl.constexpr(HASH_MUL1)
+    _MUL2: tl.constexpr = tl.constexpr(HASH_MUL2)
+    _PROBE: tl.constexpr = tl.constexpr(PROBE_STRIDE)
 
     @triton.jit
     def _mix32(x):
+        # lowbias32 on uint32 (products wrap mod 2**32, shifts are logical: the twin's int64 & MASK32)
         x = x ^ (x >> 16)
-        x = (x * HASH_MUL1) & MASK32
+        x = x * _MUL1
         x = x ^ (x >> 15)
-        x = (x * HASH_MUL2) & MASK32
+        x = x * _MUL2
         return x ^ (x >> 16)
 
     @triton.jit
-    def _uniform(index, key):
-        h = _mix32((index & MASK32) ^ key)
-        h = _mix32(h ^ (index >> 32))
+    def _uniform(lo, hi, key):
+        # lo / hi: uint32 words of the global element index; the twin's uniform(index, key)
+        h = _mix32(lo ^ key)
+        h = _mix32(h ^ hi)
         return (h >> 8).to(tl.float32) * (1.0 / 16777216.0)
 
     @triton.jit
@@ -63,36 +87,32 @@ if HAS_TRITON:
         return x.to(DTYPE)
 
     @triton.jit
-    def _levels(k, BITS: tl.constexpr, KIND: tl.constexpr, SIGNED: tl.constexpr, qmap_ptr, LOG_STEP_: tl.constexpr):
-        # level value of fp32 level index k; same expression as codebooks.level_values
-        if KIND == 2:
-            s = tl.exp2((k - (2**BITS - 1)) * LOG_STEP_)  # unused: log levels come from qmap
+    def _levels(k, BITS: tl.constexpr, KIND: tl.constexpr, SIGNED: tl.constexpr):
+        # level value of fp32 level index k (linear / pow2); same expression as codebooks.level_values
+        if SIGNED:
+            s = k * (1.0 / (2 ** (BITS - 1) - 1))
         else:
-            if SIGNED:
-                s = k * (1.0 / (2 ** (BITS - 1) - 1))
-            else:
-                s = (k + 1.0) * (1.0 / 2**BITS)
-            if KIND == 1:
-                s = s * tl.abs(s)
+            s = (k + 1.0) * (1.0 / 2**BITS)
+        if KIND == 1:
+            s = s * tl.abs(s)
         return s
 
     @triton.jit
-    def _decode(code, BITS: tl.constexpr, KIND: tl.constexpr, SIGNED: tl.constexpr, qmap_ptr, LOG_STEP_: tl.constexpr):
+    def _decode(code, BITS: tl.constexpr, KIND: tl.constexpr, SIGNED: tl.constexpr, qmap_ptr):
         if KIND == 2:
             return tl.load(qmap_ptr + code)
         offset: tl.constexpr = (2 ** (BITS - 1) - 1) if SIGNED else 0
-        return _levels(code.to(tl.float32) - offset, BITS, KIND, SIGNED, qmap_ptr, LOG_STEP_)
+        return _levels(code.to(tl.float32) - offset, BITS, KIND, SIGNED)
 
     @triton.jit
     def _encode(x, u, BITS: tl.constexpr, KIND: tl.constexpr, SIGNED: tl.constexpr, qmap_ptr, bounds_ptr,
-                LOG_STEP_: tl.constexpr, STOCHASTIC: tl.constexpr):
+                STOCHASTIC: tl.constexpr):
         if KIND == 2:
             # exact branchless binary search: lo = #{bounds <= x}, bounds sorted, +inf padded
             pos = tl.zeros(x.shape, tl.int32)
             for i in tl.static_range(BITS):
-                step: tl.constexpr = 2 ** (BITS - 1 - i)
-                cand = tl.load(bounds_ptr + pos + (step - 1))
-                pos = pos + tl.where(cand <= x, step, 0)
+                cand = tl.load(bounds_ptr + pos + (2 ** (BITS - 1 - i) - 1))
+                pos = pos + tl.where(cand <= x, 2 ** (BITS - 1 - i), 0)
             pos = tl.minimum(pos, 2**BITS - 2)
             qlo = tl.load(qmap_ptr + pos)
             qhi = tl.load(qmap_ptr + pos + 1)
@@ -112,8 +132,8 @@ if HAS_TRITON:
                 else:
                     t = tl.sqrt_rn(x) * n - 1.0
                 lo = tl.minimum(tl.maximum(tl.floor(t), 0.0), n - 2.0)
-            qlo = _levels(lo, BITS, KIND, SIGNED, qmap_ptr, LOG_STEP_)
-            qhi = _levels(lo + 1.0, BITS, KIND, SIGNED, qmap_ptr, LOG_STEP_)
+            qlo = _levels(lo, BITS, KIND, SIGNED)
+            qhi = _levels(lo + 1.0, BITS, KIND, SIGNED)
         if STOCHASTIC:
             up = u < tl.div_rn(x - qlo, qhi - qlo)
         else:
@@ -122,70 +142,96 @@ if HAS_TRITON:
         return (lo + up.to(tl.float32) + offset).to(tl.int32)
 
     @triton.jit
-    def _unpack(codes_ptr, blk, blk_ok, e, BITS: tl.constexpr, BLOCK: tl.constexpr):
-        # codes: uint8[num_blocks, BITS, BLOCK // 8]; element e: byte e // 8, bit e % 8 of each plane
-        code = tl.zeros(e.shape, tl.int32)
+    def _unpack(codes_ptr, r, w, i, blk_ok, BITS: tl.constexpr, W: tl.constexpr):
+        # codes (this program's first block): uint8[G, BITS, W]; element 8 * w + i of block r is bit i
+        # of byte w of each plane. Tensors are [G, W, 8]: the 8 elements of a byte sit side by side.
+        code = tl.zeros((r.shape[0], W, 8), tl.int32)
         for j in tl.static_range(BITS):
-            ptr = codes_ptr + (blk * BITS + j) * (BLOCK // 8) + e // 8
-            plane = tl.load(ptr, mask=blk_ok, other=0).to(tl.int32)
-            code = code | (((plane >> (e % 8)) & 1) << j)
+            plane = tl.load(codes_ptr + (r * BITS + j) * W + w, mask=blk_ok, other=0).to(tl.int32)  # [G, W, 1]
+            code = code | (((plane >> i) & 1) << j)
         return code
 
     @triton.jit
-    def _pack(codes_ptr, code, blk_row, blk_ok_row, e, BITS: tl.constexpr, BLOCK: tl.constexpr, G: tl.constexpr):
-        byte = tl.arange(0, BLOCK // 8)
-        for j in tl.static_range(BITS):
-            bit = ((code >> j) & 1) << (e % 8)  # [G, BLOCK]
-            packed = tl.sum(tl.reshape(bit, (G, BLOCK // 8, 8)), axis=2)
-            ptr = codes_ptr + (blk_row * BITS + j) * (BLOCK // 8) + byte[None, :]
-            tl.store(ptr, packed.to(tl.uint8), mask=blk_ok_row)
+    def _spread4(c):
+        # 4-bit values -> bit j moved to bit 8 * j (the shifted copies do not overlap: no carries)
+        return (c.to(tl.uint32) * 0x204081) & 0x01010101
+
+    @triton.jit
+    def _pack(codes_ptr, code, r2, w2, blk_ok2, i, BITS: tl.constexpr, W: tl.constexpr):
+        # bit j of the 8 codes of a byte -> byte j of one word per 4 planes, summed over the byte's
+        # 8 elements (distinct bits: the sum is an OR); one reduction per 4 planes, no per-plane pass
+        lo = tl.sum(_spread4(code & 15) << i.to(tl.uint32), axis=2)  # [G, W] uint32: planes 0..3
+        for j in tl.static_range(min(BITS, 4)):
+            tl.store(codes_ptr + (r2 * BITS + j) * W + w2, ((lo >> (8 * j)) & 0xFF).to(tl.uint8), mask=blk_ok2)
+        if BITS > 4:
+            hi = tl.sum(_spread4(code >> 4) << i.to(tl.uint32), axis=2)  # planes 4..7
+            for j in tl.static_range(BITS - 4):
+                tl.store(codes_ptr + (r2 * BITS + 4 + j) * W + w2, ((hi >> (8 * j)) & 0xFF).to(tl.uint8),
+                         mask=blk_ok2)  # fmt: skip
+
+    @triton.jit
+    def _bmax(x):
+        # per-block max of a [G, W, 8] tensor, kept as [G, 1, 1]
+        return tl.max(tl.max(x, axis=2, keep_dims=True), axis=1, keep_dims=True)
+
+    @triton.jit
+    def _total(x):
+        return tl.sum(tl.sum(tl.sum(x, axis=2), axis=1), axis=0)
 
     @triton.jit
     def _requant_err(x, SIGNED: tl.constexpr, BITS: tl.constexpr, KIND: tl.constexpr, qmap_ptr, bounds_ptr,
-                     LOG_STEP_: tl.constexpr, scale_ptr):
+                     SDTYPE: tl.constexpr):
         # x quantized (nearest) at another width and dequantized: the neighbouring-width probe
         if SIGNED:
-            s = _cast_rne(tl.max(tl.abs(x), axis=1), scale_ptr.dtype.element_ty).to(tl.float32)[:, None]
+            s = _cast_rne(_bmax(tl.abs(x)), SDTYPE).to(tl.float32)
         else:
-            s = _cast_rne(tl.max(x, axis=1), scale_ptr.dtype.element_ty).to(tl.float32)[:, None]
+            s = _cast_rne(_bmax(x), SDTYPE).to(tl.float32)
         s = tl.where(s > 0, s, 1.0)
-        code = _encode(tl.div_rn(x, s * (x * 0 + 1.0)), x, BITS, KIND, SIGNED, qmap_ptr, bounds_ptr, LOG_STEP_, False)
-        return _decode(code, BITS, KIND, SIGNED, qmap_ptr, LOG_STEP_) * s
+        code = _encode(tl.div_rn(x, tl.broadcast_to(s, x.shape)), x, BITS, KIND, SIGNED, qmap_ptr, bounds_ptr, False)
+        return _decode(code, BITS, KIND, SIGNED, qmap_ptr) * s
 
     @triton.jit
-    def _packed_adam_kernel(
-        p_ptr, g_ptr,  # param (fp32/bf16) and grad (fp32/bf16), numel elements, contiguous
-        mc_ptr, ms_ptr, vc_ptr, vs_ptr,  # packed codes uint8[num_blocks, bits, BLOCK/8] and scales [num_blocks]
-        mq_ptr, mb_ptr, vq_ptr, vb_ptr,  # codebook qmap / bounds (log kind only)
-        partial_ptr,  # fp32[num_programs, 3] per-program error sums (WITH_STATS)
-        npartial_ptr,  # fp32[num_programs, 6] per-program error sums at neighbouring widths, then at b, sampled
-        q0_ptr, b0_ptr, q1_ptr, b1_ptr, q2_ptr, b2_ptr, q3_ptr, b3_ptr,  # neighbour codebook tables
-        numel, num_blocks, index_offset, key_m, key_v,
+    def _step_body(
+        p_ptr, g_ptr, mc_ptr, ms_ptr, vc_ptr, vs_ptr,  # this unit's tensors
+        mq_ptr, mb_ptr, vq_ptr, vb_ptr,
+        partial_ptr, npartial_ptr, out_row,
+        q0_ptr, b0_ptr, q1_ptr, b1_ptr, q2_ptr, b2_ptr, q3_ptr, b3_ptr,
+        numel, num_blocks, index_offset, key_m, key_v, lpid,  # lpid: program index within the unit
         beta1, omb1, beta2, omb2, eps, l2, decay, step_size, inv_bc2,
         BLOCK: tl.constexpr, G: tl.constexpr,
         M_BITS: tl.constexpr, M_KIND: tl.constexpr, V_BITS: tl.constexpr, V_KIND: tl.constexpr,
-        M_LOG: tl.constexpr, V_LOG: tl.constexpr,
         STOCHASTIC: tl.constexpr, WITH_STATS: tl.constexpr,
-        # neighbouring widths (0 = absent): exp_avg b-1, b+1, exp_avg_sq b-1, b+1, and their kinds
         N0_BITS: tl.constexpr, N0_KIND: tl.constexpr, N1_BITS: tl.constexpr, N1_KIND: tl.constexpr,
         N2_BITS: tl.constexpr, N2_KIND: tl.constexpr, N3_BITS: tl.constexpr, N3_KIND: tl.constexpr,
-        N0_LOG: tl.constexpr, N1_LOG: tl.constexpr, N2_LOG: tl.constexpr, N3_LOG: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        blk_row = (pid * G + tl.arange(0, G)).to(tl.int64)[:, None]  # [G, 1]
-        blk_ok_row = blk_row < num_blocks
-        e = tl.arange(0, BLOCK)[None, :]  # [1, BLOCK]
-        offs = blk_row * BLOCK + e  # [G, BLOCK]
-        blk = blk_row + e * 0
-        blk_ok = blk < num_blocks
-        inside = offs < numel
+        # 64-bit arithmetic once per program (bases); 32-bit per element (local offsets)
+        blk0 = lpid.to(tl.int64) * G  # first block of the program
+        base = blk0 * BLOCK  # first element
+        W: tl.constexpr = BLOCK // 8  # bytes per plane of a block
+        r = tl.arange(0, G)[:, None, None]  # [G, 1, 1] block within the program
+        w = tl.arange(0, W)[None, :, None]  # [1, W, 1] byte within a plane
+        i = tl.arange(0, 8)[None, None, :]  # [1, 1, 8] bit within the byte
+        loc = r * BLOCK + w * 8 + i  # [G, W, 8] int32 element within the program
+        r2 = tl.arange(0, G)[:, None]  # [G, 1] and [1, W]: the packed bytes
+        w2 = tl.arange(0, W)[None, :]
+        rem = tl.minimum(numel - base, G * BLOCK).to(tl.int32)
+        brem = tl.minimum(num_blocks - blk0, G).to(tl.int32)
+        inside = loc < rem
+        blk_ok = r < brem  # [G, 1, 1]
+        blk_ok2 = r2 < brem
+        p_ptr += base
+        g_ptr += base
+        ms_ptr += blk0
+        vs_ptr += blk0
+        mc_ptr += blk0 * (M_BITS * (BLOCK // 8))
+        vc_ptr += blk0 * (V_BITS * (BLOCK // 8))
 
-        p = tl.load(p_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-        ms = tl.load(ms_ptr + blk_row, mask=blk_ok_row, other=0.0).to(tl.float32)
-        vs = tl.load(vs_ptr + blk_row, mask=blk_ok_row, other=0.0).to(tl.float32)
-        m = _decode(_unpack(mc_ptr, blk, blk_ok, e, M_BITS, BLOCK), M_BITS, M_KIND, True, mq_ptr, M_LOG) * ms
-        v = _decode(_unpack(vc_ptr, blk, blk_ok, e, V_BITS, BLOCK), V_BITS, V_KIND, False, vq_ptr, V_LOG) * vs
+        p = tl.load(p_ptr + loc, mask=inside, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + loc, mask=inside, other=0.0).to(tl.float32)
+        ms = tl.load(ms_ptr + r, mask=blk_ok, other=0.0).to(tl.float32)
+        vs = tl.load(vs_ptr + r, mask=blk_ok, other=0.0).to(tl.float32)
+        m = _decode(_unpack(mc_ptr, r, w, i, blk_ok, M_BITS, W), M_BITS, M_KIND, True, mq_ptr) * ms
+        v = _decode(_unpack(vc_ptr, r, w, i, blk_ok, V_BITS, W), V_BITS, V_KIND, False, vq_ptr) * vs
 
         g = g + p * l2
         m = m * beta1 + g * omb1
@@ -193,62 +239,153 @@ if HAS_TRITON:
         p = p * decay
         denom = tl.sqrt_rn(v) * inv_bc2 + eps
         p = p - tl.div_rn(m, denom) * step_size
-        tl.store(p_ptr + offs, _cast_rne(p, p_ptr.dtype.element_ty), mask=inside)
+        tl.store(p_ptr + loc, _cast_rne(p, p_ptr.dtype.element_ty), mask=inside)
         m = tl.where(inside, m, 0.0)
         v = tl.where(inside, v, 0.0)
 
         if STOCHASTIC:
-            index = index_offset + offs
-            um = _uniform(index, key_m)
-            uv = _uniform(index, key_v)
+            # global index = index_offset + base + loc, as two uint32 words (carry from the low word)
+            start = index_offset + base
+            s_lo = start.to(tl.uint32)
+            s_hi = (start >> 32).to(tl.uint32)
+            lo = s_lo + loc.to(tl.uint32)
+            hi = s_hi + (lo < s_lo).to(tl.uint32)
+            um = _uniform(lo, hi, key_m.to(tl.uint32))
+            uv = _uniform(lo, hi, key_v.to(tl.uint32))
         else:
             um = m
             uv = v
-        m_scale = _cast_rne(tl.max(tl.abs(m), axis=1), ms_ptr.dtype.element_ty)
-        v_scale = _cast_rne(tl.max(v, axis=1), vs_ptr.dtype.element_ty)
-        tl.store(ms_ptr + blk_row, m_scale[:, None], mask=blk_ok_row)
-        tl.store(vs_ptr + blk_row, v_scale[:, None], mask=blk_ok_row)
-        sm = m_scale.to(tl.float32)[:, None]
-        sv = v_scale.to(tl.float32)[:, None]
+        m_scale = _cast_rne(_bmax(tl.abs(m)), ms_ptr.dtype.element_ty)  # [G, 1, 1]
+        v_scale = _cast_rne(_bmax(v), vs_ptr.dtype.element_ty)
+        tl.store(ms_ptr + r, m_scale, mask=blk_ok)
+        tl.store(vs_ptr + r, v_scale, mask=blk_ok)
+        sm = m_scale.to(tl.float32)
+        sv = v_scale.to(tl.float32)
         sm = tl.where(sm > 0, sm, 1.0)
         sv = tl.where(sv > 0, sv, 1.0)
-        m_code = _encode(tl.div_rn(m, sm * (e * 0 + 1.0)), um, M_BITS, M_KIND, True, mq_ptr, mb_ptr, M_LOG, STOCHASTIC)
-        v_code = _encode(tl.div_rn(v, sv * (e * 0 + 1.0)), uv, V_BITS, V_KIND, False, vq_ptr, vb_ptr, V_LOG, STOCHASTIC)
-        _pack(mc_ptr, m_code, blk_row, blk_ok_row, e, M_BITS, BLOCK, G)
-        _pack(vc_ptr, v_code, blk_row, blk_ok_row, e, V_BITS, BLOCK, G)
+        m_code = _encode(tl.div_rn(m, tl.broadcast_to(sm, m.shape)), um, M_BITS, M_KIND, True, mq_ptr, mb_ptr, STOCHASTIC)
+        v_code = _encode(tl.div_rn(v, tl.broadcast_to(sv, v.shape)), uv, V_BITS, V_KIND, False, vq_ptr, vb_ptr, STOCHASTIC)
+        _pack(mc_ptr, m_code, r2, w2, blk_ok2, i, M_BITS, W)
+        _pack(vc_ptr, v_code, r2, w2, blk_ok2, i, V_BITS, W)
 
         if WITH_STATS:
-            mq = _decode(m_code, M_BITS, M_KIND, True, mq_ptr, M_LOG) * sm
-            vq = _decode(v_code, V_BITS, V_KIND, False, vq_ptr, V_LOG) * sv
+            mq = _decode(m_code, M_BITS, M_KIND, True, mq_ptr) * sm
+            vq = _decode(v_code, V_BITS, V_KIND, False, vq_ptr) * sv
             ref = tl.div_rn(m, denom)
             err_m = tl.div_rn(mq, denom) - ref
             err_v = tl.div_rn(m, tl.sqrt_rn(vq) * inv_bc2 + eps) - ref
             err_m = tl.where(inside, err_m, 0.0)
             err_v = tl.where(inside, err_v, 0.0)
             ref = tl.where(inside, ref, 0.0)
-            tl.store(partial_ptr + pid * 3 + 0, tl.sum(tl.sum(err_m * err_m, axis=1), axis=0))
-            tl.store(partial_ptr + pid * 3 + 1, tl.sum(tl.sum(err_v * err_v, axis=1), axis=0))
-            tl.store(partial_ptr + pid * 3 + 2, tl.sum(tl.sum(ref * ref, axis=1), axis=0))
-            probe = inside & (blk % PROBE_STRIDE == 0)  # the sampled blocks, as in the twin
+            tl.store(partial_ptr + out_row * 3 + 0, _total(err_m * err_m))
+            tl.store(partial_ptr + out_row * 3 + 1, _total(err_v * err_v))
+            tl.store(partial_ptr + out_row * 3 + 2, _total(ref * ref))
+            # the sampled blocks (block index within the unit), as in the twin
+            probe = inside & ((blk0.to(tl.int32) + r) % _PROBE == 0)
             if N0_BITS + N1_BITS + N2_BITS + N3_BITS > 0:  # the current widths on the same sample
                 sm2 = tl.where(probe, err_m * err_m, 0.0)
                 sv2 = tl.where(probe, err_v * err_v, 0.0)
-                tl.store(npartial_ptr + pid * 6 + 4, tl.sum(tl.sum(sm2, axis=1), axis=0))
-                tl.store(npartial_ptr + pid * 6 + 5, tl.sum(tl.sum(sv2, axis=1), axis=0))
+                tl.store(npartial_ptr + out_row * 6 + 4, _total(sm2))
+                tl.store(npartial_ptr + out_row * 6 + 5, _total(sv2))
             if N0_BITS > 0:
-                e0 = tl.where(probe, tl.div_rn(_requant_err(m, True, N0_BITS, N0_KIND, q0_ptr, b0_ptr, N0_LOG, ms_ptr), denom) - ref, 0.0)
-                tl.store(npartial_ptr + pid * 6 + 0, tl.sum(tl.sum(e0 * e0, axis=1), axis=0))
+                e0 = tl.where(probe, tl.div_rn(_requant_err(m, True, N0_BITS, N0_KIND, q0_ptr, b0_ptr, ms_ptr.dtype.element_ty), denom) - ref, 0.0)
+                tl.store(npartial_ptr + out_row * 6 + 0, _total(e0 * e0))
             if N1_BITS > 0:
-                e1 = tl.where(probe, tl.div_rn(_requant_err(m, True, N1_BITS, N1_KIND, q1_ptr, b1_ptr, N1_LOG, ms_ptr), denom) - ref, 0.0)
-                tl.store(npartial_ptr + pid * 6 + 1, tl.sum(tl.sum(e1 * e1, axis=1), axis=0))
+                e1 = tl.where(probe, tl.div_rn(_requant_err(m, True, N1_BITS, N1_KIND, q1_ptr, b1_ptr, ms_ptr.dtype.element_ty), denom) - ref, 0.0)
+                tl.store(npartial_ptr + out_row * 6 + 1, _total(e1 * e1))
             if N2_BITS > 0:
-                vq2 = _requant_err(v, False, N2_BITS, N2_KIND, q2_ptr, b2_ptr, N2_LOG, vs_ptr)
+                vq2 = _requant_err(v, False, N2_BITS, N2_KIND, q2_ptr, b2_ptr, vs_ptr.dtype.element_ty)
                 e2 = tl.where(probe, tl.div_rn(m, tl.sqrt_rn(vq2) * inv_bc2 + eps) - ref, 0.0)
-                tl.store(npartial_ptr + pid * 6 + 2, tl.sum(tl.sum(e2 * e2, axis=1), axis=0))
+                tl.store(npartial_ptr + out_row * 6 + 2, _total(e2 * e2))
             if N3_BITS > 0:
-                vq3 = _requant_err(v, False, N3_BITS, N3_KIND, q3_ptr, b3_ptr, N3_LOG, vs_ptr)
+                vq3 = _requant_err(v, False, N3_BITS, N3_KIND, q3_ptr, b3_ptr, vs_ptr.dtype.element_ty)
                 e3 = tl.where(probe, tl.div_rn(m, tl.sqrt_rn(vq3) * inv_bc2 + eps) - ref, 0.0)
-                tl.store(npartial_ptr + pid * 6 + 3, tl.sum(tl.sum(e3 * e3, axis=1), axis=0))
+                tl.store(npartial_ptr + out_row * 6 + 3, _total(e3 * e3))
+
+    # Per-step integers are typed and never specialized: one compile per configuration per run.
+    _NOSPEC = ["numel", "num_blocks", "index_offset", "key_m", "key_v"]
+
+    @triton.jit(do_not_specialize=_NOSPEC)
+    def _packed_adam_kernel(
+        p_ptr, g_ptr,  # param (fp32/bf16/fp16) and grad, numel elements, contiguous
+        mc_ptr, ms_ptr, vc_ptr, vs_ptr,  # packed codes uint8[num_blocks, bits, BLOCK/8] and scales [num_blocks]
+        mq_ptr, mb_ptr, vq_ptr, vb_ptr,  # codebook qmap / bounds (log kind only)
+        partial_ptr,  # fp32[num_programs, 3] per-program error sums (WITH_STATS)
+        npartial_ptr,  # fp32[num_programs, 6] per-program error sums at neighbouring widths, then at b, sampled
+        q0_ptr, b0_ptr, q1_ptr, b1_ptr, q2_ptr, b2_ptr, q3_ptr, b3_ptr,  # neighbour codebook tables
+        numel: tl.int64, num_blocks: tl.int64, index_offset: tl.int64, key_m: tl.uint32, key_v: tl.uint32,
+        beta1, omb1, beta2, omb2, eps, l2, decay, step_size, inv_bc2,
+        BLOCK: tl.constexpr, G: tl.constexpr,
+        M_BITS: tl.constexpr, M_KIND: tl.constexpr, V_BITS: tl.constexpr, V_KIND: tl.constexpr,
+        STOCHASTIC: tl.constexpr, WITH_STATS: tl.constexpr,
+        # neighbouring widths (0 = absent): exp_avg b-1, b+1, exp_avg_sq b-1, b+1, and their kinds
+        N0_BITS: tl.constexpr, N0_KIND: tl.constexpr, N1_BITS: tl.constexpr, N1_KIND: tl.constexpr,
+        N2_BITS: tl.constexpr, N2_KIND: tl.constexpr, N3_BITS: tl.constexpr, N3_KIND: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        _step_body(
+            p_ptr, g_ptr, mc_ptr, ms_ptr, vc_ptr, vs_ptr, mq_ptr, mb_ptr, vq_ptr, vb_ptr,
+            partial_ptr, npartial_ptr, pid, q0_ptr, b0_ptr, q1_ptr, b1_ptr, q2_ptr, b2_ptr, q3_ptr, b3_ptr,
+            numel, num_blocks, index_offset, key_m, key_v, pid,
+            beta1, omb1, beta2, omb2, eps, l2, decay, step_size, inv_bc2,
+            BLOCK, G, M_BITS, M_KIND, V_BITS, V_KIND, STOCHASTIC, WITH_STATS,
+            N0_BITS, N0_KIND, N1_BITS, N1_KIND, N2_BITS, N2_KIND, N3_BITS, N3_KIND,
+        )  # fmt: skip
+
+    @triton.jit
+    def _packed_adam_group_kernel(
+        meta_ptr,  # int64[E, META]: addresses p, g, mc, ms, vc, vs; numel, num_blocks, index_offset,
+        #            key_m, key_v, first program
+        hyper_ptr,  # fp32[E, 9]: StepScalars of each entry
+        prog_ptr,  # int32[num_programs]: entry of each program
+        mq_ptr, mb_ptr, vq_ptr, vb_ptr,
+        partial_ptr, npartial_ptr,
+        q0_ptr, b0_ptr, q1_ptr, b1_ptr, q2_ptr, b2_ptr, q3_ptr, b3_ptr,
+        P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
+        ALIGNED: tl.constexpr,  # every param and grad address is a multiple of 16 bytes: vector loads
+        BLOCK: tl.constexpr, G: tl.constexpr,
+        M_BITS: tl.constexpr, M_KIND: tl.constexpr, V_BITS: tl.constexpr, V_KIND: tl.constexpr,
+        STOCHASTIC: tl.constexpr, WITH_STATS: tl.constexpr,
+        N0_BITS: tl.constexpr, N0_KIND: tl.constexpr, N1_BITS: tl.constexpr, N1_KIND: tl.constexpr,
+        N2_BITS: tl.constexpr, N2_KIND: tl.constexpr, N3_BITS: tl.constexpr, N3_KIND: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        ent = tl.load(prog_ptr + pid).to(tl.int64)
+        row = meta_ptr + ent * 12
+        hy = hyper_ptr + ent * 9
+        p_ptr = tl.load(row + 0).to(tl.pointer_type(P_DTYPE))
+        g_ptr = tl.load(row + 1).to(tl.pointer_type(G_DTYPE))
+        if ALIGNED:
+            p_ptr = tl.multiple_of(p_ptr, 16)
+            g_ptr = tl.multiple_of(g_ptr, 16)
+        _step_body(
+            p_ptr, g_ptr,
+            tl.load(row + 2).to(tl.pointer_type(tl.uint8)), tl.load(row + 3).to(tl.pointer_type(S_DTYPE)),
+            tl.load(row + 4).to(tl.pointer_type(tl.uint8)), tl.load(row + 5).to(tl.pointer_type(S_DTYPE)),
+            mq_ptr, mb_ptr, vq_ptr, vb_ptr,
+            partial_ptr, npartial_ptr, pid, q0_ptr, b0_ptr, q1_ptr, b1_ptr, q2_ptr, b2_ptr, q3_ptr, b3_ptr,
+            tl.load(row + 6), tl.load(row + 7), tl.load(row + 8), tl.load(row + 9), tl.load(row + 10),
+            pid - tl.load(row + 11).to(tl.int32),
+            tl.load(hy + 0), tl.load(hy + 1), tl.load(hy + 2), tl.load(hy + 3), tl.load(hy + 4),
+            tl.load(hy + 5), tl.load(hy + 6), tl.load(hy + 7), tl.load(hy + 8),
+            BLOCK, G, M_BITS, M_KIND, V_BITS, V_KIND, STOCHASTIC, WITH_STATS,
+            N0_BITS, N0_KIND, N1_BITS, N1_KIND, N2_BITS, N2_KIND, N3_BITS, N3_KIND,
+        )  # fmt: skip
+
+
+def _neighbor_args(mcb, nbrs):
+    tables, consts = [], {}
+    for i, cb in enumerate(nbrs):
+        tables += [cb.qmap, cb.bounds] if cb is not None else [mcb.qmap, mcb.bounds]
+        consts[f"N{i}_BITS"] = cb.bits if cb is not None else 0
+        consts[f"N{i}_KIND"] = KINDS.index(cb.kind) if cb is not None else 0
+    return tables, consts
+
+
+def _launch_opts(block_size: int) -> tuple[int, dict]:
+    g, warps = launch_shape(block_size)
+    # no FMA contraction: the twin rounds every product and sum (bit-identity on GPUs)
+    return g, dict(num_warps=warps, enable_fp_fusion=False)
 
 
 def triton_packed_adam_step(
@@ -277,30 +414,100 @@ def triton_packed_adam_step(
     mcb, vcb = exp_avg_codebook, exp_avg_sq_codebook
     assert exp_avg_codes.shape[1] == mcb.bits and exp_avg_sq_codes.shape[1] == vcb.bits
     assert param.is_contiguous() and grad.is_contiguous()
+    if block_size > MAX_BLOCK_SIZE:
+        raise ValueError(f"block_size={block_size} is above the kernel's limit {MAX_BLOCK_SIZE}")
     numel = param.numel()
     nblocks = exp_avg_codes.shape[0]
-    grid = (triton.cdiv(nblocks, GROUP),)
+    G, opts = _launch_opts(block_size)
+    grid = (triton.cdiv(nblocks, G),)
+    if grid[0] == 0:
+        return
     with_stats = stats is not None
     partial = torch.empty((grid[0], 3) if with_stats else (1, 3), dtype=torch.float32, device=param.device)
     nbrs = neighbor_codebooks if (with_stats and neighbor_stats is not None) else (None,) * 4
     npartial = torch.zeros((grid[0], 6) if any(cb is not None for cb in nbrs) else (1, 6),
                            dtype=torch.float32, device=param.device)  # fmt: skip
-    tables, consts = [], {}
-    for i, cb in enumerate(nbrs):
-        tables += [cb.qmap, cb.bounds] if cb is not None else [mcb.qmap, mcb.bounds]
-        consts[f"N{i}_BITS"] = cb.bits if cb is not None else 0
-        consts[f"N{i}_KIND"] = KINDS.index(cb.kind) if cb is not None else 0
-        consts[f"N{i}_LOG"] = LOG_STEP.get(cb.bits, 1.0) if cb is not None else 1.0
+    tables, consts = _neighbor_args(mcb, nbrs)
     _packed_adam_kernel[grid](
         param, grad, exp_avg_codes, exp_avg_scale, exp_avg_sq_codes, exp_avg_sq_scale,
         mcb.qmap, mcb.bounds, vcb.qmap, vcb.bounds, partial, npartial, *tables,
         numel, nblocks, index_offset, rng_keys[0], rng_keys[1], *scalars,
-        BLOCK=block_size, G=GROUP,
+        BLOCK=block_size, G=G,
         M_BITS=mcb.bits, M_KIND=KINDS.index(mcb.kind), V_BITS=vcb.bits, V_KIND=KINDS.index(vcb.kind),
-        M_LOG=LOG_STEP.get(mcb.bits, 1.0), V_LOG=LOG_STEP.get(vcb.bits, 1.0),
-        STOCHASTIC=stochastic, WITH_STATS=with_stats, **consts,
+        STOCHASTIC=stochastic, WITH_STATS=with_stats, **consts, **opts,
     )  # fmt: skip
     if with_stats:
         stats.add_(partial.sum(0))
         if neighbor_stats is not None:
             neighbor_stats.add_(npartial.sum(0))
+
+
+def _addr(t: torch.Tensor) -> int:
+    return t.data_ptr() if t.numel() else 0
+
+
+def triton_packed_adam_group_step(
+    entries: list[GroupEntry],
+    exp_avg_codebook: Codebook,
+    exp_avg_sq_codebook: Codebook,
+    *,
+    block_size: int,
+    stochastic: bool = False,
+    stats: torch.Tensor | None = None,
+    neighbor_codebooks: tuple | None = None,
+    neighbor_stats: torch.Tensor | None = None,
+    compile: bool = False,
+) -> None:
+    """Same contract as ``torch_packed_adam_group_step``: one launch for the whole group."""
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not installed: pip install triton, or use backend='torch'")
+    mcb, vcb = exp_avg_codebook, exp_avg_sq_codebook
+    check_group(entries, mcb, vcb, stats, neighbor_stats)
+    if not entries:
+        return
+    if block_size > MAX_BLOCK_SIZE:
+        raise ValueError(f"block_size={block_size} is above the kernel's limit {MAX_BLOCK_SIZE}")
+    dev = entries[0].param.device
+    G, opts = _launch_opts(block_size)
+    meta, hyper, progs = [], [], []
+    first = 0
+    for i, en in enumerate(entries):
+        nb = en.exp_avg_codes.shape[0]
+        n_prog = -(-nb // G)
+        meta.append([
+            _addr(en.param), _addr(en.grad), _addr(en.exp_avg_codes), _addr(en.exp_avg_scale),
+            _addr(en.exp_avg_sq_codes), _addr(en.exp_avg_sq_scale), en.param.numel(), nb, en.index_offset,
+            en.rng_keys[0], en.rng_keys[1], first,
+        ])  # fmt: skip
+        hyper.append(list(en.scalars))
+        progs.append(torch.full((n_prog,), i, dtype=torch.int32))
+        first += n_prog
+    if first == 0:
+        return
+    pin = dev.type == "cuda"
+    meta_t = torch.tensor(meta, dtype=torch.int64)
+    hyper_t = torch.tensor(hyper, dtype=torch.float32)
+    prog_t = torch.cat(progs)
+    if pin:
+        meta_t, hyper_t, prog_t = meta_t.pin_memory(), hyper_t.pin_memory(), prog_t.pin_memory()
+    meta_t, hyper_t, prog_t = (t.to(dev, non_blocking=True) for t in (meta_t, hyper_t, prog_t))
+    with_stats = stats is not None
+    partial = torch.zeros((first, 3) if with_stats else (1, 3), dtype=torch.float32, device=dev)
+    nbrs = neighbor_codebooks if (with_stats and neighbor_stats is not None) else (None,) * 4
+    npartial = torch.zeros((first, 6) if any(cb is not None for cb in nbrs) else (1, 6), dtype=torch.float32,
+                           device=dev)  # fmt: skip
+    tables, consts = _neighbor_args(mcb, nbrs)
+    e0 = entries[0]
+    _packed_adam_group_kernel[(first,)](
+        meta_t, hyper_t, prog_t, mcb.qmap, mcb.bounds, vcb.qmap, vcb.bounds, partial, npartial, *tables,
+        P_DTYPE=_TL_DTYPES[e0.param.dtype], G_DTYPE=_TL_DTYPES[e0.grad.dtype], S_DTYPE=_TL_DTYPES[e0.exp_avg_scale.dtype],
+        ALIGNED=all(row[0] % 16 == 0 and row[1] % 16 == 0 for row in meta),
+        BLOCK=block_size, G=G,
+        M_BITS=mcb.bits, M_KIND=KINDS.index(mcb.kind), V_BITS=vcb.bits, V_KIND=KINDS.index(vcb.kind),
+        STOCHASTIC=stochastic, WITH_STATS=with_stats, **consts, **opts,
+    )  # fmt: skip
+    if with_stats:
+        idx = prog_t.to(torch.int64)
+        stats.index_add_(0, idx, partial)
+        if neighbor_stats is not None:
+            neighbor_stats.index_add_(0, idx, npartial)
