@@ -357,6 +357,16 @@ def memory_check(results: list[Result], n_params: int) -> tuple[str, bool]:
     return "\n".join(lines), all_ok
 
 
+def _hardware() -> str:
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    return f"{cpu or 'unknown CPU'}, {os.cpu_count()} cores, no GPU" if not torch.cuda.is_available() else cpu
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small run: ~2.6M parameters, fewer steps")
@@ -378,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     target = args.params if args.params is not None else (2.6e6 if args.quick else 23e6)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     steps = args.steps if args.steps is not None else (5 if args.quick else 7)
+    load_start = list(os.getloadavg())
     vocab, hidden, layers = pick_sizes(target)
     shapes = transformer_shapes(vocab, hidden, layers)
     n_params = sum(numel(s) for _, s in shapes)
@@ -445,8 +456,15 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t_start
     print(f"\ntotal wall time {wall:.1f}s")
     if args.json:
+        meta = {
+            "command": "python benchmarks/step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "warmup": warmup, "steps": steps,
+            "shapes": {"vocab": vocab, "hidden": hidden, "layers": layers, "tensors": len(shapes)},
+            "load_average_start": load_start, "load_average_end": list(os.getloadavg()),
+            "wall_seconds": wall, "memory_check_pass": check_ok, "hardware": _hardware(),
+        }  # fmt: skip
         with open(args.json, "w") as f:
-            json.dump({"params": n_params, "rows": rows}, f, indent=2)
+            json.dump({"params": n_params, "rows": rows, "meta": meta}, f, indent=2)
         print(f"wrote {args.json}")
     return 0
 

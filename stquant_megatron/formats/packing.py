@@ -8,8 +8,10 @@ loop serves all widths. Tensors are padded to whole blocks: at most ``block_size
 elements per unit.
 
 The PyTorch functions move 8 codes at a time as one int64 word (code e of a group of 8 in byte e
-of the word): unpacking spreads each plane byte's 8 bits to the low bit of 8 bytes, packing
-gathers them back, each in three shift-or-mask steps.
+of the word): unpacking looks each plane byte up in a 256-entry table of its 8 bits spread to the
+low bit of 8 bytes; packing masks bit j of every byte and gathers the 8 bits into the top byte with
+one multiplication by 0x0102040810204080 (bit 8i moves to bit 56 + i; no two partial products
+meet, so nothing carries into the top byte).
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from __future__ import annotations
 import torch
 
 _SPREAD = ((28, 0x0000000F0000000F), (14, 0x0003000300030003), (7, 0x0101010101010101))
-_GATHER = ((7, 0x0003000300030003), (14, 0x0000000F0000000F), (28, 0xFF))
+_LOW_BITS = 0x0101010101010101
+_GATHER_MUL = 0x0102040810204080
+_SPREAD_TABLES: dict[torch.device, torch.Tensor] = {}
 
 
 def num_blocks(numel: int, block_size: int) -> int:
@@ -38,10 +42,14 @@ def _spread(x: torch.Tensor) -> torch.Tensor:
 
 def _gather(y: torch.Tensor) -> torch.Tensor:
     """Inverse of ``_spread``: bit 8*i of y -> bit i of the result (other bits ignored)."""
-    y = y & 0x0101010101010101
-    for shift, mask in _GATHER:
-        y = (y | (y >> shift)) & mask
-    return y
+    return (((y & _LOW_BITS) * _GATHER_MUL) >> 56) & 0xFF  # int64 wraps: only the top byte is kept
+
+
+def _spread_table(device: torch.device) -> torch.Tensor:
+    table = _SPREAD_TABLES.get(device)
+    if table is None:
+        table = _SPREAD_TABLES[device] = _spread(torch.arange(256, dtype=torch.int64, device=device))
+    return table
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -56,6 +64,8 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """``uint8[nb, bits, block // 8]`` bit planes -> ``uint8[nb, block]`` codes."""
     nb, b, nbytes = packed.shape
     assert b == bits, (b, bits)
-    words = _spread(packed.to(torch.int64))
-    shifts = torch.arange(bits, dtype=torch.int64, device=packed.device).view(1, bits, 1)
-    return (words << shifts).sum(1).view(torch.uint8).view(nb, nbytes * 8)
+    words = _spread_table(packed.device)[packed.long()]
+    out = words[:, 0]
+    for j in range(1, bits):
+        out = out | (words[:, j] << j)
+    return out.view(torch.uint8).view(nb, nbytes * 8)

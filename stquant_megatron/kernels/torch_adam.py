@@ -128,7 +128,7 @@ def _adam_chunk(
     p = p * decay
     denom = sqrt_rn(v) * inv_bc2 + eps
     p = p - (m / denom) * step_size
-    offset = torch.arange(p.numel(), device=p.device).view(p.shape)
+    offset = torch.arange(p.numel(), device=p.device).view(p.shape) if has_tail or stochastic else None
     if has_tail:  # padding past the tensor's end holds zero moments, so it never sets a scale
         inside = offset < valid
         m = torch.where(inside, m, 0.0)
