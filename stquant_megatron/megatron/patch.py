@@ -132,11 +132,28 @@ def install(distopt: Any, config: STQuantConfig) -> STQuantAdamW:
     """Replace ``distopt``'s inner optimizer by ``STQuantAdamW`` over the same shard param groups."""
     oc = distopt.config
     group = distopt.get_grad_stats_parallel_group() if hasattr(distopt, "get_grad_stats_parallel_group") else None
-    inner = STQuantAdamW(
-        distopt.optimizer.param_groups, lr=oc.lr, betas=(oc.adam_beta1, oc.adam_beta2), eps=oc.adam_eps,
-        weight_decay=oc.weight_decay, config=config, decoupled_weight_decay=oc.decoupled_weight_decay,
-        process_group=group,
-    )  # fmt: skip
+    # With fp32 model params (no --bf16/--fp16) the shard "main" params are views of the model
+    # params, i.e. non-leaf tensors, which torch.optim.Optimizer refuses ("can't optimize a
+    # non-leaf Tensor"). Megatron itself swaps them into its inner optimizer's param groups after
+    # construction; do the same: construct over leaf stand-ins, then put the real shards back into
+    # the same group dicts (the step updates them in place under no_grad, like Megatron's).
+    groups = distopt.optimizer.param_groups
+    shards = [list(g["params"]) for g in groups]
+    for g in groups:
+        g["params"] = [p if p.is_leaf else p.detach() for p in g["params"]]
+    try:
+        inner = STQuantAdamW(
+            groups, lr=oc.lr, betas=(oc.adam_beta1, oc.adam_beta2), eps=oc.adam_eps,
+            weight_decay=oc.weight_decay, config=config, decoupled_weight_decay=oc.decoupled_weight_decay,
+            process_group=group,
+        )  # fmt: skip
+    finally:
+        for g, params in zip(groups, shards):
+            g["params"] = params
+    if len(inner.param_groups) != len(shards) or any(
+        a is not b for g, params in zip(inner.param_groups, shards) for a, b in zip(g["params"], params)
+    ):  # the same dicts, holding the real shards
+        raise RuntimeError("stquant-megatron: STQuantAdamW did not keep Megatron's param-group dicts")
     inner.group_step_authoritative = True
     names = global_param_names(distopt.model_chunks)
     for model_param, (gi, go) in distopt.model_param_group_index_map.items():
