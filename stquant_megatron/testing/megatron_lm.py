@@ -41,7 +41,8 @@ Recording (for tests): with ``STQUANT_LM_RECORD=<dir>`` each rank writes ``<dir>
 ``iterations`` (per ``training_log`` call: iteration, the DP-reduced losses, grad norm, skipped),
 ``local_losses`` (this rank's own per-iteration loss, from the forward-backward output before
 Megatron's data-parallel all-reduce), and at the end ``optimizers`` (per DistributedOptimizer:
-inner class, state bytes, params, unit bits). The wrapper also prints
+inner class, state bytes, params, this rank's unit bits, the scheduler's bits for every unit of
+the optimizer, its average bits and number of decisions). The wrapper also prints
 ``[stquant-lm] optimizer state: X B/param`` on every rank.
 """
 
@@ -179,8 +180,11 @@ def _optimizer_summary(optimizer) -> list[dict]:
                         seen.add(v.untyped_storage().data_ptr())
                         nbytes += v.untyped_storage().nbytes()
             bits = {}
+        sched = getattr(inner, "scheduler", None)
         out.append({"inner": type(inner).__name__, "state_bytes": nbytes, "params": nparams, "bits": bits,
-                    "avg_bits": inner.scheduler.average_bits() if getattr(inner, "scheduler", None) else None,
+                    "avg_bits": sched.average_bits() if sched else None,
+                    "scheduler_bits": dict(sched.current()) if sched else None,
+                    "decisions": len(sched.history) if sched else None,
                     "expert": bool(getattr(opt, "is_expert_parallel", False)
                                    or any(g.get("is_expert_parallel") for g in inner.param_groups))})  # fmt: skip
     return out
