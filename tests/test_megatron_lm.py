@@ -174,6 +174,53 @@ def test_gpt_model_parallel_tracks_stock(name, ga, route, flags, tol, bpp_range,
           f"ours {ours.losses()}; wall {ours.wall_s:.1f} s")  # fmt: skip
 
 
+# --------------------------------------------------------------------------------------------- MoE
+MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--expert-model-parallel-size", "2",
+       # the local (non-TE) SequentialMLP experts support a fused bias-activation only for
+       # swiglu / quick-geglu (Megatron raises for gelu); not a CPU limitation
+       "--no-bias-gelu-fusion"]  # fmt: skip
+
+
+@pytest.mark.megatron
+@pytest.mark.megatron_lm
+def test_moe_ep2_dense_and_expert_optimizers_pack_agree_and_resume(tmp_path):
+    """4 experts, top-2, EP=2 (x DP=2 for the dense part): Megatron builds a dense and an expert
+    DistributedOptimizer; both get packed, scheduled state; each decides once for all its units
+    (the experts of both EP ranks under their global index), and a torch_dist resume is exact."""
+    ck = str(tmp_path / "ckpt")
+    base = gpt_args(iters=ITERS) + MOE + ["--stquant", *SCHED, "--ckpt-format", "torch_dist"]
+    straight = run_megatron_lm("pretrain_gpt.py", base + ["--save", ck, "--save-interval", "3"], route="launch",
+                               workdir=str(tmp_path / "straight"))  # fmt: skip
+    resumed = run_megatron_lm("pretrain_gpt.py", base + ["--load", ck, "--ckpt-step", "3"], route="launch",
+                              workdir=str(tmp_path / "resumed"))  # fmt: skip
+    _check_packed(straight, 0.8, 1.3)
+    assert straight.losses()[-1] < straight.losses()[0] - 0.2
+    _check_local_losses(straight)
+    for r in straight.records:
+        assert [o["expert"] for o in r["optimizers"]] == [False, True], r["optimizers"]
+    for k, kind in enumerate(("dense", "expert")):
+        opts = [r["optimizers"][k] for r in straight.records]
+        sched = opts[0]["scheduler_bits"]
+        assert opts[1]["scheduler_bits"] == sched, kind
+        assert len(set(sched.values()) - {32}) > 1 and opts[0]["decisions"] >= 2, (kind, sched)
+        for o in opts:  # every rank's packed units sit at the shared decision's widths
+            assert all(sched[u] == b for u, b in o["bits"].items() if b != 32), (kind, o["bits"])
+        assert opts[0]["avg_bits"] <= 4.0 + 1e-9, (kind, opts[0]["avg_bits"])
+        if kind == "expert":  # each EP rank owns two of the four experts; the scheduler knows all four
+            owned = [{u.split(".local_experts.")[1].split(".")[0] for u in o["bits"]} for o in opts]
+            assert owned == [{"0", "1"}, {"2", "3"}], owned
+            assert {u.split(".local_experts.")[1].split(".")[0] for u in sched} == {"0", "1", "2", "3"}
+        else:
+            assert not any("experts" in u for u in sched)
+    assert resumed.iterations() == [4, 5, 6]
+    assert resumed.losses() == straight.losses()[3:], (resumed.losses(), straight.losses())
+    assert resumed.grad_norms() == straight.grad_norms()[3:]
+    assert [o["scheduler_bits"] for r in resumed.records for o in r["optimizers"]] == \
+        [o["scheduler_bits"] for r in straight.records for o in r["optimizers"]]  # fmt: skip
+    print(f"MoE EP=2: {straight.bytes_per_param():.3f} B/param, losses {straight.losses()}; "
+          f"wall straight {straight.wall_s:.1f} s, resumed {resumed.wall_s:.1f} s")  # fmt: skip
+
+
 # ------------------------------------------------------------------------------ sitecustomize route
 def test_sitecustomize_is_light():
     """``patches/`` on PYTHONPATH costs nothing in a process that never imports Megatron."""

@@ -181,6 +181,7 @@ def _optimizer_summary(optimizer) -> list[dict]:
                         nbytes += v.untyped_storage().nbytes()
             bits = {}
         sched = getattr(inner, "scheduler", None)
+        sched = sched if sched is not None and sched.names else None  # set up at the first step
         out.append({"inner": type(inner).__name__, "state_bytes": nbytes, "params": nparams, "bits": bits,
                     "avg_bits": sched.average_bits() if sched else None,
                     "scheduler_bits": dict(sched.current()) if sched else None,
@@ -301,16 +302,18 @@ def _install_workarounds() -> None:
     @functools.wraps(orig_pretrain)
     def pretrain(*args, **kwargs):
         try:
-            return orig_pretrain(*args, **kwargs)
+            out = orig_pretrain(*args, **kwargs)
         finally:
-            if _STATE["optimizer"] is not None:
-                _REC["optimizers"] = _optimizer_summary(_STATE["optimizer"])
-                nbytes = sum(o["state_bytes"] for o in _REC["optimizers"])
-                nparams = sum(o["params"] for o in _REC["optimizers"])
-                print(f"[stquant-lm] rank {os.environ.get('RANK', '0')}: optimizer state {nbytes} B for "
-                      f"{nparams} params on this rank = {nbytes / max(1, nparams):.3f} B/param "
-                      f"({', '.join(o['inner'] for o in _REC['optimizers'])})", flush=True)  # fmt: skip
-            _flush_record()
+            _flush_record()  # what was logged so far, also when training failed
+        if _STATE["optimizer"] is not None:
+            _REC["optimizers"] = _optimizer_summary(_STATE["optimizer"])
+            nbytes = sum(o["state_bytes"] for o in _REC["optimizers"])
+            nparams = sum(o["params"] for o in _REC["optimizers"])
+            print(f"[stquant-lm] rank {os.environ.get('RANK', '0')}: optimizer state {nbytes} B for "
+                  f"{nparams} params on this rank = {nbytes / max(1, nparams):.3f} B/param "
+                  f"({', '.join(o['inner'] for o in _REC['optimizers'])})", flush=True)  # fmt: skip
+        _flush_record()
+        return out
 
     mtrain.pretrain = pretrain
     import megatron.training as mt
