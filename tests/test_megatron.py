@@ -62,7 +62,7 @@ def _run(rank, world, spec):
         patch(STQuantConfig(**spec["config"]))
     else:
         unpatch()
-    model_kwargs = dict(num_layers=spec.get("layers", 2), hidden_size=64, bf16=True)
+    model_kwargs = dict(num_layers=spec.get("layers", 2), hidden_size=64, bf16=spec.get("bf16", True))
     model, opt = gpt.build_gpt_and_optimizer(lr=3e-3, **model_kwargs)
     res = {"inner": sorted({type(i).__name__ for i in _inners(opt)})}
     res["losses"] = [h["loss"] for h in gpt.train(model, opt, spec.get("steps", STEPS))]
@@ -107,6 +107,21 @@ def test_patched_gpt_tracks_stock(tp, pp, world):
     # every rank sees the same loss (broadcast by the harness) and packed state is really small
     assert all(r["losses"] == ours[0]["losses"] for r in ours)
     assert all(r["bytes_per_param"] < 3.0 for r in ours), [r["bytes_per_param"] for r in ours]
+
+
+def test_fp32_params_pack_track_stock_and_round_trip(tmp_path):
+    """fp32 model params (no bf16): the distributed optimizer's shard main params are views of the
+    model params (non-leaf tensors); the patch must still pack them, train like stock and reload."""
+    stock = run_distributed(_run, 2, dict(bf16=False, steps=4), timeout=400)
+    ours = run_distributed(_run, 2, dict(bf16=False, steps=4, config=dict(bits=8), bytes=True,
+                                         save=str(tmp_path / "c"), reload_same=True, more=1), timeout=400)  # fmt: skip
+    assert ours[0]["inner"] == ["STQuantAdamW"] and stock[0]["inner"] != ["STQuantAdamW"]
+    assert _close(ours[0]["losses"], stock[0]["losses"], 1e-3), (ours[0]["losses"], stock[0]["losses"])
+    for r in ours:
+        assert 2.0 < r["bytes_per_param"] < 3.0, r["bytes_per_param"]
+        assert any(k.endswith(".codes") for k in r["before"])
+        for k in r["before"]:
+            assert torch.equal(r["before"][k], r["after"][k]), k
 
 
 @pytest.mark.parametrize("fmt", ["dp_reshardable", "fully_reshardable", "torch"])
