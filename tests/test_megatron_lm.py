@@ -221,6 +221,53 @@ def test_moe_ep2_dense_and_expert_optimizers_pack_agree_and_resume(tmp_path):
           f"wall straight {straight.wall_s:.1f} s, resumed {resumed.wall_s:.1f} s")  # fmt: skip
 
 
+# ---------------------------------------------------------------------------------------------- VLM
+@pytest.mark.megatron
+@pytest.mark.megatron_lm
+def test_vlm_trains_packed_with_units_in_vision_projector_and_language(tmp_path):
+    """``pretrain_vlm.py`` (LLaVA: CLIP ViT + MLP projector + GPT, local specs, mock multimodal
+    data), DP=2, scheduled through the launch route, legacy ``torch`` checkpoints (the only format
+    the script allows): the scheduler's units cover all three parts, the ranks agree, the history
+    renders as a heatmap, and a resume from iteration 3 reproduces iterations 4-6 exactly."""
+    from stquant_megatron.testing.megatron_lm import vlm_args
+
+    ck = str(tmp_path / "ckpt")
+    base = vlm_args(iters=ITERS) + ["--stquant", *SCHED]
+    straight = run_megatron_lm("pretrain_vlm.py", base + ["--save", ck, "--save-interval", "3"], route="launch",
+                               workdir=str(tmp_path / "straight"))  # fmt: skip
+    # Resume from iteration 3 as a job that stopped there would: a save dir holding iteration 3 only.
+    # (Not --ckpt-step 3: with --ckpt-format torch and the distributed optimizer, Megatron-LM
+    # core_r0.19.0 reads the optimizer's distrib_optim.pt and the resumed iteration from the
+    # tracker file, i.e. the newest checkpoint, whatever --ckpt-step says.)
+    ck3 = tmp_path / "ckpt3"
+    ck3.mkdir()
+    os.symlink(os.path.join(ck, "iter_0000003"), ck3 / "iter_0000003")
+    (ck3 / "latest_checkpointed_iteration.txt").write_text("3")
+    resumed = run_megatron_lm("pretrain_vlm.py", base + ["--load", str(ck3)], route="launch",
+                              workdir=str(tmp_path / "resumed"))  # fmt: skip
+    bpp = _check_packed(straight, 0.8, 1.3)
+    assert straight.losses()[-1] < straight.losses()[0] - 0.2
+    _check_local_losses(straight)
+    opts = [r["optimizers"][0] for r in straight.records]
+    sched = opts[0]["scheduler_bits"]
+    assert opts[1]["scheduler_bits"] == sched and opts[0]["decisions"] >= 2
+    parts = {u.split(".")[0] for u in sched}
+    assert parts == {"vision_model", "vision_projection", "language_model"}, parts
+    for part in parts:  # each part has packed units of its own
+        assert any(u.startswith(part + ".") and b != 32 for u, b in sched.items()), part
+    assert opts[0]["avg_bits"] <= 4.0 + 1e-9
+    assert resumed.iterations() == [4, 5, 6]
+    assert resumed.losses() == straight.losses()[3:], (resumed.losses(), straight.losses())
+    assert resumed.grad_norms() == straight.grad_norms()[3:]
+    png = tmp_path / "bits.png"
+    out = subprocess.run([sys.executable, "-m", "stquant_megatron.cli", "report", os.path.join(ck, "stquant_history.json"),
+                          "--out", str(png)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0 and png.stat().st_size > 1000, out.stdout + out.stderr
+    assert "vision_projection" in out.stdout and "vision_model" in out.stdout, out.stdout
+    print(f"VLM: {bpp:.3f} B/param, losses {straight.losses()}; wall straight {straight.wall_s:.1f} s, "
+          f"resumed {resumed.wall_s:.1f} s\n{out.stdout}")  # fmt: skip
+
+
 # ------------------------------------------------------------------------------ sitecustomize route
 def test_sitecustomize_is_light():
     """``patches/`` on PYTHONPATH costs nothing in a process that never imports Megatron."""

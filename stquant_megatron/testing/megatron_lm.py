@@ -32,6 +32,10 @@ Every CPU-only workaround the wrapper applies (none is needed on a GPU machine w
 8. ``TORCHDYNAMO_DISABLE=1`` (runner environment): Megatron's ``jit_fuser`` is ``torch.compile``, and
    ``pretrain`` warms the fused bias-GeLU / bias-dropout-add functions up unconditionally; inductor's
    CPU C++ compile of them took ~24 s per rank here. They run eagerly instead (same math).
+9. ``pretrain_vlm.py`` without Transformer Engine: ``CLIPViTModel``'s default pre-LayerNorm is
+   ``torch.nn.LayerNorm``, which it builds with Megatron's ``config=`` keyword (a TypeError in
+   megatron-core 0.19.2 on any machine without TE); the wrapper makes the default Megatron's
+   ``WrappedTorchNorm`` (same LayerNorm, Megatron's constructor signature).
 Flags every run needs on CPU (``CPU_FLAGS``): ``--distributed-backend gloo --transformer-impl local
 --no-persist-layer-norm --no-gradient-accumulation-fusion --no-masked-softmax-fusion`` (and
 ``--no-rope-fusion`` with RoPE); dropout 0 for exact comparisons (the shim shares one RNG between
@@ -62,7 +66,7 @@ import sysconfig
 import time
 
 __all__ = ["CPU_FLAGS", "FIXTURES", "LMRun", "MegatronLMError", "ensure_helpers_cpp", "gpt_args", "main",
-           "run_megatron_lm"]  # fmt: skip
+           "run_megatron_lm", "vlm_args"]  # fmt: skip
 
 FIXTURES = os.path.abspath(
     os.environ.get("STQUANT_MEGATRON_LM")
@@ -78,13 +82,13 @@ CPU_FLAGS = (
 )  # fmt: skip
 
 
-def gpt_args(*, layers: int = 2, hidden: int = 64, heads: int = 4, seq: int = 64, vocab: int = 256,
+def gpt_args(*, layers: int | None = 2, hidden: int = 64, heads: int = 4, seq: int = 64, vocab: int = 256,
              iters: int = 8, mbs: int = 2, gbs: int = 4, lr: float = 3e-3, bf16: bool = True,
              rope: bool = False, tp: int = 1, pp: int = 1, extra: tuple | list = ()) -> list[str]:
     """Megatron-LM flags for a tiny GPT on ``--mock-data`` (CPU flags included), constant lr,
     no dropout, no evaluation, a log line every iteration."""
     args = [
-        "--num-layers", str(layers), "--hidden-size", str(hidden), "--num-attention-heads", str(heads),
+        *(["--num-layers", str(layers)] if layers is not None else []), "--hidden-size", str(hidden), "--num-attention-heads", str(heads),
         "--seq-length", str(seq), "--max-position-embeddings", str(seq),
         "--micro-batch-size", str(mbs), "--global-batch-size", str(gbs), "--train-iters", str(iters),
         "--lr", str(lr), "--min-lr", str(lr), "--lr-decay-style", "constant", "--weight-decay", "0.01",
@@ -101,6 +105,19 @@ def gpt_args(*, layers: int = 2, hidden: int = 64, heads: int = 4, seq: int = 64
     if rope:
         args += ["--position-embedding-type", "rope", "--no-rope-fusion"]
     return args + list(extra)
+
+
+def vlm_args(*, vision_layers: int = 1, language_layers: int = 2, img: int = 32, patch: int = 8,
+             text_seq: int = 48, **gpt_kwargs) -> list[str]:
+    """Megatron-LM flags for ``pretrain_vlm.py`` (LLaVA: CLIP ViT + MLP projector + GPT, local
+    specs) on its ``MockMultimodalDataset``: an ``img`` x ``img`` image in ``patch``-pixel patches
+    (+ class token) before ``text_seq`` text tokens. The script allows only ``--ckpt-format torch``."""
+    n_img = (img // patch) ** 2 + 1
+    args = gpt_args(layers=None, seq=text_seq, **gpt_kwargs)
+    i = args.index("--max-position-embeddings")
+    args[i + 1] = str(text_seq + n_img)
+    return args + ["--encoder-num-layers", str(vision_layers), "--decoder-num-layers", str(language_layers),
+                   "--img-h", str(img), "--img-w", str(img), "--patch-dim", str(patch), "--ckpt-format", "torch"]
 
 
 # ------------------------------------------------------------------------------------ helpers_cpp
@@ -181,7 +198,7 @@ def _optimizer_summary(optimizer) -> list[dict]:
                         nbytes += v.untyped_storage().nbytes()
             bits = {}
         sched = getattr(inner, "scheduler", None)
-        sched = sched if sched is not None and sched.names else None  # set up at the first step
+        sched = sched if sched is not None and sched.numel is not None else None  # set up at the first step
         out.append({"inner": type(inner).__name__, "state_bytes": nbytes, "params": nparams, "bits": bits,
                     "avg_bits": sched.average_bits() if sched else None,
                     "scheduler_bits": dict(sched.current()) if sched else None,
@@ -244,6 +261,16 @@ def _install_workarounds() -> None:
         return orig_load(model, optimizer, *args, **kwargs)
 
     mtrain.load_checkpoint = load_checkpoint
+
+    # 9. Without Transformer Engine, CLIPViTModel's default ``ln_pre_impl`` is ``torch.nn.LayerNorm``,
+    # which it then builds with Megatron's ``config=`` keyword (TypeError in megatron-core 0.19.2);
+    # Megatron's own torch-norm wrapper takes that signature.
+    import megatron.core.models.vision.clip_vit_model as clip
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    init = clip.CLIPViTModel.__init__
+    if init.__defaults__ and torch.nn.LayerNorm in init.__defaults__:
+        init.__defaults__ = tuple(WrappedTorchNorm if d is torch.nn.LayerNorm else d for d in init.__defaults__)
 
     # ---- recording (not a workaround)
     orig_setup = mtrain.setup_model_and_optimizer
