@@ -217,9 +217,11 @@ def test_checkpoint_round_trip_is_exact(fmt, tmp_path):
         assert len(r["continued"]) == 2 and all(map(lambda x: x == x, r["continued"]))
 
 
-@pytest.mark.parametrize("mode", ["fixed", "scheduler"])
+@pytest.mark.parametrize("mode", ["fixed", "scheduler", "stock"])
 def test_resume_is_deterministic(mode, tmp_path):
-    cfg = dict(bits=4) if mode == "fixed" else dict(avg_bits=4.0, warmup_steps=2, interval=2, stats_steps=1, min_numel=1024)
+    # "stock": the harness's own resume of Megatron's torch-AdamW fallback (restore_stock_adam_steps)
+    cfg = {"fixed": dict(bits=4), "stock": None,
+           "scheduler": dict(avg_bits=4.0, warmup_steps=2, interval=2, stats_steps=1, min_numel=1024)}[mode]  # fmt: skip
     hist = mode == "scheduler"
     straight = run_distributed(_run, 2, dict(config=cfg, steps=6, bits_history=hist), timeout=400)
     half = run_distributed(_run, 2, dict(config=cfg, steps=3, save=str(tmp_path / "c"), more=0), timeout=400)

@@ -174,6 +174,35 @@ def test_gpt_model_parallel_tracks_stock(name, ga, route, flags, tol, bpp_range,
           f"ours {ours.losses()}; wall {ours.wall_s:.1f} s")  # fmt: skip
 
 
+@pytest.mark.megatron
+@pytest.mark.megatron_lm
+def test_gpt_checkpoints_interchange_with_stock(tmp_path):
+    """torch_dist checkpoints both ways between stock Megatron-LM and ``--stquant-bits 8``: each
+    resumed job continues the saving job's iterations 4-6 within the 8-bit tolerance (the first
+    resumed loss exactly: the params are restored exactly). Stock resuming needs its torch AdamW
+    state created first (workaround 6 of the runner)."""
+    base = gpt_args(iters=ITERS) + ["--ckpt-format", "torch_dist"]
+    st8 = ["--stquant", "--stquant-bits", "8"]
+    runs = {}
+    for name, flags, route in (("stock", [], "script"), ("st8", st8, "launch")):
+        runs[name] = run_megatron_lm("pretrain_gpt.py", base + flags + ["--save", str(tmp_path / name), "--save-interval", "3"],
+                                     route=route, workdir=str(tmp_path / f"{name}-run"))  # fmt: skip
+    into_ours = run_megatron_lm("pretrain_gpt.py", base + st8 + ["--load", str(tmp_path / "stock"), "--ckpt-step", "3"],
+                                route="launch", workdir=str(tmp_path / "stock-to-st8"))  # fmt: skip
+    into_stock = run_megatron_lm("pretrain_gpt.py", base + ["--load", str(tmp_path / "st8"), "--ckpt-step", "3"],
+                                 workdir=str(tmp_path / "st8-to-stock"))  # fmt: skip
+    for resumed, saver, inner in ((into_ours, runs["stock"], "STQuantAdamW"), (into_stock, runs["st8"], "AdamW")):
+        assert resumed.iterations() == [4, 5, 6]
+        assert all(o["inner"] == inner for r in resumed.records for o in r["optimizers"])
+        ref = saver.losses()[3:]
+        assert abs(resumed.losses()[0] - ref[0]) <= 1e-6 * ref[0], (resumed.losses(), ref)
+        assert _rel_close(resumed.losses(), ref, TOL_8BIT), (resumed.losses(), ref)
+        for r in range(2):  # each rank's own loss, before the all-reduce
+            assert _rel_close(resumed.records[r]["local_losses"], saver.records[r]["local_losses"][3:], TOL_8BIT)
+    print(f"stock -> 8-bit: {into_ours.losses()} vs {runs['stock'].losses()[3:]}; "
+          f"8-bit -> stock: {into_stock.losses()} vs {runs['st8'].losses()[3:]}")  # fmt: skip
+
+
 # --------------------------------------------------------------------------------------------- MoE
 MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--expert-model-parallel-size", "2",
        # the local (non-TE) SequentialMLP experts support a fused bias-activation only for

@@ -62,6 +62,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "init_stock_adam_state",
+    "restore_stock_adam_steps",
     "distributed_optimizers",
     "optimizer_state_snapshot",
     "model_state_snapshot",
@@ -397,8 +398,8 @@ def load_checkpoint(model, optimizer, ckpt_dir: str, fmt: str = "dp_reshardable"
     """Load what ``save_checkpoint(..., fmt)`` wrote into ``model`` and ``optimizer`` (collective).
 
     ``init_missing_state``: first call ``init_stock_adam_state(optimizer)`` so that a never-stepped
-    stock torch Adam/AdamW inner optimizer can be loaded into (see there); no effect on other inner
-    optimizers or on optimizers that already have state.
+    stock torch Adam/AdamW inner optimizer can be loaded into, and afterwards
+    ``restore_stock_adam_steps(optimizer)`` (see both); no effect on other inner optimizers.
     """
     from megatron.core import dist_checkpointing
 
@@ -414,6 +415,8 @@ def load_checkpoint(model, optimizer, ckpt_dir: str, fmt: str = "dp_reshardable"
             init_stock_adam_state(optimizer)
         optimizer.load_state_dict(state["optimizer"])
         optimizer.load_parameter_state(os.path.join(path, "distrib_optim.pt"))
+        if init_missing_state:
+            restore_stock_adam_steps(optimizer)
         _barrier()
         return
     if init_missing_state:
@@ -423,6 +426,8 @@ def load_checkpoint(model, optimizer, ckpt_dir: str, fmt: str = "dp_reshardable"
     for i, m in enumerate(_unwrap(model)):
         m.load_state_dict(loaded[_model_key(i, len(model))], strict=strict)
     optimizer.load_state_dict(loaded["optimizer"])
+    if init_missing_state:
+        restore_stock_adam_steps(optimizer)
     _barrier()
 
 
@@ -451,6 +456,30 @@ def init_stock_adam_state(optimizer) -> int:
                     if group.get("amsgrad"):
                         inner.state[p]["max_exp_avg_sq"] = torch.zeros_like(p)
                     count += 1
+    return count
+
+
+def restore_stock_adam_steps(optimizer) -> int:
+    """After a checkpoint load into a stock ``torch.optim.Adam/AdamW`` inner optimizer, give every
+    parameter its own ``step`` tensor equal to its param group's ``step`` (which Megatron restores
+    from the checkpoint); returns the number of parameters set.
+
+    Why: on that fallback path (no TE/apex) megatron-core 0.19.2 leaves the per-parameter steps
+    wrong after a load (observed: 0 after a torch_dist load, so bias correction restarts) and its
+    ``load_state_dict`` hands all parameters one shared step tensor, which torch AdamW increments
+    once per parameter per step. No effect on other inner optimizers.
+    """
+    count = 0
+    for opt in _distributed_optimizers(optimizer):
+        inner = getattr(opt, "optimizer", None)
+        if type(inner) not in (torch.optim.Adam, torch.optim.AdamW):
+            continue
+        for group in inner.param_groups:
+            if "step" not in group:
+                continue
+            for p in group["params"]:
+                inner.state[p]["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
+                count += 1
     return count
 
 

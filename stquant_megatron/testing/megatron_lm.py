@@ -24,9 +24,14 @@ Every CPU-only workaround the wrapper applies (none is needed on a GPU machine w
    ``megatron.core.datasets.helpers_cpp``, and Megatron's ``make`` step is skipped.
 5. ``torch_dist`` saves start a results-queue Manager with ``spawn``, which re-imports the script
    without this wrapper: it is started with ``fork`` instead.
-6. Stock resume: torch AdamW (Megatron's fallback without TE/apex) has no state before its first
-   step and ``DistributedOptimizer.state_dict()`` asserts on it; ``load_checkpoint`` first calls
-   ``gpt.init_stock_adam_state`` (a no-op for STQuantAdamW).
+6. Stock resume (Megatron's torch AdamW fallback, used without TE/apex), two defects:
+   (a) the optimizer has no state before its first step and ``DistributedOptimizer.state_dict()``
+   asserts on it: ``load_checkpoint`` first calls ``gpt.init_stock_adam_state`` (a no-op for
+   STQuantAdamW); (b) after the load, that optimizer's per-parameter ``step`` tensors do not hold
+   the checkpoint's step (observed: 0 after a torch_dist load, so bias correction restarts;
+   ``DistributedOptimizer.load_state_dict`` of 0.19.2 also hands every parameter one shared
+   tensor, which torch AdamW increments once per parameter): ``gpt.restore_stock_adam_steps`` gives
+   each parameter its own tensor set to its param group's ``step``, which Megatron restores.
 7. TP/CP > 1 asks for the GPU architecture (``get_device_arch_version`` in Megatron-LM's argument
    checks): it reports 9 (Hopper); the runner sets ``CUDA_DEVICE_MAX_CONNECTIONS=1``.
 8. ``TORCHDYNAMO_DISABLE=1`` (runner environment): Megatron's ``jit_fuser`` is ``torch.compile``, and
@@ -252,13 +257,16 @@ def _install_workarounds() -> None:
     orig_queue = fa.get_write_results_queue  # 5.
     fa.get_write_results_queue = functools.wraps(orig_queue)(lambda mp_mode="spawn": orig_queue("fork"))
 
-    orig_load = mtrain.load_checkpoint  # 6.
+    orig_load = mtrain.load_checkpoint  # 6a.
 
     @functools.wraps(orig_load)
     def load_checkpoint(model, optimizer, *args, **kwargs):
         if optimizer is not None:
             gpt.init_stock_adam_state(optimizer)
-        return orig_load(model, optimizer, *args, **kwargs)
+        out = orig_load(model, optimizer, *args, **kwargs)
+        if optimizer is not None:  # 6b.
+            gpt.restore_stock_adam_steps(optimizer)
+        return out
 
     mtrain.load_checkpoint = load_checkpoint
 
