@@ -382,7 +382,7 @@ def replay(steps: int, arch: int) -> list[dict]:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(96, 160), torch.nn.Linear(160, 72), torch.nn.Linear(72, 50))
     cfg = STQuantConfig(bits=4, min_numel=1000, block_size=64, stochastic_rounding=True, avg_bits=4.5,
-                        warmup_steps=10, warmup_bits=8, interval=20, stats_steps=4, backend="torch")  # fmt: skip
+                        warmup_steps=10, interval=20, stats_steps=4, backend="torch")  # fmt: skip
     opt = STQuantAdamW(model.parameters(), lr=1e-3, config=cfg)
     seen: dict = {}
 

@@ -66,3 +66,31 @@ def regression_data():
     w2 = torch.randn(48, 8, generator=g) / 48**0.5
     y = torch.tanh(x @ w1) @ w2 + 0.05 * torch.randn(256, 8, generator=g)
     return x, y
+
+
+def _has_megatron_training() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("megatron.training") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``megatron_lm`` run Megatron-LM's scripts, which need ``megatron.training``
+    (megatron-core >= 0.19 sources; the 0.16.1 wheel lacks it). Where it is absent they are
+    deselected, not skipped: ``tests/run_tests.sh`` runs them in its 0.19.2 pass."""
+    if _has_megatron_training():
+        return
+    keep, drop = [], []
+    for item in items:
+        (drop if item.get_closest_marker("megatron_lm") else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+def pytest_report_header(config):
+    if not _has_megatron_training():
+        return "megatron_lm tests deselected: megatron.training not importable (run with the 0.19.x sources)"

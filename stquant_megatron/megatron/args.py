@@ -27,26 +27,41 @@ def add_stquant_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         return parser
     d = STQuantConfig()
     g = parser.add_argument_group("stquant", "packed variable-bit Adam moments (stquant-megatron)")
-    g.add_argument("--stquant", action="store_true", help="store Adam moments in packed 2-8 bit buffers")
-    g.add_argument("--stquant-bits", type=_bits, default=d.bits, help="code width N, or M,V per moment")
-    g.add_argument("--stquant-block-size", type=int, default=d.block_size)
-    g.add_argument("--stquant-min-numel", type=int, default=d.min_numel, help="smaller tensors keep fp32 moments")
-    g.add_argument("--stquant-stochastic-rounding", action="store_true")
-    g.add_argument("--stquant-seed", type=int, default=d.seed)
-    g.add_argument("--stquant-scale-dtype", choices=("fp32", "bf16"), default=d.scale_dtype)
-    g.add_argument("--stquant-avg-bits", type=float, default=None, help="scheduler budget (bits/element)")
-    g.add_argument("--stquant-min-bits", type=int, default=d.min_bits)
-    g.add_argument("--stquant-max-bits", type=int, default=d.max_bits)
-    g.add_argument("--stquant-max-error", type=float, default=d.max_error)
-    g.add_argument("--stquant-interval", type=int, default=d.interval)
-    g.add_argument("--stquant-warmup-steps", type=int, default=d.warmup_steps)
-    g.add_argument("--stquant-warmup-bits", type=int, default=d.warmup_bits)
-    g.add_argument("--stquant-stats-steps", type=int, default=d.stats_steps)
-    g.add_argument("--stquant-max-move", type=int, default=d.max_move)
-    g.add_argument("--stquant-hysteresis", type=float, default=d.hysteresis)
-    g.add_argument("--stquant-exp-avg-codebook", default=d.exp_avg_codebook, choices=("auto", *KINDS))
-    g.add_argument("--stquant-exp-avg-sq-codebook", default=d.exp_avg_sq_codebook, choices=("auto", *KINDS))
-    g.add_argument("--stquant-backend", default=d.backend, choices=("auto", "torch", "triton"))
+    g.add_argument("--stquant", action="store_true", help="store Adam moments in packed 2-8 bit buffers (off: stock Megatron)")
+    g.add_argument("--stquant-bits", type=_bits, default=d.bits, metavar="N or M,V",
+                   help="code width of both moments, or exp_avg,exp_avg_sq widths; each 2..8 (fixed widths)")
+    g.add_argument("--stquant-block-size", type=int, default=d.block_size,
+                   help="elements sharing one scale: a power of two in 32..4096")
+    g.add_argument("--stquant-min-numel", type=int, default=d.min_numel,
+                   help="smaller tensors (norms, biases) keep fp32 moments")
+    g.add_argument("--stquant-stochastic-rounding", action="store_true",
+                   help="round codes stochastically, reproducibly from (seed, step, unit, element)")
+    g.add_argument("--stquant-seed", type=int, default=d.seed, help="seed of stochastic rounding")
+    g.add_argument("--stquant-scale-dtype", choices=("fp32", "bf16"), default=d.scale_dtype,
+                   help="storage type of the block scales")
+    g.add_argument("--stquant-avg-bits", type=float, default=None,
+                   help="scheduler budget in bits per element, scale bits included (unset: fixed --stquant-bits)")
+    g.add_argument("--stquant-min-bits", type=int, default=d.min_bits, help="narrowest width the scheduler may choose")
+    g.add_argument("--stquant-max-bits", type=int, default=d.max_bits, help="widest width the scheduler may choose")
+    g.add_argument("--stquant-max-error", type=float, default=d.max_error,
+                   help="per-unit cap on the relative update error; wins over the budget")
+    g.add_argument("--stquant-interval", type=int, default=d.interval, help="steps between scheduler decisions")
+    g.add_argument("--stquant-warmup-steps", type=int, default=d.warmup_steps,
+                   help="steps before the first decision (statistics from step 1; units at their starting widths)")
+    g.add_argument("--stquant-warmup-bits", type=int, default=d.warmup_bits,
+                   help="starting width of every unit, must fit the budget (default: the most even widths it allows)")
+    g.add_argument("--stquant-stats-steps", type=int, default=d.stats_steps,
+                   help="steps before each decision that measure errors (<= --stquant-interval)")
+    g.add_argument("--stquant-max-move", type=int, default=d.max_move,
+                   help="most levels a unit moves per decision, after the first one")
+    g.add_argument("--stquant-hysteresis", type=float, default=d.hysteresis,
+                   help="a new plan is adopted only if it lowers the total error by more than this fraction")
+    g.add_argument("--stquant-exp-avg-codebook", default=d.exp_avg_codebook, choices=("auto", *KINDS),
+                   help="codebook kind of exp_avg (signed: not log)")
+    g.add_argument("--stquant-exp-avg-sq-codebook", default=d.exp_avg_sq_codebook, choices=("auto", *KINDS),
+                   help="codebook kind of exp_avg_sq")
+    g.add_argument("--stquant-backend", default=d.backend, choices=("auto", "torch", "triton"),
+                   help="fused-step implementation: auto = Triton on CUDA, PyTorch elsewhere")
     g.add_argument("--stquant-compile", action="store_true", help="torch.compile the PyTorch path")
     return parser
 
@@ -66,3 +81,53 @@ def config_from_args(args: argparse.Namespace) -> STQuantConfig | None:
         backend=args.stquant_backend, compile=args.stquant_compile,
         nonfinite="unchecked",  # Megatron checks grads itself; a per-rank raise would hang the others
     )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------- flag table
+FLAGS_BEGIN = "<!-- flags:start: generated from stquant_megatron/megatron/args.py by `stquant-megatron flags --write README.md docs/megatron.md`; do not edit by hand -->"
+FLAGS_END = "<!-- flags:end -->"
+
+
+def flag_table() -> str:
+    """Markdown table of every ``--stquant-*`` flag (default, ``STQuantConfig`` field, meaning),
+    rendered from the parser above: the one source of the flag tables in README and docs."""
+    parser = add_stquant_args(argparse.ArgumentParser(add_help=False))
+    rows = ["| flag | default | `STQuantConfig` field | meaning |", "|---|---|---|---|"]
+    for a in parser._actions:
+        if not a.dest.startswith("stquant"):
+            continue
+        flag = a.option_strings[0]
+        if a.choices:
+            flag += " {" + ",".join(map(str, a.choices)) + "}"
+        elif a.metavar:
+            flag += f" {a.metavar}"
+        if isinstance(a.default, bool):
+            default = "on" if a.default else "off"
+        else:
+            default = "unset" if a.default is None else str(a.default)
+        field = "(turns the patch on)" if a.dest == "stquant" else f"`{a.dest[len('stquant_'):]}`"
+        rows.append(f"| `{flag}` | {default} | {field} | {a.help or ''} |")
+    return "\n".join(rows)
+
+
+def render_flag_block(text: str, path: str = "<text>") -> str:
+    """``text`` with the block between ``FLAGS_BEGIN`` and ``FLAGS_END`` replaced by ``flag_table()``."""
+    if text.count(FLAGS_BEGIN) != 1 or text.count(FLAGS_END) != 1:
+        raise ValueError(f"{path}: needs exactly one {FLAGS_BEGIN!r} ... {FLAGS_END!r} block")
+    head, rest = text.split(FLAGS_BEGIN)
+    _, tail = rest.split(FLAGS_END)
+    return f"{head}{FLAGS_BEGIN}\n{flag_table()}\n{FLAGS_END}{tail}"
+
+
+def write_flag_blocks(paths: list[str]) -> list[str]:
+    """Regenerate the flags block in each file; returns the files that changed."""
+    changed = []
+    for path in paths:
+        with open(path) as f:
+            text = f.read()
+        new = render_flag_block(text, path)
+        if new != text:
+            with open(path, "w") as f:
+                f.write(new)
+            changed.append(path)
+    return changed

@@ -28,6 +28,7 @@ import importlib
 import importlib.abc
 import importlib.util
 import os
+import re
 import sys
 from typing import Any
 
@@ -109,9 +110,27 @@ def validate_setup(opt_config: Any, model_chunks: Any = ()) -> None:
 
 
 # ------------------------------------------------------------------------------------- naming
+def _expert_offset(experts: Any) -> int | None:
+    """Global index of the first local expert of an MoE experts module (SequentialMLP /
+    TEGroupedMLP: ``num_local_experts`` per expert-parallel rank), or None for other modules."""
+    n = getattr(experts, "num_local_experts", None)
+    if not isinstance(n, int):
+        return None
+    group = getattr(experts, "ep_group", None)
+    if group is not None:
+        rank = torch.distributed.get_rank(group=group) if torch.distributed.is_initialized() else 0
+    else:  # older megatron-core: the global expert-parallel state
+        from megatron.core import parallel_state
+
+        rank = parallel_state.get_expert_model_parallel_rank()
+    return rank * n
+
+
 def global_param_names(model_chunks) -> dict[torch.Tensor, str]:
-    """Parameter -> name with the global layer number (``layers.<global>.``), identical on every
-    pipeline stage and tensor-parallel rank; wrapper prefixes (``module.``) removed."""
+    """Parameter -> name with the global layer number (``layers.<global>.``) and the global expert
+    index (``local_experts.<global>.`` for SequentialMLP, ``weight<global>`` / ``bias<global>`` for
+    grouped experts), identical on every pipeline, tensor and expert-parallel rank and distinct for
+    different tensors; wrapper prefixes (``module.``) removed."""
     names = {}
     for chunk in model_chunks:
         modules = dict(chunk.named_modules())
@@ -122,6 +141,15 @@ def global_param_names(model_chunks) -> dict[torch.Tensor, str]:
                     number = getattr(modules.get(".".join(parts[: i + 2])), "layer_number", None)
                     if isinstance(number, int):
                         parts[i + 1] = str(number - 1)  # Megatron's layer_number is global, 1-based
+                elif parts[i] == "local_experts" and parts[i + 1].isdigit():
+                    offset = _expert_offset(modules.get(".".join(name.split(".")[:i])))
+                    if offset is not None:
+                        parts[i + 1] = str(offset + int(parts[i + 1]))
+            last = re.fullmatch(r"(weight|bias)(\d+)", parts[-1])
+            if last and len(parts) >= 3:  # grouped experts: <experts>.linear_fc1.weight<local>
+                offset = _expert_offset(modules.get(".".join(name.split(".")[:-2])))
+                if offset is not None:
+                    parts[-1] = f"{last.group(1)}{offset + int(last.group(2))}"
             while parts and parts[0] == "module":
                 parts.pop(0)
             names[p] = ".".join(parts)
@@ -132,11 +160,28 @@ def install(distopt: Any, config: STQuantConfig) -> STQuantAdamW:
     """Replace ``distopt``'s inner optimizer by ``STQuantAdamW`` over the same shard param groups."""
     oc = distopt.config
     group = distopt.get_grad_stats_parallel_group() if hasattr(distopt, "get_grad_stats_parallel_group") else None
-    inner = STQuantAdamW(
-        distopt.optimizer.param_groups, lr=oc.lr, betas=(oc.adam_beta1, oc.adam_beta2), eps=oc.adam_eps,
-        weight_decay=oc.weight_decay, config=config, decoupled_weight_decay=oc.decoupled_weight_decay,
-        process_group=group,
-    )  # fmt: skip
+    # With fp32 model params (no --bf16/--fp16) the shard "main" params are views of the model
+    # params, i.e. non-leaf tensors, which torch.optim.Optimizer refuses ("can't optimize a
+    # non-leaf Tensor"). Megatron itself swaps them into its inner optimizer's param groups after
+    # construction; do the same: construct over leaf stand-ins, then put the real shards back into
+    # the same group dicts (the step updates them in place under no_grad, like Megatron's).
+    groups = distopt.optimizer.param_groups
+    shards = [list(g["params"]) for g in groups]
+    for g in groups:
+        g["params"] = [p if p.is_leaf else p.detach() for p in g["params"]]
+    try:
+        inner = STQuantAdamW(
+            groups, lr=oc.lr, betas=(oc.adam_beta1, oc.adam_beta2), eps=oc.adam_eps,
+            weight_decay=oc.weight_decay, config=config, decoupled_weight_decay=oc.decoupled_weight_decay,
+            process_group=group,
+        )  # fmt: skip
+    finally:
+        for g, params in zip(groups, shards):
+            g["params"] = params
+    if len(inner.param_groups) != len(shards) or any(
+        a is not b for g, params in zip(inner.param_groups, shards) for a, b in zip(g["params"], params)
+    ):  # the same dicts, holding the real shards
+        raise RuntimeError("stquant-megatron: STQuantAdamW did not keep Megatron's param-group dicts")
     inner.group_step_authoritative = True
     names = global_param_names(distopt.model_chunks)
     for model_param, (gi, go) in distopt.model_param_group_index_map.items():

@@ -62,9 +62,11 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "init_stock_adam_state",
+    "restore_stock_adam_steps",
     "distributed_optimizers",
     "optimizer_state_snapshot",
     "model_state_snapshot",
+    "dense_shards",
     "CHECKPOINT_FORMATS",
 ]
 
@@ -284,9 +286,11 @@ def train_step(model, optimizer, microbatches, *, forward_only: bool = False) ->
 
     zero grad buffers -> ``get_forward_backward_func()`` (1F1B / interleaved when PP > 1; its
     ``finalize_model_grads`` does the DP reduce-scatter) -> ``optimizer.step()`` (grad-norm, clip,
-    inner step, param all-gather).  Returns ``{'loss', 'grad_norm', 'update_successful',
-    'num_zeros'}`` where ``loss`` is the mean LM loss over microbatches and DP ranks, identical on
-    every rank (broadcast from the last pipeline stage).  ``forward_only`` skips backward/step.
+    inner step, param all-gather).  Returns ``{'loss', 'local_loss', 'grad_norm',
+    'update_successful', 'num_zeros'}`` where ``loss`` is the mean LM loss over microbatches and DP
+    ranks, identical on every rank (all-reduced here from the last pipeline stage), and
+    ``local_loss`` this rank's own mean over its microbatches before any all-reduce (None off the
+    last pipeline stage).  ``forward_only`` skips backward/step.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -314,8 +318,10 @@ def train_step(model, optimizer, microbatches, *, forward_only: bool = False) ->
         out.update(update_successful=bool(update_successful),
                    grad_norm=None if grad_norm is None else float(grad_norm), num_zeros=num_zeros)
     loss = torch.zeros(1, dtype=torch.float64)
+    out["local_loss"] = None
     if ps.is_pipeline_last_stage(ignore_virtual=True) and losses:
         loss += torch.stack([d["lm loss"].double() for d in losses]).mean()
+        out["local_loss"] = loss.item()  # this rank's own loss, before any all-reduce
     torch.distributed.all_reduce(loss, group=ps.get_pipeline_model_parallel_group())
     torch.distributed.all_reduce(loss, group=ps.get_data_parallel_group())
     out["loss"] = loss.item() / ps.get_data_parallel_world_size()
@@ -392,8 +398,8 @@ def load_checkpoint(model, optimizer, ckpt_dir: str, fmt: str = "dp_reshardable"
     """Load what ``save_checkpoint(..., fmt)`` wrote into ``model`` and ``optimizer`` (collective).
 
     ``init_missing_state``: first call ``init_stock_adam_state(optimizer)`` so that a never-stepped
-    stock torch Adam/AdamW inner optimizer can be loaded into (see there); no effect on other inner
-    optimizers or on optimizers that already have state.
+    stock torch Adam/AdamW inner optimizer can be loaded into, and afterwards
+    ``restore_stock_adam_steps(optimizer)`` (see both); no effect on other inner optimizers.
     """
     from megatron.core import dist_checkpointing
 
@@ -409,6 +415,8 @@ def load_checkpoint(model, optimizer, ckpt_dir: str, fmt: str = "dp_reshardable"
             init_stock_adam_state(optimizer)
         optimizer.load_state_dict(state["optimizer"])
         optimizer.load_parameter_state(os.path.join(path, "distrib_optim.pt"))
+        if init_missing_state:
+            restore_stock_adam_steps(optimizer)
         _barrier()
         return
     if init_missing_state:
@@ -418,6 +426,8 @@ def load_checkpoint(model, optimizer, ckpt_dir: str, fmt: str = "dp_reshardable"
     for i, m in enumerate(_unwrap(model)):
         m.load_state_dict(loaded[_model_key(i, len(model))], strict=strict)
     optimizer.load_state_dict(loaded["optimizer"])
+    if init_missing_state:
+        restore_stock_adam_steps(optimizer)
     _barrier()
 
 
@@ -446,6 +456,30 @@ def init_stock_adam_state(optimizer) -> int:
                     if group.get("amsgrad"):
                         inner.state[p]["max_exp_avg_sq"] = torch.zeros_like(p)
                     count += 1
+    return count
+
+
+def restore_stock_adam_steps(optimizer) -> int:
+    """After a checkpoint load into a stock ``torch.optim.Adam/AdamW`` inner optimizer, give every
+    parameter its own ``step`` tensor equal to its param group's ``step`` (which Megatron restores
+    from the checkpoint); returns the number of parameters set.
+
+    Why: on that fallback path (no TE/apex) megatron-core 0.19.2 leaves the per-parameter steps
+    wrong after a load (observed: 0 after a torch_dist load, so bias correction restarts) and its
+    ``load_state_dict`` hands all parameters one shared step tensor, which torch AdamW increments
+    once per parameter per step. No effect on other inner optimizers.
+    """
+    count = 0
+    for opt in _distributed_optimizers(optimizer):
+        inner = getattr(opt, "optimizer", None)
+        if type(inner) not in (torch.optim.Adam, torch.optim.AdamW):
+            continue
+        for group in inner.param_groups:
+            if "step" not in group:
+                continue
+            for p in group["params"]:
+                inner.state[p]["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
+                count += 1
     return count
 
 
@@ -529,3 +563,49 @@ def model_state_snapshot(model) -> dict:
     """``{param name: fp32 CPU copy}`` of this rank's model chunks (names prefixed by chunk index)."""
     return {f"{i}/{n}": p.detach().float().cpu().clone()
             for i, m in enumerate(model) for n, p in m.named_parameters()}
+
+
+def dense_shards(optimizer) -> list[dict]:
+    """This rank's optimizer shards as dense fp32 CPU tensors, with where they sit in the model.
+
+    One entry per locally-owned model param: ``name`` (parameter name without wrapper prefixes),
+    ``start`` (index of the shard's first element in the flattened, TP-local parameter),
+    ``shape`` (TP-local shape), ``partition_dim`` (TP split dimension, None if replicated across
+    TP), ``tp_rank``/``tp_size``, ``tensors`` (``param`` / ``exp_avg`` / ``exp_avg_sq`` from
+    ``_get_main_param_and_optimizer_states``, the checkpoint choke point) and ``packing``
+    (``{moment: (normalized codebook values, block_size)}`` for moments stored packed, so that a
+    test can bound a re-quantization; absent for dense moments).
+    """
+    from megatron.core import parallel_state as ps
+
+    from ..state import PackedState
+
+    out = []
+    for opt in distributed_optimizers(optimizer):
+        names = {}
+        for chunk in opt.model_chunks:
+            for name, p in chunk.named_parameters():
+                parts = name.split(".")
+                while parts and parts[0] == "module":
+                    parts.pop(0)
+                names[p] = ".".join(parts)
+        inner = opt.optimizer
+        for model_param, (gi, go) in opt.model_param_group_index_map.items():
+            tensors = opt._get_main_param_and_optimizer_states(model_param)
+            main = inner.param_groups[gi]["params"][go]
+            packing = {}
+            for key, value in inner.state.get(main, {}).items():
+                if isinstance(value, PackedState):
+                    packing[key] = (value.codebook.qmap.detach().float().cpu().clone(), value.block_size)
+            tp = getattr(model_param, "tensor_model_parallel", False)
+            out.append({
+                "name": names.get(model_param, str(id(model_param))),
+                "start": opt._get_model_param_range_map(model_param)["param"].start,
+                "shape": tuple(model_param.shape),
+                "partition_dim": getattr(model_param, "partition_dim", None) if tp else None,
+                "tp_rank": ps.get_tensor_model_parallel_rank(), "tp_size": ps.get_tensor_model_parallel_world_size(),
+                "tensors": {k: v.detach().float().cpu().clone().view(-1) for k, v in tensors.items()
+                            if torch.is_tensor(v) and v.dim() > 0},
+                "packing": packing,
+            })  # fmt: skip
+    return out
