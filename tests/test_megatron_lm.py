@@ -132,8 +132,9 @@ def test_gpt_save_resume_is_exact(name, precision, route, flags, tmp_path, tmp_p
         for o in opts:  # each rank's packed units are at the widths the shared decision gave them
             assert all(sched[u] == b for u, b in o["bits"].items() if b != 32), (sched, o["bits"])
         assert opts[0]["decisions"] >= 2 and opts[0]["avg_bits"] <= 4.0 + 1e-9
-        with open(os.path.join(ck, "stquant_history.json")) as f:
-            assert len(json.load(f)["history"]) >= 2
+        with open(os.path.join(ck, "stquant_history.jsonl")) as f:  # a header line, then one line per decision
+            lines = [json.loads(line) for line in f]
+        assert set(lines[0]["names"]) == set(sched) and len(lines) - 1 >= 2
     print(f"{name} {precision} via {route}: {bpp:.3f} B/param, losses {straight.losses()}; "
           f"wall straight {straight.wall_s:.1f} s, resumed {resumed.wall_s:.1f} s")  # fmt: skip
 
@@ -289,7 +290,7 @@ def test_vlm_trains_packed_with_units_in_vision_projector_and_language(tmp_path)
     assert resumed.losses() == straight.losses()[3:], (resumed.losses(), straight.losses())
     assert resumed.grad_norms() == straight.grad_norms()[3:]
     png = tmp_path / "bits.png"
-    out = subprocess.run([sys.executable, "-m", "stquant_megatron.cli", "report", os.path.join(ck, "stquant_history.json"),
+    out = subprocess.run([sys.executable, "-m", "stquant_megatron.cli", "report", os.path.join(ck, "stquant_history.jsonl"),
                           "--out", str(png)], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert out.returncode == 0 and png.stat().st_size > 1000, out.stdout + out.stderr
     assert "vision_projection" in out.stdout and "vision_model" in out.stdout, out.stdout

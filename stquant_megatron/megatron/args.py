@@ -31,7 +31,7 @@ def add_stquant_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     g.add_argument("--stquant-bits", type=_bits, default=d.bits, metavar="N or M,V",
                    help="code width of both moments, or exp_avg,exp_avg_sq widths; each 2..8 (fixed widths)")
     g.add_argument("--stquant-block-size", type=int, default=d.block_size,
-                   help="elements sharing one scale: a power of two in 32..4096")
+                   help="elements sharing one scale: a power of two in 32..2048")
     g.add_argument("--stquant-min-numel", type=int, default=d.min_numel,
                    help="smaller tensors (norms, biases) keep fp32 moments")
     g.add_argument("--stquant-stochastic-rounding", action="store_true",
@@ -44,7 +44,7 @@ def add_stquant_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     g.add_argument("--stquant-min-bits", type=int, default=d.min_bits, help="narrowest width the scheduler may choose")
     g.add_argument("--stquant-max-bits", type=int, default=d.max_bits, help="widest width the scheduler may choose")
     g.add_argument("--stquant-max-error", type=float, default=d.max_error,
-                   help="per-unit cap on the relative update error; wins over the budget")
+                   help="per-unit cap on the relative update error, met wherever the budget allows it")
     g.add_argument("--stquant-interval", type=int, default=d.interval, help="steps between scheduler decisions")
     g.add_argument("--stquant-warmup-steps", type=int, default=d.warmup_steps,
                    help="steps before the first decision (statistics from step 1; units at their starting widths)")
