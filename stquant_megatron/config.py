@@ -46,8 +46,11 @@ class STQuantConfig:
     do not check (saves one read of the gradients; for hosts that check themselves)."""
     backend: Literal["auto", "torch", "triton"] = "auto"
     """Fused-step implementation: auto = Triton on CUDA, PyTorch elsewhere."""
-    compile: bool = False
-    """Run the PyTorch path through torch.compile (CPU: pays only on long runs)."""
+    compile: bool | None = None
+    """Run the PyTorch path's chunks through torch.compile. None (auto): on the CPU, for units of at
+    least one chunk (2**18 elements), where the one-time compile (a few seconds per width
+    combination) pays back within a few steps; falls back to eager, with one warning, where no
+    compiler works. True: every unit. False: never."""
 
     # --- precision scheduler (active when avg_bits is set) -----------------------------------
     avg_bits: float | None = None
@@ -97,9 +100,10 @@ class STQuantConfig:
                 _fail(name, getattr(self, name), f"choose one of {allowed}")
         if self.avg_bits is not None:
             self._check_scheduler()
-        for name in ("stochastic_rounding", "compile"):
-            if not isinstance(getattr(self, name), bool):
-                _fail(name, getattr(self, name), "use True or False")
+        if not isinstance(self.stochastic_rounding, bool):
+            _fail("stochastic_rounding", self.stochastic_rounding, "use True or False")
+        if self.compile is not None and not isinstance(self.compile, bool):
+            _fail("compile", self.compile, "use None (auto: large units on the CPU), True or False")
         for moment in MOMENTS:
             field = f"{moment}_codebook"
             kind = getattr(self, field)

@@ -61,7 +61,7 @@ def test_defaults():
     c = STQuantConfig()
     assert c.bits == 4 and c.block_size == 128 and c.min_numel == 4096
     assert c.stochastic_rounding is False and c.seed == 0 and c.scale_dtype == "fp32"
-    assert c.nonfinite == "raise" and c.backend == "auto" and c.compile is False
+    assert c.nonfinite == "raise" and c.backend == "auto" and c.compile is None
 
 
 VALID = [

@@ -630,3 +630,27 @@ def test_group_step_rejects_mixed_groups(backend):
         fn([entry(torch.float32, bits=3)], mcb, vcb, block_size=64)
     with pytest.raises(ValueError, match=r"stats has shape \(1, 3\); a group of 2 entries needs \(2, 3\)"):
         fn([entry(torch.float32), entry(torch.float32)], mcb, vcb, block_size=64, stats=torch.zeros(1, 3))
+
+
+def test_auto_compile_policy_and_fallback(monkeypatch, recwarn):
+    """compile=None (the default): compiled only for CPU units of at least one chunk; a failing
+    compile falls back to eager once, with a warning, and gives the eager result."""
+    import stquant_megatron.kernels.torch_adam as ta
+
+    cpu = torch.device("cpu")
+    assert ta.use_compile(None, ta.CHUNK_ELEMENTS, cpu) and not ta.use_compile(None, ta.CHUNK_ELEMENTS - 1, cpu)
+    assert not ta.use_compile(None, 1 << 30, torch.device("meta")) and ta.use_compile(True, 1, cpu)
+    case = Case(mb=4, vb=3, numel=3000, steps=2)
+    want = case.run(ta.torch_packed_adam_step)
+
+    def broken():
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(ta, "_compiled_adam_chunk", broken)
+    monkeypatch.setattr(ta, "CHUNK_ELEMENTS", 1024)  # the 3000-element unit now counts as large
+    monkeypatch.setattr(ta, "_COMPILE_FAILED", [])
+    got = case.run(ta.torch_packed_adam_step, compile=None)
+    assert_same(want, got)
+    assert ta._COMPILE_FAILED and any("running eager" in str(w.message) for w in recwarn.list)
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):  # compile=True does not hide the failure
+        case.run(ta.torch_packed_adam_step, compile=True)

@@ -9,12 +9,15 @@ fp32 moment tensor.
 Per chunk the work is one function, ``_adam_chunk``. Eagerly it runs as a sequence of PyTorch
 ops; ``compile=True`` fuses it with ``torch.compile`` (one graph per (bits, bits, rounding,
 stats) combination; shapes are dynamic, runtime scalars are tensors so nothing recompiles per
-step).
+step), bit-identical to eager. ``compile=None`` (the optimizer's default) compiles the units of at
+least one chunk on the CPU, where the one-time compile pays back within a few steps, and stays
+eager for small units and where compiling fails.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
@@ -179,6 +182,31 @@ def _compiled_adam_chunk():
     return torch.compile(_adam_chunk, dynamic=True, fullgraph=True)
 
 
+_COMPILE_FAILED: list[str] = []
+"""The first torch.compile failure of this process (auto mode then stays eager)."""
+
+
+def use_compile(compile: bool | None, numel: int, device: torch.device) -> bool:
+    """``compile``: True / False, or None = auto: CPU units of at least one chunk, while compiling works."""
+    if compile is not None:
+        return compile
+    return device.type == "cpu" and numel >= CHUNK_ELEMENTS and not _COMPILE_FAILED
+
+
+def _run_chunk(compiled: bool, auto: bool, *args):
+    if not compiled:
+        return _adam_chunk(*args)
+    try:
+        return _compiled_adam_chunk()(*args)
+    except Exception as e:  # no C++ toolchain, an unsupported torch, ...: auto mode falls back to eager
+        if not auto:
+            raise
+        _COMPILE_FAILED.append(f"{type(e).__name__}: {e}"[:300])
+        warnings.warn(f"stquant: torch.compile of the CPU step failed ({_COMPILE_FAILED[0]}); running eager "
+                      "(set STQuantConfig(compile=False) to skip the attempt)", RuntimeWarning, stacklevel=4)  # fmt: skip
+        return _adam_chunk(*args)
+
+
 def torch_packed_adam_step(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -197,7 +225,7 @@ def torch_packed_adam_step(
     stats: torch.Tensor | None = None,
     neighbor_codebooks: tuple | None = None,
     neighbor_stats: torch.Tensor | None = None,
-    compile: bool = False,
+    compile: bool | None = False,
 ) -> None:
     """One fused Adam/AdamW step on a packed unit, in place.
 
@@ -217,14 +245,15 @@ def torch_packed_adam_step(
             ``(exp_avg b-1, exp_avg b+1, exp_avg_sq b-1, exp_avg_sq b+1)`` (None where out of range).
         neighbor_stats: fp32 ``[6]``; adds sum err^2 at those widths (nearest rounding, not stored),
             then at the current widths (exp_avg, exp_avg_sq), all over every ``PROBE_STRIDE``-th block.
-        compile: run each chunk through ``torch.compile`` (PyTorch path only; ignored by Triton).
+        compile: run each chunk through ``torch.compile`` (PyTorch path only; ignored by Triton);
+            None = auto (``use_compile``: CPU units of at least one chunk).
     """
     mcb, vcb = exp_avg_codebook, exp_avg_sq_codebook
     assert exp_avg_codes.shape[1] == mcb.bits and exp_avg_sq_codes.shape[1] == vcb.bits
     dev = param.device
     hyper = torch.tensor(list(scalars), dtype=torch.float32, device=dev)
     keys = torch.tensor(rng_keys, dtype=torch.int64, device=dev)
-    fn = _compiled_adam_chunk() if compile else _adam_chunk
+    compiled = use_compile(compile, param.numel(), param.device)
     flat_p, flat_g = param.view(-1), grad.view(-1)
     numel = flat_p.numel()
     nblocks = exp_avg_codes.shape[0]
@@ -240,8 +269,8 @@ def torch_packed_adam_step(
         p32 = p.to(torch.float32).view(b1 - b0, block_size)
         first = torch.tensor(index_offset + e0, dtype=torch.int64, device=dev)
         valid = torch.tensor(e1 - e0, dtype=torch.int64, device=dev)
-        new_p, mc, ms, vc, vs, st, nst = fn(
-            p32, g.view(b1 - b0, block_size),
+        new_p, mc, ms, vc, vs, st, nst = _run_chunk(
+            compiled, compile is None, p32, g.view(b1 - b0, block_size),
             exp_avg_codes[b0:b1], exp_avg_scale[b0:b1], exp_avg_sq_codes[b0:b1], exp_avg_sq_scale[b0:b1],
             mcb, vcb, hyper, first, keys, valid, stochastic, stats is not None, pad > 0,
             neighbor_codebooks if neighbor_stats is not None else None, (-b0) % PROBE_STRIDE,
@@ -267,7 +296,7 @@ def torch_packed_adam_group_step(
     stats: torch.Tensor | None = None,
     neighbor_codebooks: tuple | None = None,
     neighbor_stats: torch.Tensor | None = None,
-    compile: bool = False,
+    compile: bool | None = False,
 ) -> None:
     """``torch_packed_adam_step`` on every entry of a group (twin of the one-launch Triton group step).
 

@@ -406,7 +406,7 @@ def triton_packed_adam_step(
     stats: torch.Tensor | None = None,
     neighbor_codebooks: tuple | None = None,
     neighbor_stats: torch.Tensor | None = None,
-    compile: bool = False,
+    compile: bool | None = False,
 ) -> None:
     """Same contract as ``torch_packed_adam_step`` (``compile`` is ignored)."""
     if not HAS_TRITON:
@@ -456,7 +456,7 @@ def triton_packed_adam_group_step(
     stats: torch.Tensor | None = None,
     neighbor_codebooks: tuple | None = None,
     neighbor_stats: torch.Tensor | None = None,
-    compile: bool = False,
+    compile: bool | None = False,
 ) -> None:
     """Same contract as ``torch_packed_adam_group_step``: one launch for the whole group."""
     if not HAS_TRITON:

@@ -62,7 +62,8 @@ def add_stquant_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                    help="codebook kind of exp_avg_sq")
     g.add_argument("--stquant-backend", default=d.backend, choices=("auto", "torch", "triton"),
                    help="fused-step implementation: auto = Triton on CUDA, PyTorch elsewhere")
-    g.add_argument("--stquant-compile", action="store_true", help="torch.compile the PyTorch path")
+    g.add_argument("--stquant-compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the PyTorch (CPU) path: auto = units of 2**18+ elements")
     return parser
 
 
@@ -78,7 +79,7 @@ def config_from_args(args: argparse.Namespace) -> STQuantConfig | None:
         warmup_steps=args.stquant_warmup_steps, warmup_bits=args.stquant_warmup_bits,
         stats_steps=args.stquant_stats_steps, max_move=args.stquant_max_move, hysteresis=args.stquant_hysteresis,
         exp_avg_codebook=args.stquant_exp_avg_codebook, exp_avg_sq_codebook=args.stquant_exp_avg_sq_codebook,
-        backend=args.stquant_backend, compile=args.stquant_compile,
+        backend=args.stquant_backend, compile={"auto": None, "on": True, "off": False}[args.stquant_compile],
         nonfinite="unchecked",  # Megatron checks grads itself; a per-rank raise would hang the others
     )  # fmt: skip
 
