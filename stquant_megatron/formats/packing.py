@@ -21,7 +21,6 @@ import torch
 _SPREAD = ((28, 0x0000000F0000000F), (14, 0x0003000300030003), (7, 0x0101010101010101))
 _LOW_BITS = 0x0101010101010101
 _GATHER_MUL = 0x0102040810204080
-_SPREAD_TABLES: dict[torch.device, torch.Tensor] = {}
 
 
 def num_blocks(numel: int, block_size: int) -> int:
@@ -45,11 +44,11 @@ def _gather(y: torch.Tensor) -> torch.Tensor:
     return (((y & _LOW_BITS) * _GATHER_MUL) >> 56) & 0xFF  # int64 wraps: only the top byte is kept
 
 
+_SPREAD_TABLE = _spread(torch.arange(256, dtype=torch.int64))  # byte -> its 8 bits at bits 0, 8, ..., 56
+
+
 def _spread_table(device: torch.device) -> torch.Tensor:
-    table = _SPREAD_TABLES.get(device)
-    if table is None:
-        table = _SPREAD_TABLES[device] = _spread(torch.arange(256, dtype=torch.int64, device=device))
-    return table
+    return _SPREAD_TABLE if device.type == "cpu" else _SPREAD_TABLE.to(device)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -269,9 +269,12 @@ def torch_packed_adam_step(
         p32 = p.to(torch.float32).view(b1 - b0, block_size)
         first = torch.tensor(index_offset + e0, dtype=torch.int64, device=dev)
         valid = torch.tensor(e1 - e0, dtype=torch.int64, device=dev)
+        tensors = (p32, g.view(b1 - b0, block_size), exp_avg_codes[b0:b1], exp_avg_scale[b0:b1],
+                   exp_avg_sq_codes[b0:b1], exp_avg_sq_scale[b0:b1])  # fmt: skip
+        if compiled:  # views would make the graph guard on each unit's base shape: one compile per unit
+            tensors = tuple(t.clone() for t in tensors)
         new_p, mc, ms, vc, vs, st, nst = _run_chunk(
-            compiled, compile is None, p32, g.view(b1 - b0, block_size),
-            exp_avg_codes[b0:b1], exp_avg_scale[b0:b1], exp_avg_sq_codes[b0:b1], exp_avg_sq_scale[b0:b1],
+            compiled, compile is None, *tensors,
             mcb, vcb, hyper, first, keys, valid, stochastic, stats is not None, pad > 0,
             neighbor_codebooks if neighbor_stats is not None else None, (-b0) % PROBE_STRIDE,
         )  # fmt: skip
