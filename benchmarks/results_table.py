@@ -287,6 +287,9 @@ def step_block(path: str) -> str:
         lines.append(f"- Machine: {meta.get('hardware', '?')}; 1-minute load average {meta['load_average_start'][0]:.1f} "
                      f"at the start and {meta['load_average_end'][0]:.1f} at the end (the ratios are measured in one "
                      "run, so load from other processes hits every row alike).")
+    lines.append("- STQuantAdamW rows: the default config (`compile=None`: on the CPU, units of at least 2**18 "
+                 "elements run through `torch.compile`, one compile per width combination, in the first step); "
+                 "*eager*: `compile=False`; *+compile*: `compile=True` (every unit); *+sr*: stochastic rounding.")
     lines.append("- Ratios are to `torch.optim.AdamW(fused=True)` in the same run; first step = state allocation (and "
                  "`torch.compile` where a row compiles). GPU column: the bytes-moved model of a memory-bound step, "
                  "not a timing.")
