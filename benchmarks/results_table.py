@@ -220,18 +220,10 @@ def block(paths: list[str]) -> str:
         if meta.get("hardware"):
             hardware.add(meta["hardware"])
         versions.update(meta.get("versions") or {})
-    buys = scheduler_vs_fixed(results)
-    if buys:
-        lines.append("What the scheduler buys against fixed 4-bit widths, read off the tables above:")
-        lines.append("")
-        lines += buys
-        lines.append("")
-    tgt = targets(results)
-    if tgt:
-        lines.append("Targets (issue 5), read off the tables above:")
-        lines.append("")
-        lines += tgt
-        lines.append("")
+    for title, items in (("What the scheduler buys against fixed 4-bit widths", scheduler_vs_fixed(results)),
+                         ("Targets (issue 5)", targets(results))):  # fmt: skip
+        if items:
+            lines += [f"{title}, read off the tables above:", "", *items, ""]
     lines.append("How these numbers were made:")
     lines.append("")
     if commands:

@@ -443,10 +443,7 @@ def init_stock_adam_state(optimizer) -> int:
     optimizers whose type is exactly ``torch.optim.Adam``/``AdamW``.
     """
     count = 0
-    for opt in _distributed_optimizers(optimizer):
-        inner = getattr(opt, "optimizer", None)
-        if type(inner) not in (torch.optim.Adam, torch.optim.AdamW):
-            continue
+    for inner in _stock_adam_inners(optimizer):
         for group in inner.param_groups:
             for p in group["params"]:
                 if len(inner.state[p]) == 0:
@@ -457,6 +454,14 @@ def init_stock_adam_state(optimizer) -> int:
                         inner.state[p]["max_exp_avg_sq"] = torch.zeros_like(p)
                     count += 1
     return count
+
+
+def _stock_adam_inners(optimizer):
+    """The inner optimizers that are exactly ``torch.optim.Adam``/``AdamW`` (Megatron's fallback)."""
+    for opt in _distributed_optimizers(optimizer):
+        inner = getattr(opt, "optimizer", None)
+        if type(inner) in (torch.optim.Adam, torch.optim.AdamW):
+            yield inner
 
 
 def restore_stock_adam_steps(optimizer) -> int:
@@ -470,10 +475,7 @@ def restore_stock_adam_steps(optimizer) -> int:
     once per parameter per step. No effect on other inner optimizers.
     """
     count = 0
-    for opt in _distributed_optimizers(optimizer):
-        inner = getattr(opt, "optimizer", None)
-        if type(inner) not in (torch.optim.Adam, torch.optim.AdamW):
-            continue
+    for inner in _stock_adam_inners(optimizer):
         for group in inner.param_groups:
             if "step" not in group:
                 continue
