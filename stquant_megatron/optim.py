@@ -353,19 +353,23 @@ class STQuantAdamW(torch.optim.Optimizer):
         return False
 
     def _validate_work(self, work: list) -> None:
-        """Everything that can be checked before anything changes: dtypes, shapes, the step backend."""
+        """Everything that can be checked before anything changes: dtypes, shapes, the step backend
+        (resolved once per device: it raises for a backend that cannot run there)."""
+        devices = set()
         for _, p, g in work:
-            name = self.param_name(p)
             if g.is_sparse:
-                raise RuntimeError(f"parameter {name!r} has a sparse gradient; STQuantAdamW needs dense gradients "
-                                   "(use torch.optim.SparseAdam)")  # fmt: skip
+                raise RuntimeError(f"parameter {self.param_name(p)!r} has a sparse gradient; STQuantAdamW needs "
+                                   "dense gradients (use torch.optim.SparseAdam)")  # fmt: skip
             if not p.is_floating_point() or p.dtype == torch.float64:
-                raise TypeError(f"parameter {name!r} has dtype {p.dtype}; STQuantAdamW needs an fp32/bf16/fp16 parameter")
+                raise TypeError(f"parameter {self.param_name(p)!r} has dtype {p.dtype}; STQuantAdamW needs an "
+                                "fp32/bf16/fp16 parameter")  # fmt: skip
             if g.numel() != p.numel() or not g.is_floating_point():
-                raise ValueError(f"gradient of {name!r} has {g.numel()} elements of {g.dtype}; the parameter has "
-                                 f"{p.numel()}: gradients must match their parameters")  # fmt: skip
+                raise ValueError(f"gradient of {self.param_name(p)!r} has {g.numel()} elements of {g.dtype}; the "
+                                 f"parameter has {p.numel()}: gradients must match their parameters")  # fmt: skip
             if self._is_packed(p):
-                get_group_step_fn(self.config.backend, p.device)  # raises for a backend that cannot run here
+                devices.add(p.device)
+        for device in devices:
+            get_group_step_fn(self.config.backend, device)
 
     @torch.no_grad()
     def step(self, closure=None):
