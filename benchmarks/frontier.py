@@ -1,0 +1,414 @@
+#!/usr/bin/env python
+"""Frontier benchmark: peak optimizer-state bytes per parameter against validation loss.
+
+A byte-level GPT (pre-norm, learned positions, tied embeddings, no linear biases; default
+3 layers of width 256 -> 2.44M parameters) trains on the Python standard library's own source
+(``stquant_megatron.testing.data``: ``TRAIN_FILES``; validation on the held-out ``VAL_FILES``) with
+the standalone optimizers, the same seeds, data order, learning-rate schedule (warm-up + cosine),
+weight decay (none on norms and biases) and gradient clipping for every configuration.
+
+Per configuration and seed it records the final validation loss (mean cross-entropy over fixed,
+evenly spaced windows of the held-out text), the state bytes per parameter at the end and at the
+peak (``STQuantAdamW.peak_state_bytes()``: the high-water mark since construction, precision
+transitions included; the peers allocate their state once, at the first step: the max of the
+storage sampled after the first step and at the end), and the wall time. Per configuration:
+the mean and standard deviation (n - 1) over seeds of ``val_loss / val_loss(fp32 AdamW, same seed)``
+(paired: the same initial weights and batches), the max peak and the mean final bytes.
+
+    python benchmarks/frontier.py --quick                               # smoke run, about 2 minutes
+    python benchmarks/frontier.py --jobs 2 --json benchmarks/results/frontier.json --plot docs/frontier.png
+
+``--json PATH`` writes ``{"rows": [...], "meta": {...}}``: one row per configuration (key, label,
+config, peak_state_bytes_per_param, state_bytes_per_param, val_loss_mean, ratio_mean, ratio_std,
+per-seed values) and the set-up, command, hardware, versions and wall times;
+``python benchmarks/results_table.py`` renders the README table from it. ``--plot PATH`` draws the
+Pareto plot (peak bytes/param vs ratio, error bars = one standard deviation over seeds).
+``--only KEY ...`` runs a subset (fp32 AdamW always runs: it is every ratio's reference).
+
+Every finished (configuration, seed) run is appended to ``<json stem>.runs.jsonl`` with its
+configuration, set-up, git commit and time. ``--resume`` reuses the runs there whose configuration
+and set-up match (a long benchmark survives an interruption; a configuration added later runs alone);
+the meta records which results were reused and when each was produced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+for p in (ROOT, HERE):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+from quality import (  # noqa: E402  (benchmarks/ is a script folder, not a package)
+    BETAS,
+    CLIP,
+    EPS,
+    WEIGHT_DECAY,
+    PeakMeter,
+    _mean_std,
+    _progress,
+    hardware,
+    lr_at,
+    make_optimizer,
+    record_decisions,
+    set_lr,
+    state_bytes,
+    versions,
+)
+
+
+# ----------------------------------------------------------------------------------- set-up
+@dataclass
+class Setup:
+    steps: int = 1000
+    layers: int = 3
+    width: int = 256
+    heads: int = 4
+    seq: int = 64
+    batch: int = 16
+    lr: float = 2e-3
+    val_windows: int = 256
+    seeds: tuple[int, ...] = (0, 1, 2)
+
+
+QUICK = dict(steps=60, layers=2, width=128, seq=32, batch=8, val_windows=32, seeds=(0, 1))
+
+
+@dataclass
+class Spec:
+    key: str
+    label: str
+    family: str  # torch | bnb8 | ao8 | ao4 | stq
+    config: dict = field(default_factory=dict)
+
+
+def specs(steps: int) -> list[Spec]:
+    """The compared configurations; scheduled runs' warm-up and interval scale with the run length."""
+    sched = dict(warmup_steps=max(1, round(0.10 * steps)), interval=max(4, round(0.075 * steps)))
+    sched["stats_steps"] = min(4, sched["interval"])
+    lean = dict(scale_dtype="bf16", block_size=256)  # 1/16 scale bit per element instead of 1/4
+    out = [
+        Spec("adamw", "fp32 AdamW", "torch"),
+        Spec("bnb8", "bnb AdamW8bit", "bnb8"),
+        Spec("ao8", "torchao AdamW8bit", "ao8"),
+        Spec("ao4", "torchao AdamW4bit", "ao4"),
+        Spec("stq4", "ours fixed 4-bit", "stq", dict(bits=4)),
+    ]
+    for avg in (4.0, 3.5, 3.0, 2.5):
+        out.append(Spec(f"avg{avg}", f"ours scheduled {avg}", "stq", dict(avg_bits=avg, **sched)))
+    for avg in (3.0, 2.5):
+        out.append(Spec(f"avg{avg}-lean", f"ours scheduled {avg}, bf16 scales, block 256", "stq",
+                        dict(avg_bits=avg, **lean, **sched)))  # fmt: skip
+    return out
+
+
+# ----------------------------------------------------------------------------------- model
+class Block(torch.nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1 = torch.nn.LayerNorm(width)
+        self.qkv = torch.nn.Linear(width, 3 * width, bias=False)
+        self.proj = torch.nn.Linear(width, width, bias=False)
+        self.ln2 = torch.nn.LayerNorm(width)
+        self.fc1 = torch.nn.Linear(width, 4 * width, bias=False)
+        self.fc2 = torch.nn.Linear(4 * width, width, bias=False)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(a.transpose(1, 2).reshape(b, t, c))
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.ln2(x))))
+
+
+class ByteGPT(torch.nn.Module):
+    """Byte-level GPT: vocabulary 256, tied input/output embedding."""
+
+    def __init__(self, s: Setup):
+        super().__init__()
+        self.tok = torch.nn.Embedding(256, s.width)
+        self.pos = torch.nn.Parameter(torch.zeros(s.seq, s.width))
+        self.blocks = torch.nn.ModuleList(Block(s.width, s.heads) for _ in range(s.layers))
+        self.ln = torch.nn.LayerNorm(s.width)
+        for n, p in self.named_parameters():
+            if p.ndim == 2:
+                torch.nn.init.normal_(p, std=0.02 / math.sqrt(2 * s.layers) if n.endswith(("proj.weight", "fc2.weight")) else 0.02)
+
+    def forward(self, idx):
+        h = self.tok(idx) + self.pos[: idx.shape[1]]
+        for blk in self.blocks:
+            h = blk(h)
+        return self.ln(h) @ self.tok.weight.t()
+
+
+def param_groups(model):
+    decay, plain = [], []
+    for n, p in model.named_parameters():
+        (plain if p.ndim < 2 else decay).append((n, p))
+    return [dict(params=[p for _, p in g], wd_mult=w, names=[n for n, _ in g]) for g, w in ((decay, 1.0), (plain, 0.0))]
+
+
+def val_windows(tokens: torch.Tensor, n: int, seq: int) -> torch.Tensor:
+    starts = torch.linspace(0, tokens.numel() - seq - 2, n).long()
+    return tokens[starts[:, None] + torch.arange(seq + 1)]
+
+
+# ----------------------------------------------------------------------------------- one run
+def run_one(spec: Spec, s: Setup, seed: int, progress: bool, threads: int) -> dict:
+    from stquant_megatron.testing.data import lm_batches, stdlib_corpus
+
+    torch.set_num_threads(threads)
+    train_tokens, val_tokens = stdlib_corpus("train"), stdlib_corpus("val")
+    val = val_windows(val_tokens, s.val_windows, s.seq)
+    torch.manual_seed(seed)
+    model = ByteGPT(s)
+    nparams = sum(p.numel() for p in model.parameters())
+    groups = param_groups(model)
+    names = [g.pop("names") for g in groups]
+    opt = make_optimizer(spec.family, groups, s.lr, spec.config)
+    if hasattr(opt, "set_param_name"):
+        for g, ns in zip(opt.param_groups, names):
+            for p, n in zip(g["params"], ns):
+                opt.set_param_name(p, n)
+    decisions = record_decisions(opt) if getattr(opt, "scheduler", None) is not None else None
+    peak = PeakMeter([opt])
+    loss_fn = torch.nn.functional.cross_entropy
+
+    def evaluate() -> float:
+        model.eval()
+        with torch.no_grad():
+            tot = 0.0
+            for chunk in val.split(64):
+                logits = model(chunk[:, :-1])
+                tot += loss_fn(logits.reshape(-1, 256), chunk[:, 1:].reshape(-1), reduction="sum").item()
+        model.train()
+        return tot / (val.shape[0] * s.seq)
+
+    bar = _progress(s.steps, f"{spec.label} | seed {seed}", progress)
+    t0 = time.perf_counter()
+    train_curve = []
+    for step, (x, y) in enumerate(lm_batches(train_tokens, batch=s.batch, seq=s.seq, steps=s.steps, seed=seed)):
+        set_lr(opt.param_groups, lr_at(step, s.steps, s.lr))
+        loss = loss_fn(model(x).reshape(-1, 256), y.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        train_curve.append(loss.item())
+        if step == 0:
+            peak.sample()
+        bar.update(1)
+        if step % 25 == 0:
+            bar.set_postfix(loss=f"{train_curve[-1]:.3f}", refresh=False)
+    seconds = time.perf_counter() - t0
+    final = evaluate()
+    bar.set_postfix(val=f"{final:.4f}")
+    bar.close()
+    out = dict(key=spec.key, seed=seed, nparams=nparams, final_val=final, state_bytes=state_bytes(opt),
+               peak_state_bytes=peak.value(), train_seconds=seconds,
+               train_curve=[sum(train_curve[i:i + 20]) / len(train_curve[i:i + 20]) for i in range(0, len(train_curve), 20)])  # fmt: skip
+    if decisions is not None:
+        out["bits_history"] = {"names": list(opt.scheduler.names), "history": decisions}
+        out["avg_bits"] = opt.scheduler.average_bits()
+    return out
+
+
+# ----------------------------------------------------------------------------------- run log
+def _cfg_key(sp: Spec) -> str:
+    return json.dumps([sp.family, sp.config], sort_keys=True)
+
+
+def _commit() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def append_run(path: str | None, sp: Spec, s: Setup, r: dict) -> None:
+    """One JSON line per finished run (O_APPEND: parallel workers' lines do not interleave)."""
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    r.update(commit=_commit(), finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+    line = json.dumps(dict(r, family=sp.family, config=sp.config, setup=asdict(s))) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+def load_runs(path: str, s: Setup) -> dict:
+    """Runs of ``path`` with the same set-up, keyed by (key, seed, configuration)."""
+    out = {}
+    if not os.path.exists(path):
+        return out
+    want = json.loads(json.dumps(asdict(s)))
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            if r.get("setup") == want:
+                out[(r["key"], r["seed"], json.dumps([r["family"], r["config"]], sort_keys=True))] = dict(r, reused=True)
+    return out
+
+
+# ----------------------------------------------------------------------------------- summary
+def summarize(spec_list: list[Spec], results: list[dict]) -> list[dict]:
+    by = {(r["key"], r["seed"]): r for r in results}
+    seeds = sorted({r["seed"] for r in results})
+    rows = []
+    for sp in spec_list:
+        mine = [by[(sp.key, sd)] for sd in seeds if (sp.key, sd) in by]
+        if not mine:
+            continue
+        ratios = [r["final_val"] / by[("adamw", r["seed"])]["final_val"] for r in mine if ("adamw", r["seed"]) in by]
+        rm, rs = _mean_std(ratios) if ratios else (float("nan"), None)
+        n = mine[0]["nparams"]
+        rows.append(dict(
+            key=sp.key, label=sp.label, family=sp.family, config=sp.config,
+            peak_state_bytes_per_param=max(r["peak_state_bytes"] for r in mine) / n,
+            state_bytes_per_param=sum(r["state_bytes"] for r in mine) / len(mine) / n,
+            val_loss_mean=sum(r["final_val"] for r in mine) / len(mine),
+            ratio_mean=rm, ratio_std=rs, seeds=[r["seed"] for r in mine], ratios=ratios,
+            train_seconds_mean=sum(r["train_seconds"] for r in mine) / len(mine),
+        ))  # fmt: skip
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'configuration':46s} {'peak B/param':>12s} {'final B/param':>13s} {'val loss':>9s} {'ratio (mean +- std)':>21s}")
+    for r in rows:
+        std = f" +- {r['ratio_std']:.4f}" if r["ratio_std"] is not None else ""
+        print(f"{r['label']:46s} {r['peak_state_bytes_per_param']:12.3f} {r['state_bytes_per_param']:13.3f} "
+              f"{r['val_loss_mean']:9.4f} {r['ratio_mean']:>11.4f}{std:10s}")  # fmt: skip
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        ours = r["family"] == "stq"
+        ax.errorbar(r["peak_state_bytes_per_param"], r["ratio_mean"], yerr=r["ratio_std"] or 0.0, capsize=3,
+                    fmt="o" if ours else "s", color="tab:red" if ours else "tab:blue")  # fmt: skip
+        ax.annotate(r["label"], (r["peak_state_bytes_per_param"], r["ratio_mean"]), fontsize=7, xytext=(4, 3),
+                    textcoords="offset points")  # fmt: skip
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="peak optimizer-state bytes per parameter (log2)", ylabel="val loss / fp32 AdamW (same seed)",
+           title=title)  # fmt: skip
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small model, 60 steps, 2 seeds (smoke run)")
+    ap.add_argument("--steps", type=int, help="training steps (default 1000)")
+    ap.add_argument("--seeds", type=int, help="seeds per configuration (default 3)")
+    ap.add_argument("--only", nargs="+", metavar="KEY", help="subset of configurations (adamw always runs)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs in parallel, one torch thread each (default 1)")
+    ap.add_argument("--json", metavar="PATH", help="write rows and meta (set-up, per-seed results, command, times)")
+    ap.add_argument("--plot", metavar="PATH", help="write the Pareto plot (PNG)")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse matching runs from <json stem>.runs.jsonl (needs --json)")
+    ap.add_argument("--list", action="store_true", help="print the configurations and exit")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = ap.parse_args(argv)
+    s = Setup(**QUICK) if args.quick else Setup()
+    if args.steps:
+        s.steps = args.steps
+    if args.seeds:
+        if args.seeds < 1:
+            ap.error(f"--seeds must be at least 1; got {args.seeds}")
+        s.seeds = tuple(range(args.seeds))
+    spec_list = specs(s.steps)
+    if args.list:
+        for sp in spec_list:
+            print(f"{sp.key:16s} {sp.label:46s} {sp.config}")
+        return 0
+    if args.only:
+        unknown = sorted(set(args.only) - {sp.key for sp in spec_list})
+        if unknown:
+            ap.error(f"--only: unknown {unknown}; choose from {[sp.key for sp in spec_list]}")
+        spec_list = [sp for sp in spec_list if sp.key in args.only or sp.key == "adamw"]
+    if args.jobs < 1:
+        ap.error(f"--jobs must be at least 1; got {args.jobs}")
+    if args.resume and not args.json:
+        ap.error("--resume reads <json stem>.runs.jsonl: give --json PATH")
+    log_path = os.path.splitext(args.json)[0] + ".runs.jsonl" if args.json else None
+    cached = load_runs(log_path, s) if args.resume else {}
+    results = [cached[(sp.key, sd, _cfg_key(sp))] for sd in s.seeds for sp in spec_list if (sp.key, sd, _cfg_key(sp)) in cached]
+    jobs = [(sp, sd) for sd in s.seeds for sp in spec_list if (sp.key, sd, _cfg_key(sp)) not in cached]
+    if results:
+        print(f"reusing {len(results)} run(s) from {log_path}", flush=True)
+    print(f"hardware: {hardware()}\n{len(spec_list)} configurations x {len(s.seeds)} seeds, {s.steps} steps, "
+          f"{args.jobs} job(s)", flush=True)  # fmt: skip
+    t0 = time.perf_counter()
+    progress = not args.no_progress and args.jobs == 1
+    if args.jobs == 1:
+        for sp, sd in jobs:
+            r = run_one(sp, s, sd, progress, 1)
+            results.append(r)
+            append_run(log_path, sp, s, r)
+            print(f"  {sp.label} seed {sd}: val {r['final_val']:.4f}, peak {r['peak_state_bytes'] / r['nparams']:.3f} "
+                  f"B/param, {r['train_seconds']:.0f} s", flush=True)  # fmt: skip
+    else:
+        with ProcessPoolExecutor(args.jobs) as pool:
+            futs = {pool.submit(run_one, sp, s, sd, False, 1): (sp, sd) for sp, sd in jobs}
+            for i, f in enumerate(as_completed(futs), 1):
+                sp, sd = futs[f]
+                r = f.result()
+                results.append(r)
+                append_run(log_path, sp, s, r)
+                print(f"  [{i}/{len(jobs)} {time.perf_counter() - t0:.0f} s] {sp.label} seed {sd}: val "
+                      f"{r['final_val']:.4f}, peak {r['peak_state_bytes'] / r['nparams']:.3f} B/param, "
+                      f"{r['train_seconds']:.0f} s", flush=True)  # fmt: skip
+    wall = time.perf_counter() - t0
+    rows = summarize(spec_list, results)
+    print_table(rows)
+    nparams = results[0]["nparams"]
+    title = (f"byte GPT, {nparams / 1e6:.2f}M params, {s.steps} steps, {len(s.seeds)} seeds"
+             + (" (--quick)" if args.quick else ""))  # fmt: skip
+    print(f"\n{title}; wall time {wall:.0f} s ({wall / 60:.1f} min, {args.jobs} job(s))")
+    if args.json:
+        meta = dict(setup=asdict(s), nparams=nparams, title=title, wall_seconds=wall, jobs=args.jobs, quick=args.quick,
+                    betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, clip=CLIP, hardware=hardware(),
+                    versions=versions(), results=results,
+                    command="python " + " ".join([os.path.relpath(__file__, ROOT),
+                                                  *(argv if argv is not None else sys.argv[1:])]))  # fmt: skip
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "meta": meta}, f, indent=1, default=str)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(rows, args.plot, title)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
