@@ -26,7 +26,7 @@ Pareto plot (peak bytes/param vs ratio, error bars = one standard deviation over
 ``--only KEY ...`` runs a subset (fp32 AdamW always runs: it is every ratio's reference).
 
 Every finished (configuration, seed) run is appended to ``<json stem>.runs.jsonl`` with its
-configuration, set-up, git commit and time. ``--resume`` reuses the runs there whose configuration
+configuration, set-up, the git commit its process started from, and the time it finished. ``--resume`` reuses the runs there whose configuration
 and set-up match (a long benchmark survives an interruption; a configuration added later runs alone);
 the meta records which results were reused and when each was produced.
 """
@@ -110,6 +110,11 @@ def specs(steps: int) -> list[Spec]:
     for avg in (3.0, 2.5):
         out.append(Spec(f"avg{avg}-lean", f"ours scheduled {avg}, bf16 scales, block 256", "stq",
                         dict(avg_bits=avg, **lean, **sched)))  # fmt: skip
+    fact = dict(exp_avg_sq_format="factored")  # matrices' exp_avg_sq as row/column statistics (~0 bits)
+    out.append(Spec("f4", "ours 4-bit exp_avg, factored exp_avg_sq", "stq", dict(bits=4, **fact)))
+    for avg in (5.5, 4.0, 3.0):
+        out.append(Spec(f"f-avg{avg}", f"ours scheduled {avg} exp_avg, factored exp_avg_sq", "stq",
+                        dict(avg_bits=avg, **fact, **sched)))  # fmt: skip
     return out
 
 
@@ -230,14 +235,22 @@ def _cfg_key(sp: Spec) -> str:
     return json.dumps([sp.family, sp.config], sort_keys=True)
 
 
-def _commit() -> str | None:
+def _git_commit() -> str | None:
+    """The checkout's commit when this process started (``+dirty`` with uncommitted changes)."""
     import subprocess
 
     try:
-        return subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()  # fmt: skip
+        run = lambda *a: subprocess.run(["git", "-C", ROOT, *a], capture_output=True, text=True, check=True).stdout  # noqa: E731
+        return run("rev-parse", "--short", "HEAD").strip() + ("+dirty" if run("status", "--porcelain", "-uno").strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+_COMMIT = _git_commit()
+
+
+def _commit() -> str | None:
+    return _COMMIT
 
 
 def append_run(path: str | None, sp: Spec, s: Setup, r: dict) -> None:

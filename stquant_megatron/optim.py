@@ -18,11 +18,11 @@ import torch
 import torch.distributed as dist
 
 from .config import MOMENTS, STQuantConfig
-from .kernels import get_group_step_fn, rng_key, step_scalars, unit_id
+from .kernels import get_factored_step_fn, get_group_step_fn, rng_key, step_scalars, unit_id
 from .kernels.common import SALT_EXP_AVG, SALT_EXP_AVG_SQ, GroupEntry
-from .kernels.torch_adam import dense_adam_step
+from .kernels.torch_adam import dense_adam_step, torch_factored_adam_step
 from .scheduler import PrecisionScheduler
-from .state import _SCALE_DTYPES, PackedState
+from .state import _SCALE_DTYPES, QUANTIZED_STATES, FactoredState, PackedState, state_from_dict
 
 log = logging.getLogger("stquant_megatron")
 
@@ -189,6 +189,13 @@ class STQuantAdamW(torch.optim.Optimizer):
     def _is_packed(self, param: torch.Tensor) -> bool:
         return self._full_numel.get(id(param), param.numel()) >= max(1, self.config.min_numel)
 
+    def _factor_shape(self, param: torch.Tensor) -> tuple[int, int] | None:
+        """``(rows, cols)`` if ``param``'s exp_avg_sq is factored (config says so, a packed matrix held whole)."""
+        if self.config.exp_avg_sq_format != "factored" or not self._is_packed(param):
+            return None
+        whole = self._names.get(id(param), (None, 0))[1] == 0 and self._full_numel.get(id(param), param.numel()) == param.numel()
+        return FactoredState.factor_shape(param.shape) if whole else None
+
     def init_state(self, param: torch.Tensor | None = None) -> None:
         """Create the (zero) state of ``param``, or of every parameter, now rather than at the first step."""
         for _, p in self._params() if param is None else [(None, param)]:
@@ -207,18 +214,21 @@ class STQuantAdamW(torch.optim.Optimizer):
         st = self.state[p]
         st["step"] = torch.tensor(0.0, dtype=torch.float32)
         for moment in MOMENTS:
-            if self._is_packed(p):
+            if moment == "exp_avg_sq" and self._factor_shape(p):
+                st[moment] = FactoredState.zeros(self._factor_shape(p), device=p.device)
+            elif self._is_packed(p):
                 st[moment] = self._new_packed(p, moment, self._planned_bits(p, moment))
             else:
                 st[moment] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
         return st
 
     def state_bytes(self) -> int:
-        """Exact bytes of all optimizer-state storage allocated now (codes, scales, fp32 escapes, steps)."""
+        """Exact bytes of all optimizer-state storage allocated now (codes, scales, factored statistics,
+        fp32 escapes, steps)."""
         total = 0
         for st in self.state.values():
             for v in st.values():
-                if isinstance(v, PackedState):
+                if isinstance(v, QUANTIZED_STATES):
                     total += v.nbytes
                 elif torch.is_tensor(v):
                     total += v.numel() * v.element_size()
@@ -235,15 +245,17 @@ class STQuantAdamW(torch.optim.Optimizer):
         return now
 
     def unit_bits(self) -> dict[str, int]:
-        """``{"<param name>.<moment>": bits}`` for every unit; fp32 escapes report 32."""
+        """``{"<param name>.<moment>": bits}`` for every unit; fp32 escapes report 32, factored ones 0."""
         out = {}
         for _, p in self._params():
             name = self.param_name(p)
             st = self.state.get(p) or {}
             for moment in MOMENTS:
                 v = st.get(moment)
-                if isinstance(v, PackedState):
+                if isinstance(v, QUANTIZED_STATES):
                     out[f"{name}.{moment}"] = v.bits
+                elif moment == "exp_avg_sq" and self._factor_shape(p):
+                    out[f"{name}.{moment}"] = 0
                 elif v is not None or not self._is_packed(p):
                     out[f"{name}.{moment}"] = 32
                 else:
@@ -267,12 +279,13 @@ class STQuantAdamW(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------------------- scheduler
     def _packed_units(self):
-        """(unit name, param, moment) of every packed unit, in a fixed order."""
+        """(unit name, param, moment) of every packed unit (factored ones are not), in a fixed order."""
         for _, p in self._params():
             if self._is_packed(p):
                 name = self.param_name(p)
                 for moment in MOMENTS:
-                    yield f"{name}.{moment}", p, moment
+                    if moment == "exp_avg" or not self._factor_shape(p):
+                        yield f"{name}.{moment}", p, moment
 
     def _setup_scheduler(self) -> None:
         """Agree on the units (collective) and bring existing packed state to the scheduler's widths."""
@@ -392,6 +405,7 @@ class STQuantAdamW(torch.optim.Optimizer):
         # codebooks, dtypes, block size, rounding, statistics), O(groups) launches per step.
         created = False
         launches: dict[tuple, list] = {}
+        factored: list[tuple] = []
         for group, p, g in work:
             if not self.state[p]:
                 self._init_state(p)
@@ -413,6 +427,9 @@ class STQuantAdamW(torch.optim.Optimizer):
             target = p if p.is_contiguous() else p.contiguous()
             grad = g.contiguous()
             probe = self.collect_stats and self.probe_neighbors
+            if isinstance(v, FactoredState):
+                factored.append((p, name, m, v, target, grad, scalars, rng_key(cfg.seed, step, uid, _SALTS[0]), probe))
+                continue
             key = (m.bits, m.codebook.kind, v.bits, v.codebook.kind, m.block_size, target.dtype, grad.dtype,
                    m.scale.dtype, v.scale.dtype, str(p.device), self.collect_stats, probe)  # fmt: skip
             entry = GroupEntry(
@@ -446,6 +463,24 @@ class STQuantAdamW(torch.optim.Optimizer):
                         local_stats[f"{name}.{moment}"] = torch.stack(row)
                 if entry.param is not p:
                     p.copy_(entry.param)
+        for p, name, m, v, target, grad, scalars, key_m, probe in factored:
+            dev = p.device
+            stats = torch.zeros(3, dtype=torch.float32, device=dev) if self.collect_stats else None
+            nbr_stats = torch.zeros(6, dtype=torch.float32, device=dev) if probe else None
+            nbr_books = (_codebook(cfg, "exp_avg", m.bits - 1, dev), _codebook(cfg, "exp_avg", m.bits + 1, dev),
+                         None, None) if probe else None  # fmt: skip
+            get_factored_step_fn(cfg.backend, dev)(
+                target, grad, m.codes, m.scale, v.row, v.col, m.codebook, scalars, block_size=m.block_size,
+                stochastic=cfg.stochastic_rounding, rng_key=key_m, stats=stats, neighbor_codebooks=nbr_books,
+                neighbor_stats=nbr_stats, compile=cfg.compile,
+            )  # fmt: skip
+            if stats is not None:
+                row = [stats[0], stats[2]]
+                if nbr_stats is not None:
+                    row += [nbr_stats[4], nbr_stats[0], nbr_stats[1]]
+                local_stats[f"{name}.exp_avg"] = torch.stack(row)
+            if target is not p:
+                p.copy_(target)
         if created:
             self._note_bytes()
         self.global_step += 1
@@ -466,7 +501,7 @@ class STQuantAdamW(torch.optim.Optimizer):
         """Like ``torch.optim`` state dicts; packed moments become dicts of tensors and plain values."""
         sd = super().state_dict()
         sd["state"] = {
-            k: {key: (v.to_dict() if isinstance(v, PackedState) else v) for key, v in st.items()}
+            k: {key: (v.to_dict() if isinstance(v, QUANTIZED_STATES) else v) for key, v in st.items()}
             for k, st in sd["state"].items()
         }
         sd["stquant"] = {
@@ -593,14 +628,24 @@ class STQuantAdamW(torch.optim.Optimizer):
         """A validated moment in this optimizer's format (packed at ``bits`` or the planned width)."""
         name = self.param_name(p)
         if isinstance(value, dict):
-            state = PackedState.from_dict(value, p.device, where=f"checkpoint {key} of {name!r}")
+            state = state_from_dict(value, p.device, where=f"checkpoint {key} of {name!r}")
             if state.numel != p.numel() or state.signed != (key == "exp_avg"):
                 raise ValueError(
                     f"checkpoint {key} of {name!r} has numel={state.numel}, signed={state.signed}; "
                     f"the parameter has numel={p.numel()}: the checkpoint belongs to another model"
                 )
+            if isinstance(state, FactoredState) and state.shape != FactoredState.factor_shape(p.shape):
+                raise ValueError(f"checkpoint {key} of {name!r} is factored as {state.shape}; the parameter has "
+                                 f"shape {tuple(p.shape)}: the checkpoint belongs to another model")  # fmt: skip
             if not self._is_packed(p):
                 return state.dequantize().reshape(p.shape)
+            if key == "exp_avg_sq" and self._factor_shape(p):
+                if isinstance(state, FactoredState):
+                    return state
+                return FactoredState.zeros(self._factor_shape(p), device=p.device).copy_(state.dequantize())
+            if isinstance(state, FactoredState):  # this run packs it: from the dense estimate
+                recoded.append(f"{name}.{key}: factored -> packed")
+                value, state = state.dequantize(), None
         else:
             if not torch.is_tensor(value) or not value.is_floating_point() or value.numel() != p.numel() or (
                 value.dim() > 1 and tuple(value.shape) != tuple(p.shape)
@@ -616,6 +661,8 @@ class STQuantAdamW(torch.optim.Optimizer):
                 raise ValueError(f"checkpoint exp_avg_sq of {name!r} has negative values: it is not a second moment")
             if not self._is_packed(p):
                 return value.detach().to(device=p.device, dtype=torch.float32).reshape(p.shape).clone()
+            if key == "exp_avg_sq" and self._factor_shape(p):
+                return FactoredState.zeros(self._factor_shape(p), device=p.device).copy_(value)
             state = None
         cfg = self.config
         bits = bits if bits is not None else self._planned_bits(p, key)

@@ -181,3 +181,93 @@ class PackedState:
             f"PackedState(numel={self.numel}, bits={self.bits}, codebook={self.codebook.kind!r}, "
             f"signed={self.signed}, block_size={self.block_size}, scale={self.scale.dtype}, nbytes={self.nbytes})"
         )
+
+
+class FactoredState:
+    """A factored second moment (``exp_avg_sq`` of a matrix): row and column statistics, no codes.
+
+    The unit is viewed as ``[rows, cols]`` (``rows = shape[0]``). ``row`` holds the exponential
+    average of each row's mean of g**2, ``col`` that of each column's mean, and the second moment
+    of element (i, j) is the rank-1 estimate ``row[i] * col[j] * (1 / mean(row))`` (Adafactor,
+    Shazeer & Stern 2018, section 3: exact when g**2 is itself rank one). It costs 4 bytes per row
+    and column, about 0 bits per element: the scheduler's "0-bit" width of a 2-D ``exp_avg_sq``.
+    """
+
+    __slots__ = ("row", "col", "numel", "shape")
+    bits = 0
+    signed = False
+
+    def __init__(self, row: torch.Tensor, col: torch.Tensor):
+        self.row, self.col = row, col
+        self.shape = (row.numel(), col.numel())
+        self.numel = row.numel() * col.numel()
+
+    @staticmethod
+    def factor_shape(shape: tuple[int, ...] | torch.Size) -> tuple[int, int] | None:
+        """``(rows, cols)`` of a tensor shape that can be factored (2-D or more, both sides > 1), else None."""
+        if len(shape) < 2 or shape[0] < 2:
+            return None
+        cols = 1
+        for s in shape[1:]:
+            cols *= int(s)
+        return (int(shape[0]), cols) if cols >= 2 else None
+
+    @classmethod
+    def zeros(cls, shape: tuple[int, int], device: torch.device | str = "cpu") -> FactoredState:
+        rows, cols = shape
+        z = lambda n: torch.zeros(n, dtype=torch.float32, device=device)  # noqa: E731
+        return cls(z(rows), z(cols))
+
+    @property
+    def nbytes(self) -> int:
+        return (self.row.numel() + self.col.numel()) * 4
+
+    def inv_mean_row(self) -> torch.Tensor:
+        """fp32 0-d ``1 / mean(row)`` (0 while every row is 0), on the state's device, without a host sync."""
+        mean = self.row.mean()
+        return torch.where(mean > 0, 1.0 / mean, torch.zeros_like(mean))
+
+    def dequantize(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """The dense fp32 estimate, shape ``[numel]``, on ``device`` (default: the state's)."""
+        v = (self.row[:, None] * self.col[None, :]) * self.inv_mean_row()
+        return v.reshape(-1).to(device or self.row.device)
+
+    def copy_(self, dense: torch.Tensor) -> FactoredState:
+        """Factor a dense second moment: row and column means (exact for a rank-one ``dense``)."""
+        if dense.numel() != self.numel:
+            raise ValueError(f"cannot load {dense.numel()} values into a factored state of {self.shape}")
+        v = dense.reshape(self.shape).to(device=self.row.device, dtype=torch.float32)
+        self.row.copy_(v.mean(1))
+        self.col.copy_(v.mean(0))
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"factored": True, "row": self.row, "col": self.col}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], device: torch.device, where: str = "factored state entry") -> FactoredState:
+        try:
+            row, col = d["row"], d["col"]
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{where} is malformed ({e!r}); keys found: {sorted(d)}") from None
+        for name, t in (("row", row), ("col", col)):
+            if not torch.is_tensor(t) or t.dtype != torch.float32 or t.dim() != 1:
+                got = (t.dtype, tuple(t.shape)) if torch.is_tensor(t) else type(t).__name__
+                raise ValueError(f"{where}: {name} should be a 1-D fp32 tensor; got {got}")
+            if not bool((torch.isfinite(t) & (t >= 0)).all()):
+                raise ValueError(f"{where}: {name} statistics must be finite and >= 0 (means of g**2)")
+        return cls(row.to(device).contiguous().clone(), col.to(device).contiguous().clone())
+
+    def __repr__(self) -> str:
+        return f"FactoredState(shape={self.shape}, nbytes={self.nbytes})"
+
+
+QUANTIZED_STATES = (PackedState, FactoredState)
+"""Moment storage that is not a plain fp32 tensor (both have ``dequantize``, ``copy_``, ``nbytes``, ``to_dict``)."""
+
+
+def state_from_dict(d: dict[str, Any], device: torch.device, where: str) -> PackedState | FactoredState:
+    """``PackedState`` or ``FactoredState`` from its ``to_dict()``."""
+    if isinstance(d, dict) and d.get("factored"):
+        return FactoredState.from_dict(d, device, where)
+    return PackedState.from_dict(d, device, where)

@@ -643,10 +643,10 @@ def test_auto_compile_policy_and_fallback(monkeypatch, recwarn):
     case = Case(mb=4, vb=3, numel=3000, steps=2)
     want = case.run(ta.torch_packed_adam_step)
 
-    def broken():
+    def broken(fn):
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(ta, "_compiled_adam_chunk", broken)
+    monkeypatch.setattr(ta, "_compiled", broken)
     monkeypatch.setattr(ta, "CHUNK_ELEMENTS", 1024)  # the 3000-element unit now counts as large
     monkeypatch.setattr(ta, "_COMPILE_FAILED", [])
     got = case.run(ta.torch_packed_adam_step, compile=None)

@@ -26,6 +26,9 @@ from ..formats.codebooks import Codebook, level_values
 from .common import HASH_MUL1, HASH_MUL2, MASK32, PROBE_STRIDE, GroupEntry, StepScalars, check_group
 
 CHUNK_ELEMENTS = 1 << 18  # 256K elements: fp32 temporaries of 1 MiB, cache friendly on CPU
+ROW_CHUNK_ELEMENTS = 1 << 18
+"""Pass 1 of a factored step sums g**2 over chunks of about this many elements (whole rows); the
+summation order, and so every bit of the statistics, follows from it on every backend."""
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -102,6 +105,46 @@ def dequantize_blocks(codes: torch.Tensor, scale: torch.Tensor, cb: Codebook) ->
     return decode(codes, cb) * scale.to(torch.float32)[:, None]
 
 
+def _error_sums(m, v, m_codes, m_scale, err_v, denom, mcb, m_scale_dtype, v_scale_dtype, hyper, with_stats: bool,
+                neighbors, probe_start: int):
+    """The scheduler's statistics of one chunk: (sum err_m^2, sum err_v^2, sum U^2) and the probe's sums.
+
+    ``err_v`` is the update-direction error of the stored exp_avg_sq (None: v is not quantized, as
+    in a factored unit, whose v sums are 0)."""
+    if not with_stats:
+        return None, None
+    eps, inv_bc2 = hyper[4], hyper[8]
+    # Damage of each moment's quantization to the update direction U = m / denom.
+    mq = dequantize_blocks(m_codes, m_scale, mcb)
+    ref = m / denom
+    err_m = mq / denom - ref
+    zero = torch.zeros((), dtype=torch.float32, device=m.device)
+    ev2 = (err_v * err_v).sum() if err_v is not None else zero
+    stats = torch.stack([(err_m * err_m).sum(), ev2, (ref * ref).sum()])
+    if neighbors is None:
+        return stats, None
+    # The same damage at the neighbouring widths (nearest rounding; nothing is stored), on
+    # every PROBE_STRIDE-th block.
+    rows = slice(probe_start, None, PROBE_STRIDE)
+    pm, pden, pref = m[rows], denom[rows], ref[rows]
+    sums = []
+    for i, cb in enumerate(neighbors):
+        if cb is None or (i >= 2 and err_v is None):
+            sums.append(zero)
+        elif i < 2:
+            e = dequantize_blocks(*quantize_blocks(pm, cb, m_scale_dtype), cb) / pden - pref
+            sums.append((e * e).sum())
+        else:
+            vq = dequantize_blocks(*quantize_blocks(v[rows], cb, v_scale_dtype), cb)
+            e = pm / (sqrt_rn(vq) * inv_bc2 + eps) - pref
+            sums.append((e * e).sum())
+    # The error at the current width over the same sampled blocks: the probe's ratios
+    # E(b-1)/E(b) and E(b)/E(b+1) then compare like with like.
+    sums.append((err_m[rows] * err_m[rows]).sum())
+    sums.append((err_v[rows] * err_v[rows]).sum() if err_v is not None else zero)
+    return stats, torch.stack(sums)
+
+
 def _adam_chunk(
     p: torch.Tensor,  # fp32 [nb, block]
     g: torch.Tensor,  # fp32 or bf16 [nb, block]
@@ -143,43 +186,60 @@ def _adam_chunk(
         um = uv = None
     m_codes, m_scale = quantize_blocks(m, mcb, ms.dtype, um)
     v_codes, v_scale = quantize_blocks(v, vcb, vs.dtype, uv)
-    stats = None
+    err_v = None
     if with_stats:
-        # Damage of each moment's quantization to the update direction U = m / denom.
-        mq = dequantize_blocks(m_codes, m_scale, mcb)
         vq = dequantize_blocks(v_codes, v_scale, vcb)
-        ref = m / denom
-        err_m = mq / denom - ref
-        err_v = m / (sqrt_rn(vq) * inv_bc2 + eps) - ref
-        stats = torch.stack([(err_m * err_m).sum(), (err_v * err_v).sum(), (ref * ref).sum()])
-    nstats = None
-    if neighbors is not None:
-        # The same damage at the neighbouring widths (nearest rounding; nothing is stored), on
-        # every PROBE_STRIDE-th block.
-        rows = slice(probe_start, None, PROBE_STRIDE)
-        pm, pv, pden, pref = m[rows], v[rows], denom[rows], ref[rows]
-        sums = []
-        for i, cb in enumerate(neighbors):
-            if cb is None:
-                sums.append(torch.zeros((), dtype=torch.float32, device=p.device))
-            elif i < 2:
-                e = dequantize_blocks(*quantize_blocks(pm, cb, ms.dtype), cb) / pden - pref
-                sums.append((e * e).sum())
-            else:
-                vq = dequantize_blocks(*quantize_blocks(pv, cb, vs.dtype), cb)
-                e = pm / (sqrt_rn(vq) * inv_bc2 + eps) - pref
-                sums.append((e * e).sum())
-        # The error at the current width over the same sampled blocks: the probe's ratios
-        # E(b-1)/E(b) and E(b)/E(b+1) then compare like with like.
-        sums.append((err_m[rows] * err_m[rows]).sum())
-        sums.append((err_v[rows] * err_v[rows]).sum())
-        nstats = torch.stack(sums)
+        err_v = m / (sqrt_rn(vq) * inv_bc2 + eps) - m / denom
+    stats, nstats = _error_sums(m, v, m_codes, m_scale, err_v, denom, mcb, ms.dtype, vs.dtype, hyper, with_stats,
+                                neighbors, probe_start)  # fmt: skip
     return p, pack_codes(m_codes, mcb.bits), m_scale, pack_codes(v_codes, vcb.bits), v_scale, stats, nstats
 
 
+def _factored_chunk(
+    p: torch.Tensor,  # fp32 [nb, block]
+    g: torch.Tensor,  # fp32 or bf16 [nb, block]
+    mc: torch.Tensor,  # uint8 [nb, m_bits, block/8]
+    ms: torch.Tensor,  # [nb]
+    row: torch.Tensor,  # fp32 [rows]: updated row statistics (factored_moment_update)
+    col: torch.Tensor,  # fp32 [cols]
+    inv_mean: torch.Tensor,  # fp32 0-d: 1 / mean(row)
+    mcb: Codebook,
+    hyper: torch.Tensor,  # fp32 [10], StepScalars order
+    first_index: torch.Tensor,  # int64 0-d: index of p[0, 0] in the unit
+    keys: torch.Tensor,  # int64 [2]: RNG keys for exp_avg, exp_avg_sq
+    valid: torch.Tensor,  # int64 0-d: elements of the chunk inside the tensor
+    stochastic: bool,
+    with_stats: bool,
+    has_tail: bool,
+    neighbors: tuple | None = None,
+    probe_start: int = 0,
+):
+    """``_adam_chunk`` for a unit whose exp_avg_sq is factored: v(i, j) = (row[i] * col[j]) * inv_mean."""
+    beta1, omb1, beta2, omb2, eps, l2, decay, step_size, inv_bc2 = (hyper[i] for i in range(9))
+    offset = torch.arange(p.numel(), device=p.device).view(p.shape)
+    local = torch.minimum(offset, valid - 1)  # padding reads the last element's statistics
+    index = first_index + local
+    r = torch.div(index, col.numel(), rounding_mode="floor")
+    v = (row[r] * col[index - r * col.numel()]) * inv_mean
+    g = g.to(torch.float32)
+    g = g + p * l2
+    m = dequantize_blocks(unpack_codes(mc, mcb.bits), ms, mcb)
+    m = m * beta1 + g * omb1
+    p = p * decay
+    denom = sqrt_rn(v) * inv_bc2 + eps
+    p = p - (m / denom) * step_size
+    if has_tail:
+        m = torch.where(offset < valid, m, 0.0)
+    um = uniform(first_index + offset, keys[0]) if stochastic else None
+    m_codes, m_scale = quantize_blocks(m, mcb, ms.dtype, um)
+    stats, nstats = _error_sums(m, v, m_codes, m_scale, None, denom, mcb, ms.dtype, ms.dtype, hyper, with_stats,
+                                neighbors, probe_start)  # fmt: skip
+    return p, pack_codes(m_codes, mcb.bits), m_scale, stats, nstats
+
+
 @functools.lru_cache(maxsize=None)
-def _compiled_adam_chunk():
-    return torch.compile(_adam_chunk, dynamic=True, fullgraph=True)
+def _compiled(fn):
+    return torch.compile(fn, dynamic=True, fullgraph=True)
 
 
 _COMPILE_FAILED: list[str] = []
@@ -193,18 +253,18 @@ def use_compile(compile: bool | None, numel: int, device: torch.device) -> bool:
     return device.type == "cpu" and numel >= CHUNK_ELEMENTS and not _COMPILE_FAILED
 
 
-def _run_chunk(compiled: bool, auto: bool, *args):
+def _run_chunk(fn, compiled: bool, auto: bool, *args):
     if not compiled:
-        return _adam_chunk(*args)
+        return fn(*args)
     try:
-        return _compiled_adam_chunk()(*args)
+        return _compiled(fn)(*args)
     except Exception as e:  # no C++ toolchain, an unsupported torch, ...: auto mode falls back to eager
         if not auto:
             raise
         _COMPILE_FAILED.append(f"{type(e).__name__}: {e}"[:300])
         warnings.warn(f"stquant: torch.compile of the CPU step failed ({_COMPILE_FAILED[0]}); running eager "
                       "(set STQuantConfig(compile=False) to skip the attempt)", RuntimeWarning, stacklevel=4)  # fmt: skip
-        return _adam_chunk(*args)
+        return fn(*args)
 
 
 def torch_packed_adam_step(
@@ -274,7 +334,7 @@ def torch_packed_adam_step(
         if compiled:  # views would make the graph guard on each unit's base shape: one compile per unit
             tensors = tuple(t.clone() for t in tensors)
         new_p, mc, ms, vc, vs, st, nst = _run_chunk(
-            compiled, compile is None, *tensors,
+            _adam_chunk, compiled, compile is None, *tensors,
             mcb, vcb, hyper, first, keys, valid, stochastic, stats is not None, pad > 0,
             neighbor_codebooks if neighbor_stats is not None else None, (-b0) % PROBE_STRIDE,
         )  # fmt: skip
@@ -320,6 +380,92 @@ def torch_packed_adam_group_step(
             neighbor_codebooks=neighbor_codebooks, neighbor_stats=None if neighbor_stats is None else neighbor_stats[i],
             compile=compile,
         )  # fmt: skip
+
+
+def factored_moment_update(param: torch.Tensor, grad: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
+                           scalars: StepScalars) -> torch.Tensor:
+    """Pass 1 of a factored unit's step (both backends run this same code): the exponential averages
+    of each row's and column's mean of g**2 (g with Adam's L2 term), in place; returns ``1 / mean(row)``
+    (fp32 0-d, 0 while every row is 0). Walks the unit in chunks of whole rows (O(chunk) scratch)."""
+    rows, cols = row.numel(), col.numel()
+    g2, p2 = grad.view(rows, cols), param.view(rows, cols)
+    row_mean = torch.empty_like(row)
+    col_sum = torch.zeros_like(col)
+    step = max(1, ROW_CHUNK_ELEMENTS // cols)
+    for r0 in range(0, rows, step):
+        g = g2[r0 : r0 + step].to(torch.float32)
+        if scalars.l2:
+            g = g + p2[r0 : r0 + step].to(torch.float32) * scalars.l2
+        sq = g * g
+        row_mean[r0 : r0 + step] = sq.mean(1)
+        col_sum += sq.sum(0)
+    row.mul_(scalars.beta2).add_(row_mean * scalars.one_minus_beta2)
+    col.mul_(scalars.beta2).add_((col_sum * (1.0 / rows)) * scalars.one_minus_beta2)
+    mean = row.mean()
+    return torch.where(mean > 0, 1.0 / mean, torch.zeros_like(mean))
+
+
+def torch_factored_adam_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg_codes: torch.Tensor,
+    exp_avg_scale: torch.Tensor,
+    row: torch.Tensor,
+    col: torch.Tensor,
+    exp_avg_codebook: Codebook,
+    scalars: StepScalars,
+    *,
+    block_size: int,
+    stochastic: bool = False,
+    rng_key: int = 0,
+    stats: torch.Tensor | None = None,
+    neighbor_codebooks: tuple | None = None,
+    neighbor_stats: torch.Tensor | None = None,
+    compile: bool | None = False,
+) -> None:
+    """One fused step of a unit with packed ``exp_avg`` and factored ``exp_avg_sq`` (``FactoredState``).
+
+    As ``torch_packed_adam_step``, except: ``row`` / ``col`` (fp32 ``[rows]`` / ``[cols]``, ``param``
+    viewed as ``[rows, cols]``) are updated first (``factored_moment_update``); the second moment of
+    element (i, j) is then ``(row[i] * col[j]) * (1 / mean(row))``. The unit is whole (no shard
+    offset). ``stats`` / ``neighbor_stats`` get the exp_avg sums; their exp_avg_sq entries stay 0.
+    """
+    mcb = exp_avg_codebook
+    assert exp_avg_codes.shape[1] == mcb.bits and row.numel() * col.numel() == param.numel()
+    dev = param.device
+    inv_mean = factored_moment_update(param, grad, row, col, scalars)
+    hyper = torch.tensor(list(scalars), dtype=torch.float32, device=dev)
+    keys = torch.tensor((rng_key, 0), dtype=torch.int64, device=dev)
+    compiled = use_compile(compile, param.numel(), dev)
+    flat_p, flat_g = param.view(-1), grad.view(-1)
+    numel = flat_p.numel()
+    nblocks = exp_avg_codes.shape[0]
+    chunk_blocks = max(1, CHUNK_ELEMENTS // block_size)
+    for b0 in range(0, nblocks, chunk_blocks):
+        b1 = min(nblocks, b0 + chunk_blocks)
+        e0, e1 = b0 * block_size, min(numel, b1 * block_size)
+        p, g = flat_p[e0:e1], flat_g[e0:e1]
+        pad = (b1 - b0) * block_size - (e1 - e0)
+        if pad:
+            p = torch.nn.functional.pad(p, (0, pad))
+            g = torch.nn.functional.pad(g, (0, pad))
+        tensors = (p.to(torch.float32).view(b1 - b0, block_size), g.view(b1 - b0, block_size),
+                   exp_avg_codes[b0:b1], exp_avg_scale[b0:b1])  # fmt: skip
+        if compiled:
+            tensors = tuple(t.clone() for t in tensors)
+        new_p, mc, ms, st, nst = _run_chunk(
+            _factored_chunk, compiled, compile is None, *tensors, row, col, inv_mean, mcb, hyper,
+            torch.tensor(e0, dtype=torch.int64, device=dev), keys, torch.tensor(e1 - e0, dtype=torch.int64, device=dev),
+            stochastic, stats is not None, pad > 0, neighbor_codebooks if neighbor_stats is not None else None,
+            (-b0) % PROBE_STRIDE,
+        )  # fmt: skip
+        flat_p[e0:e1].copy_(new_p.view(-1)[: e1 - e0])
+        exp_avg_codes[b0:b1].copy_(mc)
+        exp_avg_scale[b0:b1].copy_(ms)
+        if st is not None:
+            stats.add_(st)
+        if nst is not None:
+            neighbor_stats.add_(nst)
 
 
 def dense_adam_step(

@@ -36,7 +36,7 @@ import torch
 
 from ..config import MOMENTS, STQuantConfig
 from ..optim import STQuantAdamW
-from ..state import PackedState
+from ..state import QUANTIZED_STATES
 from .args import add_stquant_args, config_from_args
 
 SUPPORTED_VERSIONS = ((0, 16), (0, 20))
@@ -293,7 +293,7 @@ def _get(orig):
         out = {"param": main}
         for key in MOMENTS:  # dense fp32 on the CPU: no accelerator-memory spike while saving
             v = st[key]
-            out[key] = v.dequantize(device="cpu") if isinstance(v, PackedState) else v.detach().float().cpu().view(-1)
+            out[key] = v.dequantize(device="cpu") if isinstance(v, QUANTIZED_STATES) else v.detach().float().cpu().view(-1)
         return out
 
     return patched_get_main_param_and_optimizer_states
@@ -316,7 +316,7 @@ def _set(orig):
             value = tensors.get(key)
             if not torch.is_tensor(value):
                 continue
-            if isinstance(st[key], PackedState):
+            if isinstance(st[key], QUANTIZED_STATES):
                 st[key].copy_(value)
             else:
                 st[key].copy_(value.view_as(st[key]))
