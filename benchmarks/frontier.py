@@ -383,7 +383,13 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     progress = not args.no_progress and args.jobs == 1
     if args.jobs == 1:
-        for sp, sd in jobs:
+        for sp, sd in sorted(jobs, key=lambda j: j[0].key == "adamw"):  # the reference last: another
+            if args.resume:  # process writing the same log may have run it meanwhile
+                done = load_runs(log_path, s).get((sp.key, sd, _cfg_key(sp)))
+                if done is not None:
+                    results.append(done)
+                    print(f"  {sp.label} seed {sd}: reused (finished {done.get('finished')})", flush=True)
+                    continue
             r = run_one(sp, s, sd, progress, 1)
             results.append(r)
             append_run(log_path, sp, s, r)
