@@ -343,6 +343,12 @@ def _unsupported(rank, world):
             msgs.append(None)
         except ValueError as e:
             msgs.append(str(e))
+    patch(STQuantConfig(bits=4, exp_avg_sq_format="factored"))
+    try:
+        gpt.build_optimizer(model)
+        msgs.append(None)
+    except ValueError as e:
+        msgs.append(str(e))
     unpatch()
     stock = type(gpt.build_optimizer(model).chained_optimizers[0].optimizer).__name__
     return msgs, stock, get_megatron_optimizer.__name__
@@ -352,6 +358,7 @@ def test_unsupported_setups_fail_clearly_and_unpatch_restores_stock():
     msgs, stock, name = run_distributed(_unsupported, 1, timeout=200)[0]
     assert msgs[0] and "--use-distributed-optimizer" in msgs[0]
     assert msgs[1] and "--optimizer sgd" in msgs[1] and "--optimizer adam" in msgs[1]
+    assert msgs[2] and "exp_avg_sq_format='factored'" in msgs[2] and "flat shards" in msgs[2]
     assert stock in ("AdamW", "Adam") and name == "get_megatron_optimizer"
 
 
