@@ -23,7 +23,8 @@ config, peak_state_bytes_per_param, state_bytes_per_param, val_loss_mean, ratio_
 per-seed values) and the set-up, command, hardware, versions and wall times;
 ``python benchmarks/results_table.py`` renders the README table from it. ``--plot PATH`` draws the
 Pareto plot (peak bytes/param vs ratio, error bars = one standard deviation over seeds).
-``--only KEY ...`` runs a subset (fp32 AdamW always runs: it is every ratio's reference).
+``--only KEY ...`` runs a subset, including the configurations not run by default (``--list``
+shows them); fp32 AdamW always runs: it is every ratio's reference.
 
 Every finished (configuration, seed) run is appended to ``<json stem>.runs.jsonl`` with its
 configuration, set-up, the git commit its process started from, and the time it finished. ``--resume`` reuses the runs there whose configuration
@@ -91,6 +92,7 @@ class Spec:
     label: str
     family: str  # torch | bnb8 | ao8 | ao4 | stq
     config: dict = field(default_factory=dict)
+    default: bool = True  # False: runs only when named in --only
 
 
 def specs(steps: int) -> list[Spec]:
@@ -109,12 +111,12 @@ def specs(steps: int) -> list[Spec]:
         out.append(Spec(f"avg{avg}", f"ours scheduled {avg}", "stq", dict(avg_bits=avg, **sched)))
     for avg in (3.0, 2.5):
         out.append(Spec(f"avg{avg}-lean", f"ours scheduled {avg}, bf16 scales, block 256", "stq",
-                        dict(avg_bits=avg, **lean, **sched)))  # fmt: skip
+                        dict(avg_bits=avg, **lean, **sched), default=False))  # fmt: skip
     fact = dict(exp_avg_sq_format="factored")  # matrices' exp_avg_sq as row/column statistics (~0 bits)
     out.append(Spec("f4", "ours 4-bit exp_avg, factored exp_avg_sq", "stq", dict(bits=4, **fact)))
     for avg in (5.5, 4.0, 3.0):
         out.append(Spec(f"f-avg{avg}", f"ours scheduled {avg} exp_avg, factored exp_avg_sq", "stq",
-                        dict(avg_bits=avg, **fact, **sched)))  # fmt: skip
+                        dict(avg_bits=avg, **fact, **sched), default=avg != 3.0))  # fmt: skip
     return out
 
 
@@ -361,13 +363,15 @@ def main(argv=None) -> int:
     spec_list = specs(s.steps)
     if args.list:
         for sp in spec_list:
-            print(f"{sp.key:16s} {sp.label:46s} {sp.config}")
+            print(f"{sp.key:16s} {sp.label:52s} {'' if sp.default else '(--only) '}{sp.config}")
         return 0
     if args.only:
         unknown = sorted(set(args.only) - {sp.key for sp in spec_list})
         if unknown:
             ap.error(f"--only: unknown {unknown}; choose from {[sp.key for sp in spec_list]}")
         spec_list = [sp for sp in spec_list if sp.key in args.only or sp.key == "adamw"]
+    else:
+        spec_list = [sp for sp in spec_list if sp.default]
     if args.jobs < 1:
         ap.error(f"--jobs must be at least 1; got {args.jobs}")
     if args.resume and not args.json:
