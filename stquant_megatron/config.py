@@ -15,6 +15,10 @@ from .kernels.common import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
 # the signed kinds coincide).
 AUTO_CODEBOOK = {moment: {bits: "pow2" for bits in range(MIN_BITS, MAX_BITS + 1)} for moment in ("exp_avg", "exp_avg_sq")}
 MOMENTS = ("exp_avg", "exp_avg_sq")
+DEFAULT_AVG_BITS = 3.0
+"""The budget of ``STQuantConfig()`` (no ``bits``, no ``avg_bits``): chosen from the frontier benchmark
+(``benchmarks/results/frontier.json``, README "Frontier") as the least peak memory whose validation
+loss matches fp32 AdamW's, among the formats that run everywhere (packed, so also under Megatron)."""
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
@@ -25,8 +29,9 @@ def _fail(field: str, value: Any, allowed: str) -> None:
 class STQuantConfig:
     """How Adam's moments are stored. Invalid values raise ``ValueError`` naming the field."""
 
-    bits: int | tuple[int, int] = 4
-    """Code width of both moments, or an ``(exp_avg, exp_avg_sq)`` pair; each in 2..8."""
+    bits: int | tuple[int, int] | None = None
+    """Fixed code width of both moments, or an ``(exp_avg, exp_avg_sq)`` pair; each in 2..8. None
+    (default): the scheduler places the widths within ``avg_bits``."""
     block_size: int = 128
     """Elements sharing one scale: a power of two in 32..2048 (larger blocks spill on GPUs)."""
     min_numel: int = 4096
@@ -59,7 +64,8 @@ class STQuantConfig:
 
     # --- precision scheduler (active when avg_bits is set) -----------------------------------
     avg_bits: float | None = None
-    """Budget in bits per element of the scheduled units, scale bits included; None = fixed ``bits``."""
+    """Budget in bits per element of the scheduled units, scale bits included. None: fixed ``bits``
+    if given, else ``DEFAULT_AVG_BITS`` (so ``STQuantConfig()`` is scheduled, ``STQuantConfig(bits=4)`` fixed)."""
     min_bits: int = 2
     """Narrowest width the scheduler may choose."""
     max_bits: int = 8
@@ -81,13 +87,15 @@ class STQuantConfig:
     """A new plan is adopted only if it lowers the total error by more than this fraction."""
 
     def __post_init__(self) -> None:
-        bits = self.bits
+        if self.bits is None and self.avg_bits is None:
+            self.avg_bits = DEFAULT_AVG_BITS
+        bits = 4 if self.bits is None else self.bits  # (unused while scheduled)
         pair = bits if isinstance(bits, (tuple, list)) else (bits, bits)
         if len(pair) != 2 or not all(isinstance(b, int) and not isinstance(b, bool) for b in pair):
             _fail("bits", bits, "use an int or an (exp_avg, exp_avg_sq) pair of ints in 2..8")
         if not all(MIN_BITS <= b <= MAX_BITS for b in pair):
             _fail("bits", bits, f"each width must be in {MIN_BITS}..{MAX_BITS}")
-        if isinstance(bits, list):
+        if isinstance(self.bits, list):
             self.bits = tuple(bits)
         bs = self.block_size
         if not isinstance(bs, int) or isinstance(bs, bool) or not MIN_BLOCK_SIZE <= bs <= MAX_BLOCK_SIZE or bs & (bs - 1):
@@ -153,8 +161,8 @@ class STQuantConfig:
         return (32 if self.scale_dtype == "fp32" else 16) / self.block_size
 
     def moment_bits(self, moment: str) -> int:
-        """The configured width of ``moment`` ("exp_avg" or "exp_avg_sq")."""
-        bits = self.bits
+        """The configured fixed width of ``moment`` ("exp_avg" or "exp_avg_sq"); 4 where ``bits`` is None."""
+        bits = 4 if self.bits is None else self.bits
         return bits[MOMENTS.index(moment)] if isinstance(bits, tuple) else bits
 
     def codebook(self, moment: str, bits: int) -> str:

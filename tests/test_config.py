@@ -10,12 +10,11 @@ import pytest
 import torch
 
 from stquant_megatron import STQuantConfig
-from stquant_megatron.config import AUTO_CODEBOOK, MOMENTS
+from stquant_megatron.config import AUTO_CODEBOOK, DEFAULT_AVG_BITS, MOMENTS
 from stquant_megatron.formats.codebooks import KINDS, LOG_STEP, get_codebook
 
 INVALID = [
-    ("bits", 1), ("bits", 9), ("bits", 0), ("bits", -4), ("bits", 4.0), ("bits", "4"), ("bits", True), ("bits", None),
-    ("bits", (4,)), ("bits", (4, 4, 4)), ("bits", (2, 9)), ("bits", (1, 8)), ("bits", (4, 4.0)), ("bits", (False, 4)),
+    ("bits", 1), ("bits", 9), ("bits", 0), ("bits", -4), ("bits", 4.0), ("bits", "4"), ("bits", True), ("bits", (4,)), ("bits", (4, 4, 4)), ("bits", (2, 9)), ("bits", (1, 8)), ("bits", (4, 4.0)), ("bits", (False, 4)),
     ("block_size", 16), ("block_size", 8192), ("block_size", 4096), ("block_size", 100), ("block_size", 128.0), ("block_size", 0),
     ("block_size", -128), ("block_size", "128"),
     ("min_numel", -1), ("min_numel", 1.5), ("min_numel", "0"),
@@ -59,7 +58,10 @@ def test_keyword_only():
 
 def test_defaults():
     c = STQuantConfig()
-    assert c.bits == 4 and c.block_size == 128 and c.min_numel == 4096
+    assert c.bits is None and c.avg_bits == DEFAULT_AVG_BITS  # scheduled (README "Frontier" chose the budget)
+    assert STQuantConfig(bits=4).avg_bits is None and STQuantConfig(bits=4).moment_bits("exp_avg") == 4  # fixed
+    assert STQuantConfig(bits=5, avg_bits=4.0).avg_bits == 4.0
+    assert c.block_size == 128 and c.min_numel == 4096
     assert c.stochastic_rounding is False and c.seed == 0 and c.scale_dtype == "fp32"
     assert c.nonfinite == "raise" and c.backend == "auto" and c.compile is None
 

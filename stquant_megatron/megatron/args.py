@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import STQuantConfig
+from ..config import DEFAULT_AVG_BITS, STQuantConfig
 from ..formats.codebooks import KINDS
 
 
@@ -28,8 +28,8 @@ def add_stquant_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     d = STQuantConfig()
     g = parser.add_argument_group("stquant", "packed variable-bit Adam moments (stquant-megatron)")
     g.add_argument("--stquant", action="store_true", help="store Adam moments in packed 2-8 bit buffers (off: stock Megatron)")
-    g.add_argument("--stquant-bits", type=_bits, default=d.bits, metavar="N or M,V",
-                   help="code width of both moments, or exp_avg,exp_avg_sq widths; each 2..8 (fixed widths)")
+    g.add_argument("--stquant-bits", type=_bits, default=None, metavar="N or M,V",
+                   help="fixed code width of both moments, or exp_avg,exp_avg_sq widths; each 2..8 (unset: scheduled)")
     g.add_argument("--stquant-block-size", type=int, default=d.block_size,
                    help="elements sharing one scale: a power of two in 32..2048")
     g.add_argument("--stquant-min-numel", type=int, default=d.min_numel,
@@ -40,7 +40,8 @@ def add_stquant_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     g.add_argument("--stquant-scale-dtype", choices=("fp32", "bf16"), default=d.scale_dtype,
                    help="storage type of the block scales")
     g.add_argument("--stquant-avg-bits", type=float, default=None,
-                   help="scheduler budget in bits per element, scale bits included (unset: fixed --stquant-bits)")
+                   help="scheduler budget in bits per element, scale bits included (unset: fixed --stquant-bits if "
+                        f"given, else {DEFAULT_AVG_BITS:g})")
     g.add_argument("--stquant-min-bits", type=int, default=d.min_bits, help="narrowest width the scheduler may choose")
     g.add_argument("--stquant-max-bits", type=int, default=d.max_bits, help="widest width the scheduler may choose")
     g.add_argument("--stquant-max-error", type=float, default=d.max_error,
