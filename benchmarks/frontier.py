@@ -400,6 +400,10 @@ def main(argv=None) -> int:
             print(f"  {sp.label} seed {sd}: val {r['final_val']:.4f}, peak {r['peak_state_bytes'] / r['nparams']:.3f} "
                   f"B/param, {r['train_seconds']:.0f} s", flush=True)  # fmt: skip
     else:
+        # every seed of the reference and of the configurations nearest the targets first, then the rest by
+        # seed, the slow peers last: an interrupted run (--resume continues it) has the comparisons that matter
+        first = ("adamw", "stq4", "avg3.0", "avg2.5", "f4", "f-avg4.0")
+        jobs.sort(key=lambda j: (j[0].key not in first, j[0].family in ("ao8", "ao4", "bnb8"), j[1]))
         with ProcessPoolExecutor(args.jobs) as pool:
             futs = {pool.submit(run_one, sp, s, sd, False, 1): (sp, sd) for sp, sd in jobs}
             for i, f in enumerate(as_completed(futs), 1):
