@@ -99,16 +99,17 @@ def specs(steps: int) -> list[Spec]:
     """The compared configurations; scheduled runs' warm-up and interval scale with the run length."""
     sched = dict(warmup_steps=max(1, round(0.10 * steps)), interval=max(4, round(0.075 * steps)))
     sched["stats_steps"] = min(4, sched["interval"])
-    lean = dict(scale_dtype="bf16", block_size=256)  # 1/16 scale bit per element instead of 1/4
+    packed = dict(exp_avg_sq_format="packed")
+    lean = dict(scale_dtype="bf16", block_size=256, **packed)  # 1/16 scale bit per element instead of 1/4
     out = [
         Spec("adamw", "fp32 AdamW", "torch"),
         Spec("bnb8", "bnb AdamW8bit", "bnb8"),
         Spec("ao8", "torchao AdamW8bit", "ao8"),
         Spec("ao4", "torchao AdamW4bit", "ao4"),
-        Spec("stq4", "ours fixed 4-bit", "stq", dict(bits=4)),
+        Spec("stq4", "ours fixed 4-bit", "stq", dict(bits=4, **packed)),
     ]
     for avg in (4.0, 3.5, 3.0, 2.5):
-        out.append(Spec(f"avg{avg}", f"ours scheduled {avg}", "stq", dict(avg_bits=avg, **sched)))
+        out.append(Spec(f"avg{avg}", f"ours scheduled {avg}", "stq", dict(avg_bits=avg, **packed, **sched)))
     for avg in (3.0, 2.5):
         out.append(Spec(f"avg{avg}-lean", f"ours scheduled {avg}, bf16 scales, block 256", "stq",
                         dict(avg_bits=avg, **lean, **sched), default=False))  # fmt: skip
@@ -233,8 +234,16 @@ def run_one(spec: Spec, s: Setup, seed: int, progress: bool, threads: int) -> di
 
 
 # ----------------------------------------------------------------------------------- run log
+def _norm(family: str, config: dict) -> str:
+    """A configuration's identity; ours spell out the exp_avg_sq format (runs logged before the format
+    existed were packed)."""
+    if family == "stq":
+        config = {"exp_avg_sq_format": "packed", **config}
+    return json.dumps([family, config], sort_keys=True)
+
+
 def _cfg_key(sp: Spec) -> str:
-    return json.dumps([sp.family, sp.config], sort_keys=True)
+    return _norm(sp.family, sp.config)
 
 
 def _git_commit() -> str | None:
@@ -279,7 +288,7 @@ def load_runs(path: str, s: Setup) -> dict:
         for line in f:
             r = json.loads(line)
             if r.get("setup") == want:
-                out[(r["key"], r["seed"], json.dumps([r["family"], r["config"]], sort_keys=True))] = dict(r, reused=True)
+                out[(r["key"], r["seed"], _norm(r["family"], r["config"]))] = dict(r, reused=True)
     return out
 
 

@@ -118,22 +118,23 @@ def optimizer_specs(steps: int, only: list[str] | None = None) -> list[OptSpec]:
     warmup = max(1, round(0.10 * steps))
     interval = max(4, round(0.075 * steps))
     sched = dict(warmup_steps=warmup, interval=interval, stats_steps=min(4, interval))
+    packed = dict(exp_avg_sq_format="packed")  # the GPT task is Megatron (packed anyway); digits: the same rows
     specs = [
         OptSpec("adamw", "fp32 AdamW", "32", "torch"),
         OptSpec("bnb8", "bnb AdamW8bit", "8", "bnb8"),
         OptSpec("ao8", "torchao AdamW8bit", "8", "ao8"),
         OptSpec("ao4", "torchao AdamW4bit", "4", "ao4"),
-        OptSpec("stq8", "STQuant 8-bit", "8", "stq", dict(bits=8)),
-        OptSpec("stq4", "STQuant 4-bit", "4", "stq", dict(bits=4)),
-        OptSpec("auto4.0", "STQuant adaptive 4.0", "auto 4.0", "stq", dict(avg_bits=4.0, **sched)),
-        OptSpec("auto3.5", "STQuant adaptive 3.5", "auto 3.5", "stq", dict(avg_bits=3.5, **sched)),
+        OptSpec("stq8", "STQuant 8-bit", "8", "stq", dict(bits=8, **packed)),
+        OptSpec("stq4", "STQuant 4-bit", "4", "stq", dict(bits=4, **packed)),
+        OptSpec("auto4.0", "STQuant adaptive 4.0", "auto 4.0", "stq", dict(avg_bits=4.0, **packed, **sched)),
+        OptSpec("auto3.5", "STQuant adaptive 3.5", "auto 3.5", "stq", dict(avg_bits=3.5, **packed, **sched)),
     ]
     # the frontier's configurations (benchmarks/frontier.py), run when named; factored ones: digits only
-    lean = dict(scale_dtype="bf16", block_size=256)
+    lean = dict(scale_dtype="bf16", block_size=256, **packed)
     fact = dict(exp_avg_sq_format="factored")
     for avg in (3.0, 2.5):
-        specs.append(OptSpec(f"auto{avg}", f"STQuant adaptive {avg}", f"auto {avg}", "stq", dict(avg_bits=avg, **sched),
-                             default=False))  # fmt: skip
+        specs.append(OptSpec(f"auto{avg}", f"STQuant adaptive {avg}", f"auto {avg}", "stq",
+                             dict(avg_bits=avg, **packed, **sched), default=False))  # fmt: skip
         specs.append(OptSpec(f"auto{avg}-lean", f"STQuant adaptive {avg}, bf16 scales, block 256", f"auto {avg}", "stq",
                              dict(avg_bits=avg, **lean, **sched), default=False))  # fmt: skip
     specs.append(OptSpec("fact4", "STQuant 4-bit m, factored v", "4 + fact.", "stq", dict(bits=4, **fact), default=False))

@@ -46,11 +46,13 @@ class STQuantConfig:
     """Codebook kind of exp_avg: "auto" or one of formats.codebooks.KINDS (signed: not "log")."""
     exp_avg_sq_codebook: str = "auto"
     """Codebook kind of exp_avg_sq: "auto" or one of formats.codebooks.KINDS."""
-    exp_avg_sq_format: Literal["packed", "factored"] = "packed"
-    """"factored": the exp_avg_sq of every packed parameter with a matrix shape (2-D or more, held
-    whole: not a flat shard) keeps row and column statistics instead of codes (``FactoredState``,
-    about 0 bits per element; Adafactor's rank-1 second moment); other parameters stay packed. The
-    scheduler then places the exp_avg units (and the packed exp_avg_sq units) within ``avg_bits``."""
+    exp_avg_sq_format: Literal["auto", "factored", "packed"] = "auto"
+    """"auto" / "factored": the exp_avg_sq of every packed parameter with a matrix shape (2-D or more,
+    held whole: not a flat shard) keeps row and column statistics instead of codes (``FactoredState``,
+    about 0 bits per element; Adafactor's rank-1 second moment); other parameters (vectors, shards,
+    so everything under Megatron's distributed optimizer) stay packed. "factored" asks for it
+    explicitly: Megatron refuses it. "packed": codes everywhere. The scheduler places the packed units
+    (exp_avg, and exp_avg_sq where packed) within ``avg_bits``."""
     nonfinite: Literal["raise", "skip", "unchecked"] = "raise"
     """Non-finite gradients: raise before touching any state, skip the step with a warning, or
     do not check (saves one read of the gradients; for hosts that check themselves)."""
@@ -107,7 +109,7 @@ class STQuantConfig:
         for name, allowed in (
             ("scale_dtype", ("fp32", "bf16")),
             ("nonfinite", ("raise", "skip", "unchecked")),
-            ("exp_avg_sq_format", ("packed", "factored")),
+            ("exp_avg_sq_format", ("auto", "factored", "packed")),
             ("backend", ("auto", "torch", "triton")),
         ):
             if getattr(self, name) not in allowed:

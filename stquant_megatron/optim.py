@@ -191,7 +191,7 @@ class STQuantAdamW(torch.optim.Optimizer):
 
     def _factor_shape(self, param: torch.Tensor) -> tuple[int, int] | None:
         """``(rows, cols)`` if ``param``'s exp_avg_sq is factored (config says so, a packed matrix held whole)."""
-        if self.config.exp_avg_sq_format != "factored" or not self._is_packed(param):
+        if self.config.exp_avg_sq_format == "packed" or not self._is_packed(param):
             return None
         whole = self._names.get(id(param), (None, 0))[1] == 0 and self._full_numel.get(id(param), param.numel()) == param.numel()
         return FactoredState.factor_shape(param.shape) if whole else None

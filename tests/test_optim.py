@@ -12,7 +12,10 @@ import pytest
 import torch
 
 from stquant_megatron import NonFiniteGradError, PackedState, STQuantAdamW, STQuantConfig
+from stquant_megatron.state import FactoredState
 from stquant_megatron.formats.packing import codes_nbytes, num_blocks
+
+PACKED = dict(exp_avg_sq_format="packed")  # these tests are about the packed format (factored: test_factored.py)
 
 from conftest import ALL_BITS
 
@@ -41,6 +44,8 @@ def _snapshot(opt, model=None):
             for k, v in st.items():
                 if isinstance(v, PackedState):
                     entry[k] = ("packed", v.codes.clone(), v.scale.clone(), v.bits, v.codebook.kind, v.numel, v.block_size)
+                elif isinstance(v, FactoredState):
+                    entry[k] = ("factored", v.row.clone(), v.col.clone())
                 elif torch.is_tensor(v):
                     entry[k] = ("tensor", v.clone())
                 else:
@@ -77,6 +82,9 @@ def _assert_same_training_state(opt_a, model_a, opt_b, model_b):
                 assert isinstance(sb[k], PackedState)
                 assert torch.equal(sa[k].codes, sb[k].codes), f"{na}.{k} codes differ"
                 assert torch.equal(sa[k].scale, sb[k].scale), f"{na}.{k} scales differ"
+            elif isinstance(sa[k], FactoredState):
+                assert isinstance(sb[k], FactoredState)
+                assert torch.equal(sa[k].row, sb[k].row) and torch.equal(sa[k].col, sb[k].col), f"{na}.{k} differs"
             else:
                 assert torch.equal(sa[k], sb[k]), f"{na}.{k} differs"
 
@@ -106,7 +114,7 @@ def _minibatch_train(model, opt, data, steps, eval_every=10, seed=7):
 
 def _q(model, **kw):
     """STQuantAdamW over named parameters; weights packed (min_numel=512), biases fp32."""
-    cfg = dict(min_numel=512)
+    cfg = dict(min_numel=512, **PACKED)
     opt_kw = {k: kw.pop(k) for k in ("lr", "weight_decay", "betas", "eps") if k in kw}
     cfg.update(kw)
     return STQuantAdamW(model.named_parameters(), **{"lr": 3e-3, "weight_decay": 0.01, **opt_kw},
@@ -168,7 +176,7 @@ def test_all_fp32_escapes_equal_adamw(mlp_factory, regression_data):
             {"params": [m[2].bias, m[4].weight, m[4].bias]},
         ]
 
-    opt_a = STQuantAdamW(groups(ma), lr=1e-3, weight_decay=0.05, config=STQuantConfig(min_numel=10**9))
+    opt_a = STQuantAdamW(groups(ma), lr=1e-3, weight_decay=0.05, config=STQuantConfig(**PACKED, min_numel=10**9))
     opt_b = torch.optim.AdamW(groups(mb), lr=1e-3, weight_decay=0.05)
     x, y = regression_data
     for xb, yb in _batches(x, y, 20):
@@ -195,7 +203,7 @@ def _three_groups(m):
 def test_param_groups_lr_and_weight_decay_like_adamw(mlp_factory, regression_data):
     ma, mb = mlp_factory(2), mlp_factory(2)
     frozen = [p.detach().clone() for p in ma[2].parameters()]
-    opt_a = STQuantAdamW(_three_groups(ma), lr=1e-3, weight_decay=0.01, config=STQuantConfig(bits=8, min_numel=512))
+    opt_a = STQuantAdamW(_three_groups(ma), lr=1e-3, weight_decay=0.01, config=STQuantConfig(**PACKED, bits=8, min_numel=512))
     opt_b = torch.optim.AdamW(_three_groups(mb), lr=1e-3, weight_decay=0.01)
     x, y = regression_data
     start = [p.detach().clone() for p in ma.parameters()]
@@ -236,7 +244,7 @@ def test_weight_decay_only_matches_adamw_bit_for_bit(min_numel):
     def groups(ps):
         return [{"params": [ps[0]], "lr": 0.1, "weight_decay": 0.5}, {"params": [ps[1]], "lr": 0.01, "weight_decay": 2.0}]
 
-    opt_a = STQuantAdamW(groups(pa), config=STQuantConfig(bits=3, min_numel=min_numel))
+    opt_a = STQuantAdamW(groups(pa), config=STQuantConfig(**PACKED, bits=3, min_numel=min_numel))
     opt_b = torch.optim.AdamW(groups(pb))
     for _ in range(5):
         for ps in (pa, pb):
@@ -253,7 +261,7 @@ def test_adam_l2_group_matches_torch_adam(mlp_factory, regression_data):
     """decoupled_weight_decay=False is Adam with L2 (torch.optim.Adam(weight_decay=...))."""
     ma, mb = mlp_factory(3), mlp_factory(3)
     opt_a = STQuantAdamW(ma.parameters(), lr=3e-3, weight_decay=0.1, decoupled_weight_decay=False,
-                         config=STQuantConfig(bits=8, min_numel=512))  # fmt: skip
+                         config=STQuantConfig(**PACKED, bits=8, min_numel=512))  # fmt: skip
     opt_b = torch.optim.Adam(mb.parameters(), lr=3e-3, weight_decay=0.1)
     x, y = regression_data
     xb, yb = next(_batches(x, y, 1))
@@ -293,7 +301,7 @@ def _expected_bytes(opt, scale_bytes=4):
 @pytest.mark.parametrize("scale_dtype", ["fp32", "bf16"])
 def test_state_bytes_exact_sum_of_allocated_tensors(mlp_factory, scale_dtype):
     model = mlp_factory(0)
-    opt = STQuantAdamW(model.parameters(), config=STQuantConfig(bits=(3, 5), min_numel=512, block_size=64,
+    opt = STQuantAdamW(model.parameters(), config=STQuantConfig(**PACKED, bits=(3, 5), min_numel=512, block_size=64,
                                                                  scale_dtype=scale_dtype))  # fmt: skip
     assert opt.state_bytes() == 0  # nothing allocated yet
     opt.init_state()
@@ -321,7 +329,7 @@ def test_state_bytes_per_param_formula(bits):
     for block in (128, 32):
         for scale_dtype, scale_bytes in (("fp32", 4), ("bf16", 2)):
             p = torch.nn.Parameter(torch.zeros(n))
-            opt = STQuantAdamW([p], config=STQuantConfig(bits=bits, block_size=block, scale_dtype=scale_dtype))
+            opt = STQuantAdamW([p], config=STQuantConfig(**PACKED, bits=bits, block_size=block, scale_dtype=scale_dtype))
             opt.init_state()
             per_param = opt.state_bytes() / n
             want = 2 * (bits / 8 + scale_bytes / block)
@@ -329,7 +337,7 @@ def test_state_bytes_per_param_formula(bits):
             assert opt.state_bytes() == _expected_bytes(opt, scale_bytes)
     # mixed widths: the two moments add up
     p = torch.nn.Parameter(torch.zeros(n))
-    opt = STQuantAdamW([p], config=STQuantConfig(bits=(bits, 10 - bits)))
+    opt = STQuantAdamW([p], config=STQuantConfig(**PACKED, bits=(bits, 10 - bits)))
     opt.init_state()
     assert abs(opt.state_bytes() / n - (10 / 8 + 8 / 128)) / (10 / 8 + 8 / 128) < 0.01
 
@@ -362,7 +370,7 @@ def test_bf16_scales_halve_scale_bytes_and_train(mlp_factory, regression_data):
 
 def test_unit_bits_names_from_named_parameters(mlp_factory):
     model = mlp_factory(0)
-    opt = STQuantAdamW(model.named_parameters(), config=STQuantConfig(bits=(3, 6), min_numel=512))
+    opt = STQuantAdamW(model.named_parameters(), config=STQuantConfig(**PACKED, bits=(3, 6), min_numel=512))
     names = [n for n, _ in model.named_parameters()]
     expected = {}
     for n, p in model.named_parameters():
@@ -383,7 +391,7 @@ def test_unit_bits_names_from_named_parameters(mlp_factory):
 
 def test_unit_bits_without_names_and_set_param_name(mlp_factory):
     model = mlp_factory(0)
-    opt = STQuantAdamW(model.parameters(), config=STQuantConfig(bits=4, min_numel=512))
+    opt = STQuantAdamW(model.parameters(), config=STQuantConfig(**PACKED, bits=4, min_numel=512))
     keys = list(opt.unit_bits())
     assert keys == [f"param{i}.{m}" for i in range(6) for m in ("exp_avg", "exp_avg_sq")]
     opt.set_param_name(model[0].weight, "encoder.w")
@@ -721,7 +729,7 @@ def test_triton_backend_through_optimizer_equals_torch():
     for backend in ("torch", "triton"):
         m = make()
         o = STQuantAdamW(m.named_parameters(), lr=1e-2, weight_decay=0.1,
-                         config=STQuantConfig(bits=(3, 4), min_numel=300, block_size=64, stochastic_rounding=True,
+                         config=STQuantConfig(**PACKED, bits=(3, 4), min_numel=300, block_size=64, stochastic_rounding=True,
                                               backend=backend))  # fmt: skip
         o.collect_stats = True
         for xb, yb in data:
@@ -760,8 +768,8 @@ def test_closure_non_contiguous_and_sparse(mlp_factory):
     pa = torch.nn.Parameter(w.t())  # non-contiguous view
     pb = torch.nn.Parameter(w.t().contiguous())
     assert not pa.is_contiguous()
-    oa = STQuantAdamW([pa], config=STQuantConfig(min_numel=1, stochastic_rounding=True))
-    ob = STQuantAdamW([pb], config=STQuantConfig(min_numel=1, stochastic_rounding=True))
+    oa = STQuantAdamW([pa], config=STQuantConfig(**PACKED, min_numel=1, stochastic_rounding=True))
+    ob = STQuantAdamW([pb], config=STQuantConfig(**PACKED, min_numel=1, stochastic_rounding=True))
     g = torch.randn(128, 64)
     for _ in range(3):
         pa.grad, pb.grad = g.clone(), g.clone()
@@ -800,7 +808,7 @@ def test_checkpoint_missing_adam_keys_is_rejected_without_change():
 
     torch.manual_seed(0)
     model = torch.nn.Linear(128, 64)
-    opt = STQuantAdamW(model.parameters(), config=STQuantConfig(bits=4, min_numel=1024))
+    opt = STQuantAdamW(model.parameters(), config=STQuantConfig(**PACKED, bits=4, min_numel=1024))
     model(torch.randn(4, 128)).sum().backward()
     opt.step()
     sd = opt.state_dict()
@@ -818,7 +826,7 @@ def test_checkpoint_missing_adam_keys_is_rejected_without_change():
 def _stepped(bits=4, steps=2, **cfg):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8))
-    opt = STQuantAdamW(model.named_parameters(), lr=1e-2, config=STQuantConfig(bits=bits, min_numel=256, **cfg))
+    opt = STQuantAdamW(model.named_parameters(), lr=1e-2, config=STQuantConfig(**PACKED, bits=bits, min_numel=256, **cfg))
     gen = torch.Generator().manual_seed(1)
     for _ in range(steps):
         opt.zero_grad()
@@ -921,7 +929,7 @@ def test_huge_finite_gradient_is_refused_not_stored():
 def test_empty_parameter_with_gradient():
     empty = torch.nn.Parameter(torch.zeros(0, 4))
     w = torch.nn.Parameter(torch.randn(64, 64))
-    opt = STQuantAdamW([w, empty], config=STQuantConfig(min_numel=256))
+    opt = STQuantAdamW([w, empty], config=STQuantConfig(**PACKED, min_numel=256))
     empty.grad = torch.zeros(0, 4)
     w.grad = torch.randn(64, 64)
     opt.step()

@@ -16,7 +16,9 @@ from stquant_megatron import PackedState, STQuantAdamW, STQuantConfig
 from stquant_megatron.formats.packing import num_blocks
 from stquant_megatron.testing.distributed import run_distributed
 
-SCHED = dict(avg_bits=4.0, warmup_steps=6, interval=6, stats_steps=2, min_numel=1024)
+PACKED = dict(exp_avg_sq_format="packed")  # these tests are about the packed format (factored: test_factored.py)
+
+SCHED = dict(exp_avg_sq_format="packed", avg_bits=4.0, warmup_steps=6, interval=6, stats_steps=2, min_numel=1024)
 
 
 def _model(seed=0):
@@ -111,7 +113,7 @@ def test_small_layer_is_never_allocated_over_budget():
 
 def test_decisions_settle_on_a_stationary_problem():
     model = _model()
-    cfg = STQuantConfig(avg_bits=3.5, warmup_steps=6, interval=6, stats_steps=3, min_numel=1024)
+    cfg = STQuantConfig(**PACKED, avg_bits=3.5, warmup_steps=6, interval=6, stats_steps=3, min_numel=1024)
     opt = STQuantAdamW(model.named_parameters(), lr=1e-3, config=cfg)
     moved = []
     _train(model, opt, 48, after_step=lambda o: moved.append(o.scheduler.history[-1].moved)
@@ -124,7 +126,7 @@ def test_decisions_settle_on_a_stationary_problem():
 
 def test_error_cap_holds_where_the_budget_allows_it():
     model = _model()
-    cfg = STQuantConfig(avg_bits=6.0, max_error=2e-3, warmup_steps=6, interval=6, stats_steps=3, min_numel=1024)
+    cfg = STQuantConfig(**PACKED, avg_bits=6.0, max_error=2e-3, warmup_steps=6, interval=6, stats_steps=3, min_numel=1024)
     opt = STQuantAdamW(model.named_parameters(), lr=1e-3, config=cfg)
     _train(model, opt, 36)
     hist = list(opt.scheduler.history)
@@ -243,7 +245,7 @@ def test_all_ranks_agree_on_bits():
 
 def test_history_is_bounded_in_memory_and_checkpoint(tmp_path):
     layers = torch.nn.Sequential(*[torch.nn.Linear(32, 32, bias=False) for _ in range(4)])
-    cfg = STQuantConfig(avg_bits=4.0, warmup_steps=1, interval=1, stats_steps=1, min_numel=1024)
+    cfg = STQuantConfig(**PACKED, avg_bits=4.0, warmup_steps=1, interval=1, stats_steps=1, min_numel=1024)
     opt = STQuantAdamW(layers.named_parameters(), lr=1e-3, config=cfg)
     opt.scheduler.history_path = str(tmp_path / "h.jsonl")
     gen = torch.Generator().manual_seed(0)
@@ -329,7 +331,7 @@ def test_rejected_load_changes_nothing(case):
 
 def test_fixed_width_checkpoint_under_scheduler_starts_within_budget():
     model = _model()
-    fixed = STQuantAdamW(model.named_parameters(), lr=1e-3, config=STQuantConfig(bits=8, min_numel=1024))
+    fixed = STQuantAdamW(model.named_parameters(), lr=1e-3, config=STQuantConfig(**PACKED, bits=8, min_numel=1024))
     _train(model, fixed, 3)
     sd = fixed.state_dict()
     opt = STQuantAdamW(model.named_parameters(), lr=1e-3, config=STQuantConfig(**SCHED))
@@ -355,11 +357,11 @@ def test_error_curves_use_measured_neighbours_then_four_per_bit():
 
 def test_warmup_bits_must_fit_the_budget():
     with pytest.raises(ValueError, match="warmup_bits=8 is invalid"):
-        STQuantConfig(avg_bits=4.0, warmup_bits=8)
-    assert STQuantConfig(avg_bits=4.25, warmup_bits=4).warmup_bits == 4
+        STQuantConfig(**PACKED, avg_bits=4.0, warmup_bits=8)
+    assert STQuantConfig(**PACKED, avg_bits=4.25, warmup_bits=4).warmup_bits == 4
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        STQuantConfig(avg_bits=4.0)
+        STQuantConfig(**PACKED, avg_bits=4.0)
 
 
 def test_staged_transition_equals_direct_and_keeps_peak_within_budget(monkeypatch):

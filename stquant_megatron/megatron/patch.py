@@ -158,11 +158,11 @@ def global_param_names(model_chunks) -> dict[torch.Tensor, str]:
 
 def install(distopt: Any, config: STQuantConfig) -> STQuantAdamW:
     """Replace ``distopt``'s inner optimizer by ``STQuantAdamW`` over the same shard param groups."""
-    if config.exp_avg_sq_format != "packed":
+    if config.exp_avg_sq_format == "factored":
         raise ValueError(
             f"STQuantConfig.exp_avg_sq_format={config.exp_avg_sq_format!r} is not supported under Megatron: "
             "a factored exp_avg_sq needs whole matrices, and the distributed optimizer holds flat shards of "
-            "them. Use exp_avg_sq_format='packed' (the default) with Megatron"
+            "them. Use exp_avg_sq_format='auto' (the default: packed where factoring is impossible) or 'packed'"
         )
     oc = distopt.config
     group = distopt.get_grad_stats_parallel_group() if hasattr(distopt, "get_grad_stats_parallel_group") else None
