@@ -75,7 +75,7 @@ def encode(x: torch.Tensor, cb: Codebook, u: torch.Tensor | None) -> torch.Tenso
     if u is None:
         up = (x - qlo) > (qhi - x)
     else:
-        up = u < (x - qlo) / (qhi - qlo)
+        up = u * (qhi - qlo) < x - qlo  # u < (x - qlo) / (qhi - qlo) without a division
     return (lo + up.to(torch.float32) + float(cb.offset)).to(torch.uint8)
 
 
@@ -94,7 +94,8 @@ def quantize_blocks(
     scale = absmax.to(scale_dtype)
     s = scale.to(torch.float32)
     s = torch.where(s > 0, s, torch.ones_like(s))
-    return encode(x / s[:, None], cb, u), scale
+    inv = torch.ones_like(s) / s  # one division per block; the kernel multiplies by the same fp32 reciprocal
+    return encode(x * inv[:, None], cb, u), scale
 
 
 def dequantize_blocks(codes: torch.Tensor, scale: torch.Tensor, cb: Codebook) -> torch.Tensor:

@@ -40,11 +40,12 @@ except ImportError:  # pragma: no cover - triton is a test dependency
     HAS_TRITON = False
 
 def launch_shape(block_size: int) -> tuple[int, int]:
-    """(blocks per program, warps) for a block size: at least 512 elements and 4 elements per thread
-    per program, so registers stay bounded (no spills at any allowed block size, checked by
+    """(blocks per program, warps) for a block size: 8 elements per thread (each thread owns whole
+    packed bytes: the 8 consecutive elements whose bits share a byte of every plane), at least 1024
+    elements per program, so registers stay bounded (no spills at any allowed block size, checked by
     ``benchmarks/gpu_compile.py``) and a block's absmax stays within one program."""
-    g = max(1, 512 // block_size)
-    warps = max(4, min(32, g * block_size // 128))
+    g = max(1, 1024 // block_size)
+    warps = g * block_size // 256
     return g, warps
 
 
@@ -135,7 +136,7 @@ if HAS_TRITON:
             qlo = _levels(lo, BITS, KIND, SIGNED)
             qhi = _levels(lo + 1.0, BITS, KIND, SIGNED)
         if STOCHASTIC:
-            up = u < tl.div_rn(x - qlo, qhi - qlo)
+            up = u * (qhi - qlo) < x - qlo  # u < (x - qlo) / (qhi - qlo) without a division
         else:
             up = (x - qlo) > (qhi - x)
         offset: tl.constexpr = (2 ** (BITS - 1) - 1) if SIGNED else 0
@@ -144,10 +145,12 @@ if HAS_TRITON:
     @triton.jit
     def _unpack(codes_ptr, r, w, i, blk_ok, BITS: tl.constexpr, W: tl.constexpr):
         # codes (this program's first block): uint8[G, BITS, W]; element 8 * w + i of block r is bit i
-        # of byte w of each plane. Tensors are [G, W, 8]: the 8 elements of a byte sit side by side.
-        code = tl.zeros((r.shape[0], W, 8), tl.int32)
+        # of byte w of each plane. Tensors are [2, G, W, 4] (i = 4 * h + j): the 8 elements of a byte
+        # belong to one thread (the two halves of a byte are the outer dimension, which no thread or
+        # warp splits), so unpacking and packing stay in registers.
+        code = tl.zeros((2, r.shape[1], W, 4), tl.int32)
         for j in tl.static_range(BITS):
-            plane = tl.load(codes_ptr + (r * BITS + j) * W + w, mask=blk_ok, other=0).to(tl.int32)  # [G, W, 1]
+            plane = tl.load(codes_ptr + (r * BITS + j) * W + w, mask=blk_ok, other=0).to(tl.int32)  # [1, G, W, 1]
             code = code | (((plane >> i) & 1) << j)
         return code
 
@@ -160,23 +163,23 @@ if HAS_TRITON:
     def _pack(codes_ptr, code, r2, w2, blk_ok2, i, BITS: tl.constexpr, W: tl.constexpr):
         # bit j of the 8 codes of a byte -> byte j of one word per 4 planes, summed over the byte's
         # 8 elements (distinct bits: the sum is an OR); one reduction per 4 planes, no per-plane pass
-        lo = tl.sum(_spread4(code & 15) << i.to(tl.uint32), axis=2)  # [G, W] uint32: planes 0..3
+        lo = tl.sum(tl.sum(_spread4(code & 15) << i.to(tl.uint32), axis=3), axis=0)  # [G, W] uint32: planes 0..3
         for j in tl.static_range(min(BITS, 4)):
             tl.store(codes_ptr + (r2 * BITS + j) * W + w2, ((lo >> (8 * j)) & 0xFF).to(tl.uint8), mask=blk_ok2)
         if BITS > 4:
-            hi = tl.sum(_spread4(code >> 4) << i.to(tl.uint32), axis=2)  # planes 4..7
+            hi = tl.sum(tl.sum(_spread4(code >> 4) << i.to(tl.uint32), axis=3), axis=0)  # planes 4..7
             for j in tl.static_range(BITS - 4):
                 tl.store(codes_ptr + (r2 * BITS + 4 + j) * W + w2, ((hi >> (8 * j)) & 0xFF).to(tl.uint8),
                          mask=blk_ok2)  # fmt: skip
 
     @triton.jit
     def _bmax(x):
-        # per-block max of a [G, W, 8] tensor, kept as [G, 1, 1]
-        return tl.max(tl.max(x, axis=2, keep_dims=True), axis=1, keep_dims=True)
+        # per-block max of a [2, G, W, 4] tensor, kept as [1, G, 1, 1] (in-thread axes first)
+        return tl.max(tl.max(tl.max(x, axis=3, keep_dims=True), axis=0, keep_dims=True), axis=2, keep_dims=True)
 
     @triton.jit
     def _total(x):
-        return tl.sum(tl.sum(tl.sum(x, axis=2), axis=1), axis=0)
+        return tl.sum(tl.sum(tl.sum(tl.sum(x, axis=3), axis=0), axis=1), axis=0)
 
     @triton.jit
     def _requant_err(x, SIGNED: tl.constexpr, BITS: tl.constexpr, KIND: tl.constexpr, qmap_ptr, bounds_ptr,
@@ -187,7 +190,7 @@ if HAS_TRITON:
         else:
             s = _cast_rne(_bmax(x), SDTYPE).to(tl.float32)
         s = tl.where(s > 0, s, 1.0)
-        code = _encode(tl.div_rn(x, tl.broadcast_to(s, x.shape)), x, BITS, KIND, SIGNED, qmap_ptr, bounds_ptr, False)
+        code = _encode(x * tl.div_rn(1.0, s), x, BITS, KIND, SIGNED, qmap_ptr, bounds_ptr, False)
         return _decode(code, BITS, KIND, SIGNED, qmap_ptr) * s
 
     @triton.jit
@@ -208,16 +211,17 @@ if HAS_TRITON:
         blk0 = lpid.to(tl.int64) * G  # first block of the program
         base = blk0 * BLOCK  # first element
         W: tl.constexpr = BLOCK // 8  # bytes per plane of a block
-        r = tl.arange(0, G)[:, None, None]  # [G, 1, 1] block within the program
-        w = tl.arange(0, W)[None, :, None]  # [1, W, 1] byte within a plane
-        i = tl.arange(0, 8)[None, None, :]  # [1, 1, 8] bit within the byte
-        loc = r * BLOCK + w * 8 + i  # [G, W, 8] int32 element within the program
+        h = tl.arange(0, 2)[:, None, None, None]  # [2, 1, 1, 1] half of a byte
+        r = tl.arange(0, G)[None, :, None, None]  # [1, G, 1, 1] block within the program
+        w = tl.arange(0, W)[None, None, :, None]  # [1, 1, W, 1] byte within a plane
+        i = h * 4 + tl.arange(0, 4)[None, None, None, :]  # [2, 1, 1, 4] bit within the byte
+        loc = r * BLOCK + w * 8 + i  # [2, G, W, 4] int32 element within the program
         r2 = tl.arange(0, G)[:, None]  # [G, 1] and [1, W]: the packed bytes
         w2 = tl.arange(0, W)[None, :]
         rem = tl.minimum(numel - base, G * BLOCK).to(tl.int32)
         brem = tl.minimum(num_blocks - blk0, G).to(tl.int32)
         inside = loc < rem
-        blk_ok = r < brem  # [G, 1, 1]
+        blk_ok = r < brem  # [1, G, 1, 1]
         blk_ok2 = r2 < brem
         p_ptr += base
         g_ptr += base
@@ -255,7 +259,7 @@ if HAS_TRITON:
         else:
             um = m
             uv = v
-        m_scale = _cast_rne(_bmax(tl.abs(m)), ms_ptr.dtype.element_ty)  # [G, 1, 1]
+        m_scale = _cast_rne(_bmax(tl.abs(m)), ms_ptr.dtype.element_ty)  # [1, G, 1, 1]
         v_scale = _cast_rne(_bmax(v), vs_ptr.dtype.element_ty)
         tl.store(ms_ptr + r, m_scale, mask=blk_ok)
         tl.store(vs_ptr + r, v_scale, mask=blk_ok)
@@ -263,8 +267,9 @@ if HAS_TRITON:
         sv = v_scale.to(tl.float32)
         sm = tl.where(sm > 0, sm, 1.0)
         sv = tl.where(sv > 0, sv, 1.0)
-        m_code = _encode(tl.div_rn(m, tl.broadcast_to(sm, m.shape)), um, M_BITS, M_KIND, True, mq_ptr, mb_ptr, STOCHASTIC)
-        v_code = _encode(tl.div_rn(v, tl.broadcast_to(sv, v.shape)), uv, V_BITS, V_KIND, False, vq_ptr, vb_ptr, STOCHASTIC)
+        # normalized by a multiplication with the block's reciprocal scale (one division per block)
+        m_code = _encode(m * tl.div_rn(1.0, sm), um, M_BITS, M_KIND, True, mq_ptr, mb_ptr, STOCHASTIC)
+        v_code = _encode(v * tl.div_rn(1.0, sv), uv, V_BITS, V_KIND, False, vq_ptr, vb_ptr, STOCHASTIC)
         _pack(mc_ptr, m_code, r2, w2, blk_ok2, i, M_BITS, W)
         _pack(vc_ptr, v_code, r2, w2, blk_ok2, i, V_BITS, W)
 
