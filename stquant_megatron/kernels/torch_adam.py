@@ -54,8 +54,12 @@ def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(x)
 
 
-def encode(x: torch.Tensor, cb: Codebook, u: torch.Tensor | None) -> torch.Tensor:
-    """Normalized fp32 values -> uint8 codes (nearest if ``u`` is None, else stochastic)."""
+def encode(x: torch.Tensor, cb: Codebook, u: torch.Tensor | None, root: torch.Tensor | None = None) -> torch.Tensor:
+    """Normalized fp32 values -> uint8 codes (nearest if ``u`` is None, else stochastic).
+
+    ``root``: the square root of ``x`` used by the unsigned ``pow2`` kind to find the lower neighbour
+    (``quantize_blocks`` passes sqrt of the raw value times the block's reciprocal root scale, which
+    the fused step has at hand); ``sqrt_rn(x)`` if None."""
     bits = cb.bits
     if cb.kind == "log":
         lo = torch.searchsorted(cb.bounds, x, right=True).clamp_max(cb.levels - 2)
@@ -64,11 +68,15 @@ def encode(x: torch.Tensor, cb: Codebook, u: torch.Tensor | None) -> torch.Tenso
     else:
         if cb.signed:
             top = float(2 ** (bits - 1) - 1)
-            t = x * top if cb.kind == "linear" else sqrt_rn(x.abs()) * top * torch.where(x < 0, -1.0, 1.0)
+            if cb.kind == "linear":
+                t = x * top
+            else:
+                t = sqrt_rn(x.abs()) * top
+                t = torch.where(x < 0, -t, t)
             lo = torch.floor(t).clamp(-top, top - 1.0)
         else:
             n = float(2**bits)
-            t = (x if cb.kind == "linear" else sqrt_rn(x)) * n - 1.0
+            t = (x if cb.kind == "linear" else (sqrt_rn(x) if root is None else root)) * n - 1.0
             lo = torch.floor(t).clamp(0.0, n - 2.0)
         qlo = level_values(lo, cb.kind, bits, cb.signed)
         qhi = level_values(lo + 1.0, cb.kind, bits, cb.signed)
@@ -87,15 +95,25 @@ def decode(codes: torch.Tensor, cb: Codebook) -> torch.Tensor:
 
 
 def quantize_blocks(
-    x: torch.Tensor, cb: Codebook, scale_dtype: torch.dtype, u: torch.Tensor | None = None
+    x: torch.Tensor, cb: Codebook, scale_dtype: torch.dtype, u: torch.Tensor | None = None,
+    root: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 ``[nb, block]`` -> (uint8 codes ``[nb, block]``, absmax scale ``[nb]``)."""
+    """fp32 ``[nb, block]`` -> (uint8 codes ``[nb, block]``, absmax scale ``[nb]``).
+
+    ``x`` is normalized by a multiplication with the fp32 reciprocal of its block's scale; the
+    unsigned ``pow2`` kind brackets ``sqrt(x)`` as ``sqrt(x_raw) * (1 / sqrt(scale))`` (``root``:
+    ``sqrt_rn`` of the raw ``x`` if the caller has it, as the step does from its denominator)."""
     absmax = x.abs().amax(1) if cb.signed else x.amax(1)
     scale = absmax.to(scale_dtype)
     s = scale.to(torch.float32)
     s = torch.where(s > 0, s, torch.ones_like(s))
-    inv = torch.ones_like(s) / s  # one division per block; the kernel multiplies by the same fp32 reciprocal
-    return encode(x * inv[:, None], cb, u), scale
+    one = torch.ones_like(s)
+    inv = one / s  # one division per block; the kernel multiplies by the same fp32 reciprocal
+    if cb.kind == "pow2" and not cb.signed:
+        root = (sqrt_rn(x) if root is None else root) * (one / sqrt_rn(s))[:, None]
+    else:
+        root = None
+    return encode(x * inv[:, None], cb, u, root), scale
 
 
 def dequantize_blocks(codes: torch.Tensor, scale: torch.Tensor, cb: Codebook) -> torch.Tensor:
@@ -130,20 +148,22 @@ def _adam_chunk(
     m = m * beta1 + g * omb1
     v = v * beta2 + (g * g) * omb2
     p = p * decay
-    denom = sqrt_rn(v) * inv_bc2 + eps
+    rv = sqrt_rn(v)
+    denom = rv * inv_bc2 + eps
     p = p - (m / denom) * step_size
     offset = torch.arange(p.numel(), device=p.device).view(p.shape) if has_tail or stochastic else None
     if has_tail:  # padding past the tensor's end holds zero moments, so it never sets a scale
         inside = offset < valid
         m = torch.where(inside, m, 0.0)
         v = torch.where(inside, v, 0.0)
+        rv = torch.where(inside, rv, 0.0)
     if stochastic:
         index = first_index + offset
         um, uv = uniform(index, keys[0]), uniform(index, keys[1])
     else:
         um = uv = None
     m_codes, m_scale = quantize_blocks(m, mcb, ms.dtype, um)
-    v_codes, v_scale = quantize_blocks(v, vcb, vs.dtype, uv)
+    v_codes, v_scale = quantize_blocks(v, vcb, vs.dtype, uv, root=rv)
     stats = None
     if with_stats:
         # Damage of each moment's quantization to the update direction U = m / denom.

@@ -106,7 +106,7 @@ if HAS_TRITON:
         return _levels(code.to(tl.float32) - offset, BITS, KIND, SIGNED)
 
     @triton.jit
-    def _encode(x, u, BITS: tl.constexpr, KIND: tl.constexpr, SIGNED: tl.constexpr, qmap_ptr, bounds_ptr,
+    def _encode(x, u, root, BITS: tl.constexpr, KIND: tl.constexpr, SIGNED: tl.constexpr, qmap_ptr, bounds_ptr,
                 STOCHASTIC: tl.constexpr):
         if KIND == 2:
             # exact branchless binary search: lo = #{bounds <= x}, bounds sorted, +inf padded
@@ -124,14 +124,15 @@ if HAS_TRITON:
                 if KIND == 0:
                     t = x * top
                 else:
-                    t = tl.sqrt_rn(tl.abs(x)) * top * tl.where(x < 0, -1.0, 1.0)
+                    t = tl.sqrt_rn(tl.abs(x)) * top
+                    t = tl.where(x < 0, -t, t)
                 lo = tl.minimum(tl.maximum(tl.floor(t), -top), top - 1.0)
             else:
                 n: tl.constexpr = 2**BITS
                 if KIND == 0:
                     t = x * n - 1.0
                 else:
-                    t = tl.sqrt_rn(x) * n - 1.0
+                    t = root * n - 1.0  # root: sqrt(x), computed by the caller
                 lo = tl.minimum(tl.maximum(tl.floor(t), 0.0), n - 2.0)
             qlo = _levels(lo, BITS, KIND, SIGNED)
             qhi = _levels(lo + 1.0, BITS, KIND, SIGNED)
@@ -143,31 +144,45 @@ if HAS_TRITON:
         return (lo + up.to(tl.float32) + offset).to(tl.int32)
 
     @triton.jit
+    def _gather4(codes_ptr, r, w, iu, blk_ok, J0: tl.constexpr, NJ: tl.constexpr, BITS: tl.constexpr,
+                 W: tl.constexpr):
+        # planes J0 .. J0+NJ-1 of byte w -> bytes 0 .. NJ-1 of one word; then bit i of each byte
+        # (bits 8k + i) -> bits 28 + k by one multiplication (the partial products land on distinct
+        # bits: no carries), so element i's 4-bit code is the top nibble
+        word = tl.zeros((1, r.shape[1], W, 1), tl.uint32)
+        for j in tl.static_range(NJ):
+            plane = tl.load(codes_ptr + (r * BITS + J0 + j) * W + w, mask=blk_ok, other=0)  # [1, G, W, 1]
+            word = word | (plane.to(tl.uint32) << (8 * j))
+        return ((word & (0x01010101 << iu)) * (0x10204080 >> iu)) >> 28
+
+    @triton.jit
     def _unpack(codes_ptr, r, w, i, blk_ok, BITS: tl.constexpr, W: tl.constexpr):
         # codes (this program's first block): uint8[G, BITS, W]; element 8 * w + i of block r is bit i
         # of byte w of each plane. Tensors are [2, G, W, 4] (i = 4 * h + j): the 8 elements of a byte
         # belong to one thread (the two halves of a byte are the outer dimension, which no thread or
         # warp splits), so unpacking and packing stay in registers.
-        code = tl.zeros((2, r.shape[1], W, 4), tl.int32)
-        for j in tl.static_range(BITS):
-            plane = tl.load(codes_ptr + (r * BITS + j) * W + w, mask=blk_ok, other=0).to(tl.int32)  # [1, G, W, 1]
-            code = code | (((plane >> i) & 1) << j)
-        return code
+        iu = i.to(tl.uint32)
+        code = _gather4(codes_ptr, r, w, iu, blk_ok, 0, min(BITS, 4), BITS, W)
+        if BITS > 4:
+            code = code | (_gather4(codes_ptr, r, w, iu, blk_ok, 4, BITS - 4, BITS, W) << 4)
+        return code.to(tl.int32)
 
     @triton.jit
-    def _spread4(c):
-        # 4-bit values -> bit j moved to bit 8 * j (the shifted copies do not overlap: no carries)
-        return (c.to(tl.uint32) * 0x204081) & 0x01010101
+    def _spread4(c, iu):
+        # 4-bit values -> bit j moved to bit 8 * j + i (the shifted copies do not overlap: no carries;
+        # the shift by i rides on the multiplier, exact mod 2**32 for the bits kept)
+        return (c.to(tl.uint32) * (0x204081 << iu)) & (0x01010101 << iu)
 
     @triton.jit
     def _pack(codes_ptr, code, r2, w2, blk_ok2, i, BITS: tl.constexpr, W: tl.constexpr):
         # bit j of the 8 codes of a byte -> byte j of one word per 4 planes, summed over the byte's
         # 8 elements (distinct bits: the sum is an OR); one reduction per 4 planes, no per-plane pass
-        lo = tl.sum(tl.sum(_spread4(code & 15) << i.to(tl.uint32), axis=3), axis=0)  # [G, W] uint32: planes 0..3
+        iu = i.to(tl.uint32)
+        lo = tl.sum(tl.sum(_spread4(code if BITS <= 4 else code & 15, iu), axis=3), axis=0)  # [G, W]: planes 0..3
         for j in tl.static_range(min(BITS, 4)):
             tl.store(codes_ptr + (r2 * BITS + j) * W + w2, ((lo >> (8 * j)) & 0xFF).to(tl.uint8), mask=blk_ok2)
         if BITS > 4:
-            hi = tl.sum(tl.sum(_spread4(code >> 4) << i.to(tl.uint32), axis=3), axis=0)  # planes 4..7
+            hi = tl.sum(tl.sum(_spread4(code >> 4, iu), axis=3), axis=0)  # planes 4..7
             for j in tl.static_range(BITS - 4):
                 tl.store(codes_ptr + (r2 * BITS + 4 + j) * W + w2, ((hi >> (8 * j)) & 0xFF).to(tl.uint8),
                          mask=blk_ok2)  # fmt: skip
@@ -182,7 +197,7 @@ if HAS_TRITON:
         return tl.sum(tl.sum(tl.sum(tl.sum(x, axis=3), axis=0), axis=1), axis=0)
 
     @triton.jit
-    def _requant_err(x, SIGNED: tl.constexpr, BITS: tl.constexpr, KIND: tl.constexpr, qmap_ptr, bounds_ptr,
+    def _requant_err(x, root, SIGNED: tl.constexpr, BITS: tl.constexpr, KIND: tl.constexpr, qmap_ptr, bounds_ptr,
                      SDTYPE: tl.constexpr):
         # x quantized (nearest) at another width and dequantized: the neighbouring-width probe
         if SIGNED:
@@ -190,7 +205,9 @@ if HAS_TRITON:
         else:
             s = _cast_rne(_bmax(x), SDTYPE).to(tl.float32)
         s = tl.where(s > 0, s, 1.0)
-        code = _encode(x * tl.div_rn(1.0, s), x, BITS, KIND, SIGNED, qmap_ptr, bounds_ptr, False)
+        if KIND == 1 and not SIGNED:
+            root = root * tl.div_rn(1.0, tl.sqrt_rn(s))
+        code = _encode(x * tl.div_rn(1.0, s), x, root, BITS, KIND, SIGNED, qmap_ptr, bounds_ptr, False)
         return _decode(code, BITS, KIND, SIGNED, qmap_ptr) * s
 
     @triton.jit
@@ -241,11 +258,13 @@ if HAS_TRITON:
         m = m * beta1 + g * omb1
         v = v * beta2 + (g * g) * omb2
         p = p * decay
-        denom = tl.sqrt_rn(v) * inv_bc2 + eps
+        rv = tl.sqrt_rn(v)
+        denom = rv * inv_bc2 + eps
         p = p - tl.div_rn(m, denom) * step_size
         tl.store(p_ptr + loc, _cast_rne(p, p_ptr.dtype.element_ty), mask=inside)
         m = tl.where(inside, m, 0.0)
         v = tl.where(inside, v, 0.0)
+        rv = tl.where(inside, rv, 0.0)  # sqrt(v), reused by the pow2 quantizer of v
 
         if STOCHASTIC:
             # global index = index_offset + base + loc, as two uint32 words (carry from the low word)
@@ -268,8 +287,11 @@ if HAS_TRITON:
         sm = tl.where(sm > 0, sm, 1.0)
         sv = tl.where(sv > 0, sv, 1.0)
         # normalized by a multiplication with the block's reciprocal scale (one division per block)
-        m_code = _encode(m * tl.div_rn(1.0, sm), um, M_BITS, M_KIND, True, mq_ptr, mb_ptr, STOCHASTIC)
-        v_code = _encode(v * tl.div_rn(1.0, sv), uv, V_BITS, V_KIND, False, vq_ptr, vb_ptr, STOCHASTIC)
+        m_code = _encode(m * tl.div_rn(1.0, sm), um, m, M_BITS, M_KIND, True, mq_ptr, mb_ptr, STOCHASTIC)
+        v_root = rv
+        if V_KIND == 1:  # sqrt of the normalized v: sqrt(v) times the block's reciprocal root scale
+            v_root = rv * tl.div_rn(1.0, tl.sqrt_rn(sv))
+        v_code = _encode(v * tl.div_rn(1.0, sv), uv, v_root, V_BITS, V_KIND, False, vq_ptr, vb_ptr, STOCHASTIC)
         _pack(mc_ptr, m_code, r2, w2, blk_ok2, i, M_BITS, W)
         _pack(vc_ptr, v_code, r2, w2, blk_ok2, i, V_BITS, W)
 
@@ -293,17 +315,17 @@ if HAS_TRITON:
                 tl.store(npartial_ptr + out_row * 6 + 4, _total(sm2))
                 tl.store(npartial_ptr + out_row * 6 + 5, _total(sv2))
             if N0_BITS > 0:
-                e0 = tl.where(probe, tl.div_rn(_requant_err(m, True, N0_BITS, N0_KIND, q0_ptr, b0_ptr, ms_ptr.dtype.element_ty), denom) - ref, 0.0)
+                e0 = tl.where(probe, tl.div_rn(_requant_err(m, m, True, N0_BITS, N0_KIND, q0_ptr, b0_ptr, ms_ptr.dtype.element_ty), denom) - ref, 0.0)
                 tl.store(npartial_ptr + out_row * 6 + 0, _total(e0 * e0))
             if N1_BITS > 0:
-                e1 = tl.where(probe, tl.div_rn(_requant_err(m, True, N1_BITS, N1_KIND, q1_ptr, b1_ptr, ms_ptr.dtype.element_ty), denom) - ref, 0.0)
+                e1 = tl.where(probe, tl.div_rn(_requant_err(m, m, True, N1_BITS, N1_KIND, q1_ptr, b1_ptr, ms_ptr.dtype.element_ty), denom) - ref, 0.0)
                 tl.store(npartial_ptr + out_row * 6 + 1, _total(e1 * e1))
             if N2_BITS > 0:
-                vq2 = _requant_err(v, False, N2_BITS, N2_KIND, q2_ptr, b2_ptr, vs_ptr.dtype.element_ty)
+                vq2 = _requant_err(v, rv, False, N2_BITS, N2_KIND, q2_ptr, b2_ptr, vs_ptr.dtype.element_ty)
                 e2 = tl.where(probe, tl.div_rn(m, tl.sqrt_rn(vq2) * inv_bc2 + eps) - ref, 0.0)
                 tl.store(npartial_ptr + out_row * 6 + 2, _total(e2 * e2))
             if N3_BITS > 0:
-                vq3 = _requant_err(v, False, N3_BITS, N3_KIND, q3_ptr, b3_ptr, vs_ptr.dtype.element_ty)
+                vq3 = _requant_err(v, rv, False, N3_BITS, N3_KIND, q3_ptr, b3_ptr, vs_ptr.dtype.element_ty)
                 e3 = tl.where(probe, tl.div_rn(m, tl.sqrt_rn(vq3) * inv_bc2 + eps) - ref, 0.0)
                 tl.store(npartial_ptr + out_row * 6 + 3, _total(e3 * e3))
 
