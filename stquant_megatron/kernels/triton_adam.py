@@ -88,6 +88,15 @@ if HAS_TRITON:
         return x.to(DTYPE)
 
     @triton.jit
+    def _approx_sqrt(a):
+        # sqrt(a), a >= 0, within 0.18 % (bit-level reciprocal square root, one Newton step; exact fp32
+        # products as in the twin). Nearest rounding needs the lower neighbour only to within half a
+        # level: the rounding step then picks the same (nearest) code as from the exact bracket.
+        y = (0x5F375A86 - (a.to(tl.int32, bitcast=True) >> 1)).to(tl.float32, bitcast=True)
+        y = y * (1.5 - ((0.5 * a) * y) * y)
+        return a * y
+
+    @triton.jit
     def _levels(k, BITS: tl.constexpr, KIND: tl.constexpr, SIGNED: tl.constexpr):
         # level value of fp32 level index k (linear / pow2); same expression as codebooks.level_values
         if SIGNED:
@@ -124,7 +133,10 @@ if HAS_TRITON:
                 if KIND == 0:
                     t = x * top
                 else:
-                    t = tl.sqrt_rn(tl.abs(x)) * top
+                    if STOCHASTIC:
+                        t = tl.sqrt_rn(tl.abs(x)) * top
+                    else:
+                        t = _approx_sqrt(tl.abs(x)) * top
                     t = tl.where(x < 0, -t, t)
                 lo = tl.minimum(tl.maximum(tl.floor(t), -top), top - 1.0)
             else:
@@ -151,7 +163,7 @@ if HAS_TRITON:
         # bits: no carries), so element i's 4-bit code is the top nibble
         word = tl.zeros((1, r.shape[1], W, 1), tl.uint32)
         for j in tl.static_range(NJ):
-            plane = tl.load(codes_ptr + (r * BITS + J0 + j) * W + w, mask=blk_ok, other=0)  # [1, G, W, 1]
+            plane = tl.load(codes_ptr + (r * BITS + J0 + j) * W + w, mask=blk_ok)  # [1, G, W, 1]; past the end: unused
             word = word | (plane.to(tl.uint32) << (8 * j))
         return ((word & (0x01010101 << iu)) * (0x10204080 >> iu)) >> 28
 
@@ -205,9 +217,10 @@ if HAS_TRITON:
         else:
             s = _cast_rne(_bmax(x), SDTYPE).to(tl.float32)
         s = tl.where(s > 0, s, 1.0)
+        inv = tl.div_rn(1.0, s)
         if KIND == 1 and not SIGNED:
-            root = root * tl.div_rn(1.0, tl.sqrt_rn(s))
-        code = _encode(x * tl.div_rn(1.0, s), x, root, BITS, KIND, SIGNED, qmap_ptr, bounds_ptr, False)
+            root = root * tl.sqrt_rn(inv)
+        code = _encode(x * inv, x, root, BITS, KIND, SIGNED, qmap_ptr, bounds_ptr, False)
         return _decode(code, BITS, KIND, SIGNED, qmap_ptr) * s
 
     @triton.jit
@@ -218,7 +231,7 @@ if HAS_TRITON:
         q0_ptr, b0_ptr, q1_ptr, b1_ptr, q2_ptr, b2_ptr, q3_ptr, b3_ptr,
         numel, num_blocks, index_offset, key_m, key_v, lpid,  # lpid: program index within the unit
         beta1, omb1, beta2, omb2, eps, l2, decay, step_size, inv_bc2,
-        BLOCK: tl.constexpr, G: tl.constexpr,
+        BLOCK: tl.constexpr, G: tl.constexpr, EVEN: tl.constexpr,
         M_BITS: tl.constexpr, M_KIND: tl.constexpr, V_BITS: tl.constexpr, V_KIND: tl.constexpr,
         STOCHASTIC: tl.constexpr, WITH_STATS: tl.constexpr,
         N0_BITS: tl.constexpr, N0_KIND: tl.constexpr, N1_BITS: tl.constexpr, N1_KIND: tl.constexpr,
@@ -232,12 +245,16 @@ if HAS_TRITON:
         r = tl.arange(0, G)[None, :, None, None]  # [1, G, 1, 1] block within the program
         w = tl.arange(0, W)[None, None, :, None]  # [1, 1, W, 1] byte within a plane
         i = h * 4 + tl.arange(0, 4)[None, None, None, :]  # [2, 1, 1, 4] bit within the byte
-        loc = r * BLOCK + w * 8 + i  # [2, G, W, 4] int32 element within the program
+        loc4 = r * BLOCK + w * 8 + h * 4  # [2, G, W, 1] first element of each run of 4
+        loc = loc4 + tl.arange(0, 4)[None, None, None, :]  # [2, G, W, 4] int32 element within the program
         r2 = tl.arange(0, G)[:, None]  # [G, 1] and [1, W]: the packed bytes
         w2 = tl.arange(0, W)[None, :]
         rem = tl.minimum(numel - base, G * BLOCK).to(tl.int32)
         brem = tl.minimum(num_blocks - blk0, G).to(tl.int32)
-        inside = loc < rem
+        if EVEN:  # numel % 4 == 0: a run of 4 is all in or all out (one mask per vector access)
+            inside = tl.broadcast_to(loc4 < rem, loc.shape)
+        else:
+            inside = loc < rem
         blk_ok = r < brem  # [1, G, 1, 1]
         blk_ok2 = r2 < brem
         p_ptr += base
@@ -247,8 +264,9 @@ if HAS_TRITON:
         mc_ptr += blk0 * (M_BITS * (BLOCK // 8))
         vc_ptr += blk0 * (V_BITS * (BLOCK // 8))
 
-        p = tl.load(p_ptr + loc, mask=inside, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + loc, mask=inside, other=0.0).to(tl.float32)
+        # past the end: undefined values, masked out of everything below (moments, stores, sums)
+        p = tl.load(p_ptr + loc, mask=inside).to(tl.float32)
+        g = tl.load(g_ptr + loc, mask=inside).to(tl.float32)
         ms = tl.load(ms_ptr + r, mask=blk_ok, other=0.0).to(tl.float32)
         vs = tl.load(vs_ptr + r, mask=blk_ok, other=0.0).to(tl.float32)
         m = _decode(_unpack(mc_ptr, r, w, i, blk_ok, M_BITS, W), M_BITS, M_KIND, True, mq_ptr) * ms
@@ -288,10 +306,11 @@ if HAS_TRITON:
         sv = tl.where(sv > 0, sv, 1.0)
         # normalized by a multiplication with the block's reciprocal scale (one division per block)
         m_code = _encode(m * tl.div_rn(1.0, sm), um, m, M_BITS, M_KIND, True, mq_ptr, mb_ptr, STOCHASTIC)
+        inv_sv = tl.div_rn(1.0, sv)
         v_root = rv
-        if V_KIND == 1:  # sqrt of the normalized v: sqrt(v) times the block's reciprocal root scale
-            v_root = rv * tl.div_rn(1.0, tl.sqrt_rn(sv))
-        v_code = _encode(v * tl.div_rn(1.0, sv), uv, v_root, V_BITS, V_KIND, False, vq_ptr, vb_ptr, STOCHASTIC)
+        if V_KIND == 1:  # sqrt of the normalized v: sqrt(v) times the root of the block's reciprocal scale
+            v_root = rv * tl.sqrt_rn(inv_sv)
+        v_code = _encode(v * inv_sv, uv, v_root, V_BITS, V_KIND, False, vq_ptr, vb_ptr, STOCHASTIC)
         _pack(mc_ptr, m_code, r2, w2, blk_ok2, i, M_BITS, W)
         _pack(vc_ptr, v_code, r2, w2, blk_ok2, i, V_BITS, W)
 
@@ -342,7 +361,7 @@ if HAS_TRITON:
         q0_ptr, b0_ptr, q1_ptr, b1_ptr, q2_ptr, b2_ptr, q3_ptr, b3_ptr,  # neighbour codebook tables
         numel: tl.int64, num_blocks: tl.int64, index_offset: tl.int64, key_m: tl.uint32, key_v: tl.uint32,
         beta1, omb1, beta2, omb2, eps, l2, decay, step_size, inv_bc2,
-        BLOCK: tl.constexpr, G: tl.constexpr,
+        BLOCK: tl.constexpr, G: tl.constexpr, EVEN: tl.constexpr,
         M_BITS: tl.constexpr, M_KIND: tl.constexpr, V_BITS: tl.constexpr, V_KIND: tl.constexpr,
         STOCHASTIC: tl.constexpr, WITH_STATS: tl.constexpr,
         # neighbouring widths (0 = absent): exp_avg b-1, b+1, exp_avg_sq b-1, b+1, and their kinds
@@ -355,7 +374,7 @@ if HAS_TRITON:
             partial_ptr, npartial_ptr, pid, q0_ptr, b0_ptr, q1_ptr, b1_ptr, q2_ptr, b2_ptr, q3_ptr, b3_ptr,
             numel, num_blocks, index_offset, key_m, key_v, pid,
             beta1, omb1, beta2, omb2, eps, l2, decay, step_size, inv_bc2,
-            BLOCK, G, M_BITS, M_KIND, V_BITS, V_KIND, STOCHASTIC, WITH_STATS,
+            BLOCK, G, EVEN, M_BITS, M_KIND, V_BITS, V_KIND, STOCHASTIC, WITH_STATS,
             N0_BITS, N0_KIND, N1_BITS, N1_KIND, N2_BITS, N2_KIND, N3_BITS, N3_KIND,
         )  # fmt: skip
 
@@ -370,7 +389,7 @@ if HAS_TRITON:
         q0_ptr, b0_ptr, q1_ptr, b1_ptr, q2_ptr, b2_ptr, q3_ptr, b3_ptr,
         P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
         ALIGNED: tl.constexpr,  # every param and grad address is a multiple of 16 bytes: vector loads
-        BLOCK: tl.constexpr, G: tl.constexpr,
+        BLOCK: tl.constexpr, G: tl.constexpr, EVEN: tl.constexpr,
         M_BITS: tl.constexpr, M_KIND: tl.constexpr, V_BITS: tl.constexpr, V_KIND: tl.constexpr,
         STOCHASTIC: tl.constexpr, WITH_STATS: tl.constexpr,
         N0_BITS: tl.constexpr, N0_KIND: tl.constexpr, N1_BITS: tl.constexpr, N1_KIND: tl.constexpr,
@@ -395,7 +414,7 @@ if HAS_TRITON:
             pid - tl.load(row + 11).to(tl.int32),
             tl.load(hy + 0), tl.load(hy + 1), tl.load(hy + 2), tl.load(hy + 3), tl.load(hy + 4),
             tl.load(hy + 5), tl.load(hy + 6), tl.load(hy + 7), tl.load(hy + 8),
-            BLOCK, G, M_BITS, M_KIND, V_BITS, V_KIND, STOCHASTIC, WITH_STATS,
+            BLOCK, G, EVEN, M_BITS, M_KIND, V_BITS, V_KIND, STOCHASTIC, WITH_STATS,
             N0_BITS, N0_KIND, N1_BITS, N1_KIND, N2_BITS, N2_KIND, N3_BITS, N3_KIND,
         )  # fmt: skip
 
@@ -459,7 +478,7 @@ def triton_packed_adam_step(
         param, grad, exp_avg_codes, exp_avg_scale, exp_avg_sq_codes, exp_avg_sq_scale,
         mcb.qmap, mcb.bounds, vcb.qmap, vcb.bounds, partial, npartial, *tables,
         numel, nblocks, index_offset, rng_keys[0], rng_keys[1], *scalars,
-        BLOCK=block_size, G=G,
+        BLOCK=block_size, G=G, EVEN=numel % 4 == 0,
         M_BITS=mcb.bits, M_KIND=KINDS.index(mcb.kind), V_BITS=vcb.bits, V_KIND=KINDS.index(vcb.kind),
         STOCHASTIC=stochastic, WITH_STATS=with_stats, **consts, **opts,
     )  # fmt: skip
@@ -529,7 +548,7 @@ def triton_packed_adam_group_step(
         meta_t, hyper_t, prog_t, mcb.qmap, mcb.bounds, vcb.qmap, vcb.bounds, partial, npartial, *tables,
         P_DTYPE=_TL_DTYPES[e0.param.dtype], G_DTYPE=_TL_DTYPES[e0.grad.dtype], S_DTYPE=_TL_DTYPES[e0.exp_avg_scale.dtype],
         ALIGNED=all(row[0] % 16 == 0 and row[1] % 16 == 0 for row in meta),
-        BLOCK=block_size, G=G,
+        BLOCK=block_size, G=G, EVEN=all(row[6] % 4 == 0 for row in meta),  # every numel a multiple of 4
         M_BITS=mcb.bits, M_KIND=KINDS.index(mcb.kind), V_BITS=vcb.bits, V_KIND=KINDS.index(vcb.kind),
         STOCHASTIC=stochastic, WITH_STATS=with_stats, **consts, **opts,
     )  # fmt: skip
