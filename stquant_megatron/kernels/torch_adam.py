@@ -54,25 +54,30 @@ def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(x)
 
 
-def approx_sqrt(a: torch.Tensor) -> torch.Tensor:
-    """sqrt(a) for a >= 0 within 0.18 % (Triton's ``_approx_sqrt``: a bit-level reciprocal square root
-    and one Newton step, every fp32 operation as in the kernel).
+def approx_sqrt(a: torch.Tensor, bits: int) -> torch.Tensor:
+    """sqrt(a) for a >= 0 (Triton's ``_approx_sqrt``, every fp32 operation as in the kernel): a
+    bit-level reciprocal square root, within 3.5 %, refined by one Newton step (within 0.18 %) above
+    4 bits.
 
-    The nearest rounding of the signed ``pow2`` kind brackets ``x`` with it: a lower neighbour off by
-    one (only where ``x`` is within 0.23 level of a level, at 8 bits) still rounds to the nearest
-    level, because the value-space midpoint between two levels lies at least 0.5 level from either in
-    the root domain. Stochastic rounding needs the exact bracket and keeps ``sqrt_rn``."""
+    The nearest rounding of the signed ``pow2`` kind brackets ``x`` with it. With levels k / L
+    squared, the root-domain error is below 0.035 * 7 = 0.25 level at 4 bits and 0.0018 * 127 = 0.23
+    level at 8 bits; the value-space midpoint of levels k and k+1 lies in the root domain between
+    k + 0.5 and k + 0.71, so a lower neighbour off by one (x within that error of a level) still
+    rounds to the same, nearest, level as the exact bracket. Stochastic rounding needs the exact
+    bracket and keeps ``sqrt_rn``."""
     y = (0x5F375A86 - (a.view(torch.int32) >> 1)).view(torch.float32)
-    y = y * (1.5 - ((0.5 * a) * y) * y)
+    if bits > 4:
+        y = y * (1.5 - ((0.5 * a) * y) * y)
     return a * y
 
 
 def encode(x: torch.Tensor, cb: Codebook, u: torch.Tensor | None, root: torch.Tensor | None = None) -> torch.Tensor:
     """Normalized fp32 values -> uint8 codes (nearest if ``u`` is None, else stochastic).
 
-    ``root``: the square root of ``x`` used by the unsigned ``pow2`` kind to find the lower neighbour
-    (``quantize_blocks`` passes sqrt of the raw value times the block's reciprocal root scale, which
-    the fused step has at hand); ``sqrt_rn(x)`` if None."""
+    ``root``: ``sqrt(x) * 2**bits``, used by the unsigned ``pow2`` kind to find the lower neighbour
+    (``quantize_blocks`` passes the root of the raw value times ``sqrt(1 / scale) * 2**bits``, as the
+    fused step does with its ``sqrt(v)``); ``sqrt_rn(x) * 2**bits`` if None (the same bits: the
+    factor is a power of two)."""
     bits = cb.bits
     if cb.kind == "log":
         lo = torch.searchsorted(cb.bounds, x, right=True).clamp_max(cb.levels - 2)
@@ -84,12 +89,15 @@ def encode(x: torch.Tensor, cb: Codebook, u: torch.Tensor | None, root: torch.Te
             if cb.kind == "linear":
                 t = x * top
             else:
-                t = (sqrt_rn(x.abs()) if u is not None else approx_sqrt(x.abs())) * top
+                t = (sqrt_rn(x.abs()) if u is not None else approx_sqrt(x.abs(), bits)) * top
                 t = torch.where(x < 0, -t, t)
             lo = torch.floor(t).clamp(-top, top - 1.0)
         else:
             n = float(2**bits)
-            t = (x if cb.kind == "linear" else (sqrt_rn(x) if root is None else root)) * n - 1.0
+            if cb.kind == "linear":
+                t = x * n - 1.0
+            else:
+                t = (sqrt_rn(x) * n if root is None else root) - 1.0
             lo = torch.floor(t).clamp(0.0, n - 2.0)
         qlo = level_values(lo, cb.kind, bits, cb.signed)
         qhi = level_values(lo + 1.0, cb.kind, bits, cb.signed)
@@ -114,7 +122,7 @@ def quantize_blocks(
     """fp32 ``[nb, block]`` -> (uint8 codes ``[nb, block]``, absmax scale ``[nb]``).
 
     ``x`` is normalized by a multiplication with the fp32 reciprocal of its block's scale; the
-    unsigned ``pow2`` kind brackets ``sqrt(x)`` as ``sqrt(x_raw) * sqrt(1 / scale)`` (``root``:
+    unsigned ``pow2`` kind brackets ``sqrt(x)`` as ``sqrt(x_raw) * (sqrt(1 / scale) * 2**bits)`` (``root``:
     ``sqrt_rn`` of the raw ``x`` if the caller has it, as the step does from its denominator)."""
     absmax = x.abs().amax(1) if cb.signed else x.amax(1)
     scale = absmax.to(scale_dtype)
@@ -123,7 +131,7 @@ def quantize_blocks(
     one = torch.ones_like(s)
     inv = one / s  # one division per block; the kernel multiplies by the same fp32 reciprocal
     if cb.kind == "pow2" and not cb.signed:
-        root = (sqrt_rn(x) if root is None else root) * sqrt_rn(inv)[:, None]
+        root = (sqrt_rn(x) if root is None else root) * (sqrt_rn(inv) * float(2**cb.bits))[:, None]
     else:
         root = None
     return encode(x * inv[:, None], cb, u, root), scale

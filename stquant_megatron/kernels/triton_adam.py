@@ -88,12 +88,14 @@ if HAS_TRITON:
         return x.to(DTYPE)
 
     @triton.jit
-    def _approx_sqrt(a):
-        # sqrt(a), a >= 0, within 0.18 % (bit-level reciprocal square root, one Newton step; exact fp32
-        # products as in the twin). Nearest rounding needs the lower neighbour only to within half a
-        # level: the rounding step then picks the same (nearest) code as from the exact bracket.
+    def _approx_sqrt(a, BITS: tl.constexpr):
+        # sqrt(a), a >= 0: a bit-level reciprocal square root (within 3.5 %), refined by one Newton step
+        # (within 0.18 %) above 4 bits; fp32 products as in the twin. Nearest rounding needs the lower
+        # neighbour only to within a quarter level: the rounding step then picks the same (nearest)
+        # code as from the exact bracket.
         y = (0x5F375A86 - (a.to(tl.int32, bitcast=True) >> 1)).to(tl.float32, bitcast=True)
-        y = y * (1.5 - ((0.5 * a) * y) * y)
+        if BITS > 4:
+            y = y * (1.5 - ((0.5 * a) * y) * y)
         return a * y
 
     @triton.jit
@@ -136,7 +138,7 @@ if HAS_TRITON:
                     if STOCHASTIC:
                         t = tl.sqrt_rn(tl.abs(x)) * top
                     else:
-                        t = _approx_sqrt(tl.abs(x)) * top
+                        t = _approx_sqrt(tl.abs(x), BITS) * top
                     t = tl.where(x < 0, -t, t)
                 lo = tl.minimum(tl.maximum(tl.floor(t), -top), top - 1.0)
             else:
@@ -144,7 +146,7 @@ if HAS_TRITON:
                 if KIND == 0:
                     t = x * n - 1.0
                 else:
-                    t = root * n - 1.0  # root: sqrt(x), computed by the caller
+                    t = root - 1.0  # root: sqrt(x) * n, computed by the caller
                 lo = tl.minimum(tl.maximum(tl.floor(t), 0.0), n - 2.0)
             qlo = _levels(lo, BITS, KIND, SIGNED)
             qhi = _levels(lo + 1.0, BITS, KIND, SIGNED)
@@ -219,7 +221,7 @@ if HAS_TRITON:
         s = tl.where(s > 0, s, 1.0)
         inv = tl.div_rn(1.0, s)
         if KIND == 1 and not SIGNED:
-            root = root * tl.sqrt_rn(inv)
+            root = root * (tl.sqrt_rn(inv) * 2**BITS)
         code = _encode(x * inv, x, root, BITS, KIND, SIGNED, qmap_ptr, bounds_ptr, False)
         return _decode(code, BITS, KIND, SIGNED, qmap_ptr) * s
 
@@ -308,8 +310,8 @@ if HAS_TRITON:
         m_code = _encode(m * tl.div_rn(1.0, sm), um, m, M_BITS, M_KIND, True, mq_ptr, mb_ptr, STOCHASTIC)
         inv_sv = tl.div_rn(1.0, sv)
         v_root = rv
-        if V_KIND == 1:  # sqrt of the normalized v: sqrt(v) times the root of the block's reciprocal scale
-            v_root = rv * tl.sqrt_rn(inv_sv)
+        if V_KIND == 1:  # sqrt of the normalized v times 2**bits: sqrt(v) * (sqrt(1 / scale) * 2**bits)
+            v_root = rv * (tl.sqrt_rn(inv_sv) * 2**V_BITS)
         v_code = _encode(v * inv_sv, uv, v_root, V_BITS, V_KIND, False, vq_ptr, vb_ptr, STOCHASTIC)
         _pack(mc_ptr, m_code, r2, w2, blk_ok2, i, M_BITS, W)
         _pack(vc_ptr, v_code, r2, w2, blk_ok2, i, V_BITS, W)
