@@ -226,6 +226,63 @@ if HAS_TRITON:
         return _decode(code, BITS, KIND, SIGNED, qmap_ptr) * s
 
     @triton.jit
+    def _probe(
+        p_ptr, g_ptr, mc_ptr, ms_ptr, vc_ptr, vs_ptr, mq_ptr, vq_ptr, npartial_ptr, out_row,
+        q0_ptr, b0_ptr, q1_ptr, b1_ptr, q2_ptr, b2_ptr, q3_ptr, b3_ptr,
+        rem, blk0, beta1, omb1, beta2, omb2, eps, l2, decay, inv_bc2,
+        BLOCK: tl.constexpr, G: tl.constexpr, EVEN: tl.constexpr,
+        M_BITS: tl.constexpr, M_KIND: tl.constexpr, V_BITS: tl.constexpr, V_KIND: tl.constexpr,
+        N0_BITS: tl.constexpr, N0_KIND: tl.constexpr, N1_BITS: tl.constexpr, N1_KIND: tl.constexpr,
+        N2_BITS: tl.constexpr, N2_KIND: tl.constexpr, N3_BITS: tl.constexpr, N3_KIND: tl.constexpr,
+    ):
+        # The neighbouring-width probe on the program's sampled blocks only (block index within the
+        # unit a multiple of PROBE_STRIDE): their new moments are recomputed from the old state, with the
+        # step's arithmetic, in tensors of ceil(G / PROBE_STRIDE) blocks. Pointers: the program's first
+        # block; called before anything is stored.
+        PG: tl.constexpr = (G + _PROBE - 1) // _PROBE
+        W: tl.constexpr = BLOCK // 8
+        h = tl.arange(0, 2)[:, None, None, None]
+        r = (_PROBE - (blk0 % _PROBE).to(tl.int32)) % _PROBE + tl.arange(0, PG)[None, :, None, None] * _PROBE
+        w = tl.arange(0, W)[None, None, :, None]
+        i = h * 4 + tl.arange(0, 4)[None, None, None, :]
+        loc4 = r * BLOCK + w * 8 + h * 4
+        loc = loc4 + tl.arange(0, 4)[None, None, None, :]
+        if EVEN:
+            inside = tl.broadcast_to(loc4 < rem, loc.shape)
+        else:
+            inside = loc < rem  # a block past the program (G < PROBE_STRIDE) is past rem too
+        blk_ok = r * BLOCK < rem
+        p = tl.load(p_ptr + loc, mask=inside).to(tl.float32)
+        g = tl.load(g_ptr + loc, mask=inside).to(tl.float32)
+        ms = tl.load(ms_ptr + r, mask=blk_ok, other=0.0).to(tl.float32)
+        vs = tl.load(vs_ptr + r, mask=blk_ok, other=0.0).to(tl.float32)
+        m = _decode(_unpack(mc_ptr, r, w, i, blk_ok, M_BITS, W), M_BITS, M_KIND, True, mq_ptr) * ms
+        v = _decode(_unpack(vc_ptr, r, w, i, blk_ok, V_BITS, W), V_BITS, V_KIND, False, vq_ptr) * vs
+        g = g + p * l2
+        m = m * beta1 + g * omb1
+        v = v * beta2 + (g * g) * omb2
+        rv = tl.sqrt_rn(v)
+        denom = rv * inv_bc2 + eps
+        ref = tl.where(inside, tl.div_rn(m, denom), 0.0)
+        m = tl.where(inside, m, 0.0)
+        v = tl.where(inside, v, 0.0)
+        rv = tl.where(inside, rv, 0.0)
+        if N0_BITS > 0:
+            e0 = tl.where(inside, tl.div_rn(_requant_err(m, m, True, N0_BITS, N0_KIND, q0_ptr, b0_ptr, ms_ptr.dtype.element_ty), denom) - ref, 0.0)
+            tl.store(npartial_ptr + out_row * 6 + 0, _total(e0 * e0))
+        if N1_BITS > 0:
+            e1 = tl.where(inside, tl.div_rn(_requant_err(m, m, True, N1_BITS, N1_KIND, q1_ptr, b1_ptr, ms_ptr.dtype.element_ty), denom) - ref, 0.0)
+            tl.store(npartial_ptr + out_row * 6 + 1, _total(e1 * e1))
+        if N2_BITS > 0:
+            vq2 = _requant_err(v, rv, False, N2_BITS, N2_KIND, q2_ptr, b2_ptr, vs_ptr.dtype.element_ty)
+            e2 = tl.where(inside, tl.div_rn(m, tl.sqrt_rn(vq2) * inv_bc2 + eps) - ref, 0.0)
+            tl.store(npartial_ptr + out_row * 6 + 2, _total(e2 * e2))
+        if N3_BITS > 0:
+            vq3 = _requant_err(v, rv, False, N3_BITS, N3_KIND, q3_ptr, b3_ptr, vs_ptr.dtype.element_ty)
+            e3 = tl.where(inside, tl.div_rn(m, tl.sqrt_rn(vq3) * inv_bc2 + eps) - ref, 0.0)
+            tl.store(npartial_ptr + out_row * 6 + 3, _total(e3 * e3))
+
+    @triton.jit
     def _step_body(
         p_ptr, g_ptr, mc_ptr, ms_ptr, vc_ptr, vs_ptr,  # this unit's tensors
         mq_ptr, mb_ptr, vq_ptr, vb_ptr,
@@ -265,6 +322,14 @@ if HAS_TRITON:
         vs_ptr += blk0
         mc_ptr += blk0 * (M_BITS * (BLOCK // 8))
         vc_ptr += blk0 * (V_BITS * (BLOCK // 8))
+        if WITH_STATS:
+            if N0_BITS + N1_BITS + N2_BITS + N3_BITS > 0:
+                _probe(p_ptr, g_ptr, mc_ptr, ms_ptr, vc_ptr, vs_ptr, mq_ptr, vq_ptr, npartial_ptr, out_row,
+                       q0_ptr, b0_ptr, q1_ptr, b1_ptr, q2_ptr, b2_ptr, q3_ptr, b3_ptr,
+                       rem, blk0, beta1, omb1, beta2, omb2, eps, l2, decay, inv_bc2,
+                       BLOCK, G, EVEN, M_BITS, M_KIND, V_BITS, V_KIND,
+                       N0_BITS, N0_KIND, N1_BITS, N1_KIND, N2_BITS, N2_KIND, N3_BITS, N3_KIND)  # fmt: skip
+                tl.debug_barrier()  # every thread has read the sampled blocks before any is overwritten
 
         # past the end: undefined values, masked out of everything below (moments, stores, sums)
         p = tl.load(p_ptr + loc, mask=inside).to(tl.float32)
@@ -280,7 +345,8 @@ if HAS_TRITON:
         p = p * decay
         rv = tl.sqrt_rn(v)
         denom = rv * inv_bc2 + eps
-        p = p - tl.div_rn(m, denom) * step_size
+        upd = tl.div_rn(m, denom)
+        p = p - upd * step_size
         tl.store(p_ptr + loc, _cast_rne(p, p_ptr.dtype.element_ty), mask=inside)
         m = tl.where(inside, m, 0.0)
         v = tl.where(inside, v, 0.0)
@@ -319,7 +385,7 @@ if HAS_TRITON:
         if WITH_STATS:
             mq = _decode(m_code, M_BITS, M_KIND, True, mq_ptr) * sm
             vq = _decode(v_code, V_BITS, V_KIND, False, vq_ptr) * sv
-            ref = tl.div_rn(m, denom)
+            ref = upd  # m / denom (m masked below only outside the tensor, where the sums are masked too)
             err_m = tl.div_rn(mq, denom) - ref
             err_v = tl.div_rn(m, tl.sqrt_rn(vq) * inv_bc2 + eps) - ref
             err_m = tl.where(inside, err_m, 0.0)
@@ -335,20 +401,6 @@ if HAS_TRITON:
                 sv2 = tl.where(probe, err_v * err_v, 0.0)
                 tl.store(npartial_ptr + out_row * 6 + 4, _total(sm2))
                 tl.store(npartial_ptr + out_row * 6 + 5, _total(sv2))
-            if N0_BITS > 0:
-                e0 = tl.where(probe, tl.div_rn(_requant_err(m, m, True, N0_BITS, N0_KIND, q0_ptr, b0_ptr, ms_ptr.dtype.element_ty), denom) - ref, 0.0)
-                tl.store(npartial_ptr + out_row * 6 + 0, _total(e0 * e0))
-            if N1_BITS > 0:
-                e1 = tl.where(probe, tl.div_rn(_requant_err(m, m, True, N1_BITS, N1_KIND, q1_ptr, b1_ptr, ms_ptr.dtype.element_ty), denom) - ref, 0.0)
-                tl.store(npartial_ptr + out_row * 6 + 1, _total(e1 * e1))
-            if N2_BITS > 0:
-                vq2 = _requant_err(v, rv, False, N2_BITS, N2_KIND, q2_ptr, b2_ptr, vs_ptr.dtype.element_ty)
-                e2 = tl.where(probe, tl.div_rn(m, tl.sqrt_rn(vq2) * inv_bc2 + eps) - ref, 0.0)
-                tl.store(npartial_ptr + out_row * 6 + 2, _total(e2 * e2))
-            if N3_BITS > 0:
-                vq3 = _requant_err(v, rv, False, N3_BITS, N3_KIND, q3_ptr, b3_ptr, vs_ptr.dtype.element_ty)
-                e3 = tl.where(probe, tl.div_rn(m, tl.sqrt_rn(vq3) * inv_bc2 + eps) - ref, 0.0)
-                tl.store(npartial_ptr + out_row * 6 + 3, _total(e3 * e3))
 
     # Per-step integers are typed and never specialized: one compile per configuration per run.
     _NOSPEC = ["numel", "num_blocks", "index_offset", "key_m", "key_v"]
