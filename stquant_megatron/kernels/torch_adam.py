@@ -142,6 +142,15 @@ def dequantize_blocks(codes: torch.Tensor, scale: torch.Tensor, cb: Codebook) ->
     return decode(codes, cb) * scale.to(torch.float32)[:, None]
 
 
+def root_dequantize_blocks(codes: torch.Tensor, scale: torch.Tensor, cb: Codebook) -> torch.Tensor:
+    """sqrt of ``dequantize_blocks`` (unsigned codebooks), as the error statistics use it: for ``pow2``
+    the level's root ``(i + 1) / N`` times ``sqrt(scale)``, no square root per element (the kernel's
+    ``_root_dequant``); otherwise the correctly rounded root of the dequantized value."""
+    if cb.kind == "pow2" and not cb.signed:
+        return ((codes.to(torch.float32) + 1.0) * (1.0 / 2**cb.bits)) * sqrt_rn(scale.to(torch.float32))[:, None]
+    return sqrt_rn(dequantize_blocks(codes, scale, cb))
+
+
 def _adam_chunk(
     p: torch.Tensor,  # fp32 [nb, block]
     g: torch.Tensor,  # fp32 or bf16 [nb, block]
@@ -189,10 +198,9 @@ def _adam_chunk(
     if with_stats:
         # Damage of each moment's quantization to the update direction U = m / denom.
         mq = dequantize_blocks(m_codes, m_scale, mcb)
-        vq = dequantize_blocks(v_codes, v_scale, vcb)
         ref = m / denom
         err_m = mq / denom - ref
-        err_v = m / (sqrt_rn(vq) * inv_bc2 + eps) - ref
+        err_v = m / (root_dequantize_blocks(v_codes, v_scale, vcb) * inv_bc2 + eps) - ref
         stats = torch.stack([(err_m * err_m).sum(), (err_v * err_v).sum(), (ref * ref).sum()])
     nstats = None
     if neighbors is not None:
@@ -208,8 +216,8 @@ def _adam_chunk(
                 e = dequantize_blocks(*quantize_blocks(pm, cb, ms.dtype), cb) / pden - pref
                 sums.append((e * e).sum())
             else:
-                vq = dequantize_blocks(*quantize_blocks(pv, cb, vs.dtype), cb)
-                e = pm / (sqrt_rn(vq) * inv_bc2 + eps) - pref
+                rq = root_dequantize_blocks(*quantize_blocks(pv, cb, vs.dtype), cb)
+                e = pm / (rq * inv_bc2 + eps) - pref
                 sums.append((e * e).sum())
         # The error at the current width over the same sampled blocks: the probe's ratios
         # E(b-1)/E(b) and E(b)/E(b+1) then compare like with like.

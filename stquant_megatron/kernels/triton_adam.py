@@ -211,19 +211,31 @@ if HAS_TRITON:
         return tl.sum(tl.sum(tl.sum(tl.sum(x, axis=3), axis=0), axis=1), axis=0)
 
     @triton.jit
-    def _requant_err(x, root, SIGNED: tl.constexpr, BITS: tl.constexpr, KIND: tl.constexpr, qmap_ptr, bounds_ptr,
-                     SDTYPE: tl.constexpr):
-        # x quantized (nearest) at another width and dequantized: the neighbouring-width probe
+    def _probe_scale(x, SIGNED: tl.constexpr, SDTYPE: tl.constexpr):
+        # block scale of x as stored in SDTYPE, 1 for an all-zero block; and its reciprocal
         if SIGNED:
             s = _cast_rne(_bmax(tl.abs(x)), SDTYPE).to(tl.float32)
         else:
             s = _cast_rne(_bmax(x), SDTYPE).to(tl.float32)
         s = tl.where(s > 0, s, 1.0)
-        inv = tl.div_rn(1.0, s)
+        return s, tl.div_rn(1.0, s)
+
+    @triton.jit
+    def _requant(x, inv, root, SIGNED: tl.constexpr, BITS: tl.constexpr, KIND: tl.constexpr, qmap_ptr,
+                 bounds_ptr):
+        # codes of x quantized (nearest) at another width with the block's reciprocal scale inv: the
+        # neighbouring-width probe. The scale does not depend on the width: one per moment.
         if KIND == 1 and not SIGNED:
             root = root * (tl.sqrt_rn(inv) * 2**BITS)
-        code = _encode(x * inv, x, root, BITS, KIND, SIGNED, qmap_ptr, bounds_ptr, False)
-        return _decode(code, BITS, KIND, SIGNED, qmap_ptr) * s
+        return _encode(x * inv, x, root, BITS, KIND, SIGNED, qmap_ptr, bounds_ptr, False)
+
+    @triton.jit
+    def _root_dequant(code, s, BITS: tl.constexpr, KIND: tl.constexpr, qmap_ptr):
+        # sqrt of the dequantized exp_avg_sq (twin: root_dequantize_blocks); pow2: the level's root
+        # (i + 1) / N times sqrt(scale), no square root per element
+        if KIND == 1:
+            return ((code.to(tl.float32) + 1.0) * (1.0 / 2**BITS)) * tl.sqrt_rn(s)
+        return tl.sqrt_rn(_decode(code, BITS, KIND, False, qmap_ptr) * s)
 
     @triton.jit
     def _probe(
@@ -267,20 +279,30 @@ if HAS_TRITON:
         m = tl.where(inside, m, 0.0)
         v = tl.where(inside, v, 0.0)
         rv = tl.where(inside, rv, 0.0)
+        sm, inv_m = _probe_scale(m, True, ms_ptr.dtype.element_ty)
+        sv, inv_v = _probe_scale(v, False, vs_ptr.dtype.element_ty)
+        zero = tl.zeros(m.shape, tl.float32)
+        e0 = zero
+        e1 = zero
+        e2 = zero
+        e3 = zero
         if N0_BITS > 0:
-            e0 = tl.where(inside, tl.div_rn(_requant_err(m, m, True, N0_BITS, N0_KIND, q0_ptr, b0_ptr, ms_ptr.dtype.element_ty), denom) - ref, 0.0)
-            tl.store(npartial_ptr + out_row * 6 + 0, _total(e0 * e0))
+            mq0 = _decode(_requant(m, inv_m, m, True, N0_BITS, N0_KIND, q0_ptr, b0_ptr), N0_BITS, N0_KIND, True, q0_ptr) * sm
+            e0 = tl.where(inside, tl.div_rn(mq0, denom) - ref, 0.0)
         if N1_BITS > 0:
-            e1 = tl.where(inside, tl.div_rn(_requant_err(m, m, True, N1_BITS, N1_KIND, q1_ptr, b1_ptr, ms_ptr.dtype.element_ty), denom) - ref, 0.0)
-            tl.store(npartial_ptr + out_row * 6 + 1, _total(e1 * e1))
+            mq1 = _decode(_requant(m, inv_m, m, True, N1_BITS, N1_KIND, q1_ptr, b1_ptr), N1_BITS, N1_KIND, True, q1_ptr) * sm
+            e1 = tl.where(inside, tl.div_rn(mq1, denom) - ref, 0.0)
         if N2_BITS > 0:
-            vq2 = _requant_err(v, rv, False, N2_BITS, N2_KIND, q2_ptr, b2_ptr, vs_ptr.dtype.element_ty)
-            e2 = tl.where(inside, tl.div_rn(m, tl.sqrt_rn(vq2) * inv_bc2 + eps) - ref, 0.0)
-            tl.store(npartial_ptr + out_row * 6 + 2, _total(e2 * e2))
+            rq2 = _root_dequant(_requant(v, inv_v, rv, False, N2_BITS, N2_KIND, q2_ptr, b2_ptr), sv, N2_BITS, N2_KIND, q2_ptr)
+            e2 = tl.where(inside, tl.div_rn(m, rq2 * inv_bc2 + eps) - ref, 0.0)
         if N3_BITS > 0:
-            vq3 = _requant_err(v, rv, False, N3_BITS, N3_KIND, q3_ptr, b3_ptr, vs_ptr.dtype.element_ty)
-            e3 = tl.where(inside, tl.div_rn(m, tl.sqrt_rn(vq3) * inv_bc2 + eps) - ref, 0.0)
-            tl.store(npartial_ptr + out_row * 6 + 3, _total(e3 * e3))
+            rq3 = _root_dequant(_requant(v, inv_v, rv, False, N3_BITS, N3_KIND, q3_ptr, b3_ptr), sv, N3_BITS, N3_KIND, q3_ptr)
+            e3 = tl.where(inside, tl.div_rn(m, rq3 * inv_bc2 + eps) - ref, 0.0)
+        # the four sums in one reduction (side by side in registers: one exchange between warps);
+        # an absent width sums zeros, as the buffer holds
+        x = tl.join(tl.join(e0 * e0, e1 * e1), tl.join(e2 * e2, e3 * e3))  # [2, PG, W, 4, 2, 2]
+        t = tl.sum(tl.sum(tl.sum(tl.sum(x, axis=3), axis=0), axis=1), axis=0)  # [2, 2]: t[i, j] = sum k = 2 j + i
+        tl.store(npartial_ptr + out_row * 6 + tl.arange(0, 2)[:, None] + tl.arange(0, 2)[None, :] * 2, t)
 
     @triton.jit
     def _step_body(
@@ -384,23 +406,22 @@ if HAS_TRITON:
 
         if WITH_STATS:
             mq = _decode(m_code, M_BITS, M_KIND, True, mq_ptr) * sm
-            vq = _decode(v_code, V_BITS, V_KIND, False, vq_ptr) * sv
             ref = upd  # m / denom (m masked below only outside the tensor, where the sums are masked too)
             err_m = tl.div_rn(mq, denom) - ref
-            err_v = tl.div_rn(m, tl.sqrt_rn(vq) * inv_bc2 + eps) - ref
+            err_v = tl.div_rn(m, _root_dequant(v_code, sv, V_BITS, V_KIND, vq_ptr) * inv_bc2 + eps) - ref
             err_m = tl.where(inside, err_m, 0.0)
             err_v = tl.where(inside, err_v, 0.0)
             ref = tl.where(inside, ref, 0.0)
-            tl.store(partial_ptr + out_row * 3 + 0, _total(err_m * err_m))
-            tl.store(partial_ptr + out_row * 3 + 1, _total(err_v * err_v))
+            em2 = err_m * err_m
+            ev2 = err_v * err_v
+            tl.store(partial_ptr + out_row * 3 + 0, _total(em2))
+            tl.store(partial_ptr + out_row * 3 + 1, _total(ev2))
             tl.store(partial_ptr + out_row * 3 + 2, _total(ref * ref))
-            # the sampled blocks (block index within the unit), as in the twin
-            probe = inside & ((blk0.to(tl.int32) + r) % _PROBE == 0)
-            if N0_BITS + N1_BITS + N2_BITS + N3_BITS > 0:  # the current widths on the same sample
-                sm2 = tl.where(probe, err_m * err_m, 0.0)
-                sv2 = tl.where(probe, err_v * err_v, 0.0)
-                tl.store(npartial_ptr + out_row * 6 + 4, _total(sm2))
-                tl.store(npartial_ptr + out_row * 6 + 5, _total(sv2))
+            if N0_BITS + N1_BITS + N2_BITS + N3_BITS > 0:
+                # the current widths on the probe's sample (block index within the unit), as in the twin
+                probe = (((blk0 % _PROBE).to(tl.int32) + r) % _PROBE == 0) & inside
+                tl.store(npartial_ptr + out_row * 6 + 4, _total(tl.where(probe, em2, 0.0)))
+                tl.store(npartial_ptr + out_row * 6 + 5, _total(tl.where(probe, ev2, 0.0)))
 
     # Per-step integers are typed and never specialized: one compile per configuration per run.
     _NOSPEC = ["numel", "num_blocks", "index_offset", "key_m", "key_v"]
