@@ -1,7 +1,11 @@
 """Triton kernel of the fused packed-Adam step (GPU path), twin of ``torch_adam.py``.
 
 One program handles ``G`` consecutive blocks of ``BLOCK`` elements of one unit (``launch_shape``
-picks ``G`` and the warps from the block size). For each block, in registers: unpack the bit planes of both moments, dequantize, apply Adam/AdamW to the
+picks ``G`` and the warps from the block size: 8 elements per thread). Tensors are
+``[2, G, W, 4]`` (``W = BLOCK / 8`` bytes per plane; element ``8 w + 4 h + j``): the 8 elements whose
+bits share a byte of each bit plane belong to one thread, so unpacking (one multiplication per 4
+planes) and packing happen in registers, without shared memory or layout conversions. For each
+block, in registers: unpack the bit planes of both moments, dequantize, apply Adam/AdamW to the
 fp32 parameter, take the new block absmax, quantize (nearest or stochastic), pack, store. Nothing
 but the packed state and the parameter/gradient is read or written.
 
@@ -10,7 +14,9 @@ read+write (2 * m_bits / 8) + exp_avg_sq codes read+write (2 * v_bits / 8) + sca
 (4 * 4 / BLOCK) -> 14.1 B at 4/4 bits with fp32 grads, against 28 B for fp32 Adam.
 
 Arithmetic is written operation for operation like the PyTorch twin, with IEEE-rounded division
-and square root (``div_rn``, ``sqrt_rn``), so the packed codes match bit for bit (proved in
+and square root (``div_rn``, ``sqrt_rn``) where they are used (one division and one or two roots
+per element on the common path; blocks are normalized by a per-block reciprocal), so the packed
+codes match bit for bit (proved in
 ``tests/test_kernels.py`` under ``TRITON_INTERPRET=1``). Bit widths and codebook kinds are
 ``constexpr`` from closed sets (widths 2..8 and 3 kinds per moment, plus the neighbouring widths
 of the scheduler's probe step): a bounded set of specializations. Per-step and per-unit integers
@@ -311,6 +317,7 @@ if HAS_TRITON:
         partial_ptr, npartial_ptr, out_row,
         q0_ptr, b0_ptr, q1_ptr, b1_ptr, q2_ptr, b2_ptr, q3_ptr, b3_ptr,
         numel, num_blocks, index_offset, key_m, key_v, lpid,  # lpid: program index within the unit
+        row,  # grouped launch: this unit's row of addresses (scale addresses are read again to store)
         beta1, omb1, beta2, omb2, eps, l2, decay, step_size, inv_bc2,
         BLOCK: tl.constexpr, G: tl.constexpr, EVEN: tl.constexpr,
         M_BITS: tl.constexpr, M_KIND: tl.constexpr, V_BITS: tl.constexpr, V_KIND: tl.constexpr,
@@ -364,11 +371,10 @@ if HAS_TRITON:
         g = g + p * l2
         m = m * beta1 + g * omb1
         v = v * beta2 + (g * g) * omb2
-        p = p * decay
         rv = tl.sqrt_rn(v)
         denom = rv * inv_bc2 + eps
         upd = tl.div_rn(m, denom)
-        p = p - upd * step_size
+        p = p * decay - upd * step_size
         tl.store(p_ptr + loc, _cast_rne(p, p_ptr.dtype.element_ty), mask=inside)
         m = tl.where(inside, m, 0.0)
         v = tl.where(inside, v, 0.0)
@@ -388,8 +394,15 @@ if HAS_TRITON:
             uv = v
         m_scale = _cast_rne(_bmax(tl.abs(m)), ms_ptr.dtype.element_ty)  # [1, G, 1, 1]
         v_scale = _cast_rne(_bmax(v), vs_ptr.dtype.element_ty)
-        tl.store(ms_ptr + r, m_scale, mask=blk_ok)
-        tl.store(vs_ptr + r, v_scale, mask=blk_ok)
+        if row is None:
+            ms_st = ms_ptr
+            vs_st = vs_ptr
+        else:  # read after the parameter store (which may alias): no 64-bit address lives across the
+            # out-of-line division and root calls (ptxas spilled one on sm_90)
+            ms_st = tl.load(row + 3).to(tl.pointer_type(ms_ptr.dtype.element_ty)) + blk0
+            vs_st = tl.load(row + 5).to(tl.pointer_type(vs_ptr.dtype.element_ty)) + blk0
+        tl.store(ms_st + r, m_scale, mask=blk_ok)
+        tl.store(vs_st + r, v_scale, mask=blk_ok)
         sm = m_scale.to(tl.float32)
         sv = v_scale.to(tl.float32)
         sm = tl.where(sm > 0, sm, 1.0)
@@ -447,7 +460,7 @@ if HAS_TRITON:
         _step_body(
             p_ptr, g_ptr, mc_ptr, ms_ptr, vc_ptr, vs_ptr, mq_ptr, mb_ptr, vq_ptr, vb_ptr,
             partial_ptr, npartial_ptr, pid, q0_ptr, b0_ptr, q1_ptr, b1_ptr, q2_ptr, b2_ptr, q3_ptr, b3_ptr,
-            numel, num_blocks, index_offset, key_m, key_v, pid,
+            numel, num_blocks, index_offset, key_m, key_v, pid, None,
             beta1, omb1, beta2, omb2, eps, l2, decay, step_size, inv_bc2,
             BLOCK, G, EVEN, M_BITS, M_KIND, V_BITS, V_KIND, STOCHASTIC, WITH_STATS,
             N0_BITS, N0_KIND, N1_BITS, N1_KIND, N2_BITS, N2_KIND, N3_BITS, N3_KIND,
@@ -486,7 +499,7 @@ if HAS_TRITON:
             mq_ptr, mb_ptr, vq_ptr, vb_ptr,
             partial_ptr, npartial_ptr, pid, q0_ptr, b0_ptr, q1_ptr, b1_ptr, q2_ptr, b2_ptr, q3_ptr, b3_ptr,
             tl.load(row + 6), tl.load(row + 7), tl.load(row + 8), tl.load(row + 9), tl.load(row + 10),
-            pid - tl.load(row + 11).to(tl.int32),
+            pid - tl.load(row + 11).to(tl.int32), row,
             tl.load(hy + 0), tl.load(hy + 1), tl.load(hy + 2), tl.load(hy + 3), tl.load(hy + 4),
             tl.load(hy + 5), tl.load(hy + 6), tl.load(hy + 7), tl.load(hy + 8),
             BLOCK, G, EVEN, M_BITS, M_KIND, V_BITS, V_KIND, STOCHASTIC, WITH_STATS,
