@@ -86,11 +86,12 @@ class Spec:
     sdtype: str = "fp32"
     block: int = 128
     path: str = "group"  # unit | group
+    odd: bool = False  # a numel that is not a multiple of 4 (element masks; real layers have multiples of 4)
 
     def name(self) -> str:
         return (f"{self.path} m{self.m_bits}{self.m_kind[:3]} v{self.v_bits}{self.v_kind[:3]} "
                 f"{'sr' if self.stochastic else 'rn'} {self.stats} p{self.pdtype} g{self.gdtype} "
-                f"s{self.sdtype} b{self.block}")  # fmt: skip
+                f"s{self.sdtype} b{self.block}" + (" odd" if self.odd else ""))  # fmt: skip
 
 
 def _kinds(bits: int, signed: bool) -> list[str]:
@@ -113,6 +114,7 @@ def matrix(quick: bool) -> list[Spec]:
             Spec(m_bits=3, v_bits=5, pdtype="bf16", gdtype="bf16", sdtype="bf16", stochastic=True, block=32),
             Spec(m_bits=6, v_bits=7, pdtype="fp16", gdtype="fp16", sdtype="fp16", path="unit", block=1024),
             Spec(m_bits=4, v_bits=3, v_kind="log", stats="probe", stochastic=True, block=512),
+            Spec(m_bits=5, v_bits=4, stochastic=True, stats="probe", odd=True),
         ]
         return specs
     widths = range(2, 9)
@@ -129,6 +131,7 @@ def matrix(quick: bool) -> list[Spec]:
     for sr in (False, True):  # features at 4/4, both launch paths
         for st in STATS:
             specs += [Spec(stochastic=sr, stats=st, path=path) for path in ("unit", "group")]
+        specs += [Spec(stochastic=sr, stats="probe" if sr else "off", path=path, odd=True) for path in ("unit", "group")]
     names = list(DTYPES)
     for i, pd in enumerate(names):  # param x grad dtypes, scale dtypes in turn
         for j, gd in enumerate(names):
@@ -193,7 +196,7 @@ def bind(kernel, args, kwargs, arch: int):
 
 
 def _tensors(spec: Spec, nblocks: int = 3):
-    n = nblocks * spec.block - 5
+    n = nblocks * spec.block - (5 if spec.odd else 4)  # a partial last block either way
     mcb = get_codebook(spec.m_kind, spec.m_bits, True)
     vcb = get_codebook(spec.v_kind, spec.v_bits, False)
     p = torch.zeros(n, dtype=DTYPES[spec.pdtype])

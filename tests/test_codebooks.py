@@ -253,3 +253,29 @@ def test_quantize_blocks_scale_and_error(cfg, scale_dtype):
     dmin = (xn[..., None] - q).abs().min(-1).values
     err = (out.double() / s.double() - xn).abs()
     assert bool((err <= dmin + 2.0**-20).all())
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_nearest_pow2_bracket_from_approximate_root_gives_exact_nearest_codes(bits):
+    """The signed pow2 nearest rounding brackets x with ``approx_sqrt`` (no IEEE square root); the
+    codes equal those from the correctly rounded root at levels, midpoints and their 16 ulps around,
+    and at random values."""
+    import stquant_megatron.kernels.torch_adam as ta
+
+    cb = get_codebook("pow2", bits, True)
+    q = cb.qmap[: cb.levels]
+    base = torch.cat([q, (q[1:] + q[:-1]) / 2, torch.rand(20000, generator=torch.Generator().manual_seed(bits)) * 2 - 1,
+                      torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-40, -1e-40])])  # fmt: skip
+    xs = [base]
+    for direction in (2.0, -2.0):
+        x = base
+        for _ in range(16):
+            x = torch.nextafter(x, torch.full_like(x, direction))
+            xs.append(x)
+    x = torch.cat(xs).clamp(-1.0, 1.0)
+    top = float(2 ** (bits - 1) - 1)
+    exact = torch.floor(torch.where(x < 0, -1.0, 1.0) * (ta.sqrt_rn(x.abs()) * top)).clamp(-top, top - 1.0)
+    qlo = level_values(exact, "pow2", bits, True)
+    qhi = level_values(exact + 1.0, "pow2", bits, True)
+    want = (exact + ((x - qlo) > (qhi - x)).to(torch.float32) + float(cb.offset)).to(torch.uint8)
+    assert torch.equal(encode(x, cb, None), want)

@@ -192,7 +192,8 @@ def test_factored_checkpoints_resume_and_interoperate():
 
     # factored -> packed and packed/stock -> factored go through the dense second moment
     v_hat = opt.state[model[0].weight]["exp_avg_sq"].dequantize()
-    packed_opt = STQuantAdamW(model.parameters(), lr=1e-2, config=STQuantConfig(bits=8, min_numel=256))
+    packed_opt = STQuantAdamW(model.parameters(), lr=1e-2,
+                              config=STQuantConfig(bits=8, min_numel=256, exp_avg_sq_format="packed"))
     with pytest.warns(RuntimeWarning, match="factored -> packed"):
         packed_opt.load_state_dict(opt.state_dict())
     v_packed = packed_opt.state[model[0].weight]["exp_avg_sq"]
@@ -248,3 +249,75 @@ def test_scheduler_places_exp_avg_units_and_skips_factored_ones():
 def test_config_rejects_unknown_format():
     with pytest.raises(ValueError, match="exp_avg_sq_format"):
         STQuantConfig(exp_avg_sq_format="rank1")
+
+
+FACTORED_CASES = [
+    # (exp_avg bits, kind, stochastic, stats + probe, param dtype, scale dtype, shape, block)
+    (4, "pow2", False, False, torch.float32, torch.float32, (37, 41), 32),
+    (2, "pow2", False, True, torch.float32, torch.float32, (64, 64), 128),
+    (8, "linear", True, True, torch.bfloat16, torch.bfloat16, (13, 50), 64),
+    (3, "pow2", True, False, torch.float32, torch.float32, (30, 33), 32),
+    (5, "pow2", False, True, torch.float16, torch.float32, (16, 96), 256),
+]
+
+
+@pytest.mark.parametrize("mb,kind,stochastic,with_stats,pdtype,sdtype,shape,block", FACTORED_CASES)
+def test_triton_factored_step_is_bit_identical_to_the_twin(mb, kind, stochastic, with_stats, pdtype, sdtype, shape,
+                                                           block):  # fmt: skip
+    """The Triton factored step (TRITON_INTERPRET=1) against its PyTorch twin: parameters, codes,
+    scales and row/column statistics bit for bit; the error sums to rounding."""
+    from stquant_megatron.formats.codebooks import get_codebook
+    from stquant_megatron.kernels.triton_factored import triton_factored_adam_step
+
+    rows, cols = shape
+    cb = get_codebook(kind, mb, True)
+    nbrs = (get_codebook(kind, mb - 1, True) if mb > 2 else None, get_codebook(kind, mb + 1, True) if mb < 8 else None,
+            None, None)  # fmt: skip
+
+    def run(fn):
+        gen = torch.Generator().manual_seed(5)
+        p = torch.randn(rows, cols, generator=gen).to(pdtype)
+        m = PackedState.zeros(rows * cols, bits=mb, kind=kind, signed=True, block_size=block, scale_dtype=sdtype)
+        v = FactoredState.zeros((rows, cols))
+        stats, nst = (torch.zeros(3), torch.zeros(6)) if with_stats else (None, None)
+        for step in range(1, 4):
+            grad = (torch.randn(rows, cols, generator=gen) * 10 ** (torch.rand(rows, 1, generator=gen) * 3 - 2)).to(pdtype)
+            sc = step_scalars(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=step, adamw=step != 2)
+            fn(p, grad, m.codes, m.scale, v.row, v.col, cb, sc, block_size=block, stochastic=stochastic,
+               rng_key=99 + step, stats=stats, neighbor_codebooks=nbrs if with_stats else None, neighbor_stats=nst)
+        return p, m.codes, m.scale, v.row, v.col, stats, nst
+
+    want, got = run(ta.torch_factored_adam_step), run(triton_factored_adam_step)
+    for a, b in zip(want[:5], got[:5]):
+        assert torch.equal(a, b)
+    if with_stats:
+        for a, b in zip(want[5:], got[5:]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=0)
+        assert want[5][0] > 0 and want[6][4] > 0
+
+
+def test_default_config_factors_matrices_and_triton_backend_equals_torch():
+    """STQuantConfig() (auto format, scheduled): matrices' exp_avg_sq factored, vectors packed; the
+    Triton backend (interpreter) through the optimizer gives the PyTorch backend's bits."""
+    data = _data()
+    runs = []
+    for backend in ("torch", "triton"):
+        model = _model()
+        cfg = STQuantConfig(min_numel=64, backend=backend, stochastic_rounding=True, warmup_steps=2, interval=3,
+                            stats_steps=2)  # fmt: skip
+        opt = STQuantAdamW(model.named_parameters(), lr=1e-2, config=cfg)
+        _train(model, opt, 7, data)
+        runs.append((model, opt))
+    (ma, oa), (mb, ob) = runs
+    assert isinstance(oa.state[ma[0].weight]["exp_avg_sq"], FactoredState)
+    assert isinstance(oa.state[ma[0].bias]["exp_avg_sq"], PackedState)  # 96 elements >= min_numel: packed vector
+    assert oa.scheduler is not None and oa.scheduler.decisions >= 1
+    for (na, a), (nb, b) in zip(ma.named_parameters(), mb.named_parameters()):
+        assert torch.equal(a, b), na
+        for k in ("exp_avg", "exp_avg_sq"):
+            sa, sb = oa.state[a][k], ob.state[b][k]
+            if torch.is_tensor(sa):  # fp32 escape (40-element bias)
+                assert torch.equal(sa, sb), (na, k)
+                continue
+            for x, y in zip(sa.to_dict().values(), sb.to_dict().values()):
+                assert torch.equal(x, y) if torch.is_tensor(x) else x == y, (na, k)

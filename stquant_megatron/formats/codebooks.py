@@ -23,7 +23,7 @@ lower neighbour by an exact binary search over ``bounds``.
 
 Rounding (shared by all kinds): find the lower neighbour ``lo`` of the normalized value x (clamped
 to the codebook), then with the levels q(lo) < q(lo+1):
-nearest -> ``lo + (x - q(lo) > q(lo+1) - x)``; stochastic -> ``lo + (u < (x - q(lo)) / (q(lo+1) - q(lo)))``,
+nearest -> ``lo + (x - q(lo) > q(lo+1) - x)``; stochastic -> ``lo + (u * (q(lo+1) - q(lo)) < x - q(lo))``,
 which is unbiased between the two neighbours.
 """
 

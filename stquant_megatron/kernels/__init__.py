@@ -12,11 +12,12 @@ import torch
 from .common import GroupEntry, StepScalars, rng_key, step_scalars, unit_id
 from .torch_adam import torch_factored_adam_step, torch_packed_adam_group_step, torch_packed_adam_step
 from .triton_adam import HAS_TRITON, triton_packed_adam_group_step, triton_packed_adam_step
+from .triton_factored import triton_factored_adam_step
 
 __all__ = [
     "GroupEntry", "StepScalars", "get_factored_step_fn", "get_group_step_fn", "get_step_fn", "rng_key", "step_scalars",
     "torch_factored_adam_step", "torch_packed_adam_group_step", "torch_packed_adam_step", "triton_packed_adam_group_step",
-    "triton_packed_adam_step", "unit_id",
+    "triton_factored_adam_step", "triton_packed_adam_step", "unit_id",
 ]  # fmt: skip
 
 
@@ -46,5 +47,5 @@ def get_group_step_fn(backend: str, device: torch.device):
 
 def get_factored_step_fn(backend: str, device: torch.device):
     """The factored-exp_avg_sq step (``torch_factored_adam_step``'s signature) of the backend ``get_step_fn`` picks."""
-    get_step_fn(backend, device)  # the same checks
-    return torch_factored_adam_step
+    fn = get_step_fn(backend, device)
+    return triton_factored_adam_step if fn is triton_packed_adam_step else torch_factored_adam_step

@@ -57,8 +57,30 @@ def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(x)
 
 
-def encode(x: torch.Tensor, cb: Codebook, u: torch.Tensor | None) -> torch.Tensor:
-    """Normalized fp32 values -> uint8 codes (nearest if ``u`` is None, else stochastic)."""
+def approx_sqrt(a: torch.Tensor, bits: int) -> torch.Tensor:
+    """sqrt(a) for a >= 0 (Triton's ``_approx_sqrt``, every fp32 operation as in the kernel): a
+    bit-level reciprocal square root, within 3.5 %, refined by one Newton step (within 0.18 %) above
+    4 bits.
+
+    The nearest rounding of the signed ``pow2`` kind brackets ``x`` with it. With levels k / L
+    squared, the root-domain error is below 0.035 * 7 = 0.25 level at 4 bits and 0.0018 * 127 = 0.23
+    level at 8 bits; the value-space midpoint of levels k and k+1 lies in the root domain between
+    k + 0.5 and k + 0.71, so a lower neighbour off by one (x within that error of a level) still
+    rounds to the same, nearest, level as the exact bracket. Stochastic rounding needs the exact
+    bracket and keeps ``sqrt_rn``."""
+    y = (0x5F375A86 - (a.view(torch.int32) >> 1)).view(torch.float32)
+    if bits > 4:
+        y = y * (1.5 - ((0.5 * a) * y) * y)
+    return a * y
+
+
+def encode(x: torch.Tensor, cb: Codebook, u: torch.Tensor | None, root: torch.Tensor | None = None) -> torch.Tensor:
+    """Normalized fp32 values -> uint8 codes (nearest if ``u`` is None, else stochastic).
+
+    ``root``: ``sqrt(x) * 2**bits``, used by the unsigned ``pow2`` kind to find the lower neighbour
+    (``quantize_blocks`` passes the root of the raw value times ``sqrt(1 / scale) * 2**bits``, as the
+    fused step does with its ``sqrt(v)``); ``sqrt_rn(x) * 2**bits`` if None (the same bits: the
+    factor is a power of two)."""
     bits = cb.bits
     if cb.kind == "log":
         lo = torch.searchsorted(cb.bounds, x, right=True).clamp_max(cb.levels - 2)
@@ -67,18 +89,25 @@ def encode(x: torch.Tensor, cb: Codebook, u: torch.Tensor | None) -> torch.Tenso
     else:
         if cb.signed:
             top = float(2 ** (bits - 1) - 1)
-            t = x * top if cb.kind == "linear" else sqrt_rn(x.abs()) * top * torch.where(x < 0, -1.0, 1.0)
+            if cb.kind == "linear":
+                t = x * top
+            else:
+                t = (sqrt_rn(x.abs()) if u is not None else approx_sqrt(x.abs(), bits)) * top
+                t = torch.where(x < 0, -t, t)
             lo = torch.floor(t).clamp(-top, top - 1.0)
         else:
             n = float(2**bits)
-            t = (x if cb.kind == "linear" else sqrt_rn(x)) * n - 1.0
+            if cb.kind == "linear":
+                t = x * n - 1.0
+            else:
+                t = (sqrt_rn(x) * n if root is None else root) - 1.0
             lo = torch.floor(t).clamp(0.0, n - 2.0)
         qlo = level_values(lo, cb.kind, bits, cb.signed)
         qhi = level_values(lo + 1.0, cb.kind, bits, cb.signed)
     if u is None:
         up = (x - qlo) > (qhi - x)
     else:
-        up = u < (x - qlo) / (qhi - qlo)
+        up = u * (qhi - qlo) < x - qlo  # u < (x - qlo) / (qhi - qlo) without a division
     return (lo + up.to(torch.float32) + float(cb.offset)).to(torch.uint8)
 
 
@@ -90,14 +119,25 @@ def decode(codes: torch.Tensor, cb: Codebook) -> torch.Tensor:
 
 
 def quantize_blocks(
-    x: torch.Tensor, cb: Codebook, scale_dtype: torch.dtype, u: torch.Tensor | None = None
+    x: torch.Tensor, cb: Codebook, scale_dtype: torch.dtype, u: torch.Tensor | None = None,
+    root: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 ``[nb, block]`` -> (uint8 codes ``[nb, block]``, absmax scale ``[nb]``)."""
+    """fp32 ``[nb, block]`` -> (uint8 codes ``[nb, block]``, absmax scale ``[nb]``).
+
+    ``x`` is normalized by a multiplication with the fp32 reciprocal of its block's scale; the
+    unsigned ``pow2`` kind brackets ``sqrt(x)`` as ``sqrt(x_raw) * (sqrt(1 / scale) * 2**bits)`` (``root``:
+    ``sqrt_rn`` of the raw ``x`` if the caller has it, as the step does from its denominator)."""
     absmax = x.abs().amax(1) if cb.signed else x.amax(1)
     scale = absmax.to(scale_dtype)
     s = scale.to(torch.float32)
     s = torch.where(s > 0, s, torch.ones_like(s))
-    return encode(x / s[:, None], cb, u), scale
+    one = torch.ones_like(s)
+    inv = one / s  # one division per block; the kernel multiplies by the same fp32 reciprocal
+    if cb.kind == "pow2" and not cb.signed:
+        root = (sqrt_rn(x) if root is None else root) * (sqrt_rn(inv) * float(2**cb.bits))[:, None]
+    else:
+        root = None
+    return encode(x * inv[:, None], cb, u, root), scale
 
 
 def dequantize_blocks(codes: torch.Tensor, scale: torch.Tensor, cb: Codebook) -> torch.Tensor:
@@ -105,44 +145,13 @@ def dequantize_blocks(codes: torch.Tensor, scale: torch.Tensor, cb: Codebook) ->
     return decode(codes, cb) * scale.to(torch.float32)[:, None]
 
 
-def _error_sums(m, v, m_codes, m_scale, err_v, denom, mcb, m_scale_dtype, v_scale_dtype, hyper, with_stats: bool,
-                neighbors, probe_start: int):
-    """The scheduler's statistics of one chunk: (sum err_m^2, sum err_v^2, sum U^2) and the probe's sums.
-
-    ``err_v`` is the update-direction error of the stored exp_avg_sq (None: v is not quantized, as
-    in a factored unit, whose v sums are 0)."""
-    if not with_stats:
-        return None, None
-    eps, inv_bc2 = hyper[4], hyper[8]
-    # Damage of each moment's quantization to the update direction U = m / denom.
-    mq = dequantize_blocks(m_codes, m_scale, mcb)
-    ref = m / denom
-    err_m = mq / denom - ref
-    zero = torch.zeros((), dtype=torch.float32, device=m.device)
-    ev2 = (err_v * err_v).sum() if err_v is not None else zero
-    stats = torch.stack([(err_m * err_m).sum(), ev2, (ref * ref).sum()])
-    if neighbors is None:
-        return stats, None
-    # The same damage at the neighbouring widths (nearest rounding; nothing is stored), on
-    # every PROBE_STRIDE-th block.
-    rows = slice(probe_start, None, PROBE_STRIDE)
-    pm, pden, pref = m[rows], denom[rows], ref[rows]
-    sums = []
-    for i, cb in enumerate(neighbors):
-        if cb is None or (i >= 2 and err_v is None):
-            sums.append(zero)
-        elif i < 2:
-            e = dequantize_blocks(*quantize_blocks(pm, cb, m_scale_dtype), cb) / pden - pref
-            sums.append((e * e).sum())
-        else:
-            vq = dequantize_blocks(*quantize_blocks(v[rows], cb, v_scale_dtype), cb)
-            e = pm / (sqrt_rn(vq) * inv_bc2 + eps) - pref
-            sums.append((e * e).sum())
-    # The error at the current width over the same sampled blocks: the probe's ratios
-    # E(b-1)/E(b) and E(b)/E(b+1) then compare like with like.
-    sums.append((err_m[rows] * err_m[rows]).sum())
-    sums.append((err_v[rows] * err_v[rows]).sum() if err_v is not None else zero)
-    return stats, torch.stack(sums)
+def root_dequantize_blocks(codes: torch.Tensor, scale: torch.Tensor, cb: Codebook) -> torch.Tensor:
+    """sqrt of ``dequantize_blocks`` (unsigned codebooks), as the error statistics use it: for ``pow2``
+    the level's root ``(i + 1) / N`` times ``sqrt(scale)``, no square root per element (the kernel's
+    ``_root_dequant``); otherwise the correctly rounded root of the dequantized value."""
+    if cb.kind == "pow2" and not cb.signed:
+        return ((codes.to(torch.float32) + 1.0) * (1.0 / 2**cb.bits)) * sqrt_rn(scale.to(torch.float32))[:, None]
+    return sqrt_rn(dequantize_blocks(codes, scale, cb))
 
 
 def _adam_chunk(
@@ -172,26 +181,52 @@ def _adam_chunk(
     m = m * beta1 + g * omb1
     v = v * beta2 + (g * g) * omb2
     p = p * decay
-    denom = sqrt_rn(v) * inv_bc2 + eps
+    rv = sqrt_rn(v)
+    denom = rv * inv_bc2 + eps
     p = p - (m / denom) * step_size
     offset = torch.arange(p.numel(), device=p.device).view(p.shape) if has_tail or stochastic else None
     if has_tail:  # padding past the tensor's end holds zero moments, so it never sets a scale
         inside = offset < valid
         m = torch.where(inside, m, 0.0)
         v = torch.where(inside, v, 0.0)
+        rv = torch.where(inside, rv, 0.0)
     if stochastic:
         index = first_index + offset
         um, uv = uniform(index, keys[0]), uniform(index, keys[1])
     else:
         um = uv = None
     m_codes, m_scale = quantize_blocks(m, mcb, ms.dtype, um)
-    v_codes, v_scale = quantize_blocks(v, vcb, vs.dtype, uv)
-    err_v = None
+    v_codes, v_scale = quantize_blocks(v, vcb, vs.dtype, uv, root=rv)
+    stats = None
     if with_stats:
-        vq = dequantize_blocks(v_codes, v_scale, vcb)
-        err_v = m / (sqrt_rn(vq) * inv_bc2 + eps) - m / denom
-    stats, nstats = _error_sums(m, v, m_codes, m_scale, err_v, denom, mcb, ms.dtype, vs.dtype, hyper, with_stats,
-                                neighbors, probe_start)  # fmt: skip
+        # Damage of each moment's quantization to the update direction U = m / denom.
+        mq = dequantize_blocks(m_codes, m_scale, mcb)
+        ref = m / denom
+        err_m = mq / denom - ref
+        err_v = m / (root_dequantize_blocks(v_codes, v_scale, vcb) * inv_bc2 + eps) - ref
+        stats = torch.stack([(err_m * err_m).sum(), (err_v * err_v).sum(), (ref * ref).sum()])
+    nstats = None
+    if neighbors is not None:
+        # The same damage at the neighbouring widths (nearest rounding; nothing is stored), on
+        # every PROBE_STRIDE-th block.
+        rows = slice(probe_start, None, PROBE_STRIDE)
+        pm, pv, pden, pref = m[rows], v[rows], denom[rows], ref[rows]
+        sums = []
+        for i, cb in enumerate(neighbors):
+            if cb is None:
+                sums.append(torch.zeros((), dtype=torch.float32, device=p.device))
+            elif i < 2:
+                e = dequantize_blocks(*quantize_blocks(pm, cb, ms.dtype), cb) / pden - pref
+                sums.append((e * e).sum())
+            else:
+                rq = root_dequantize_blocks(*quantize_blocks(pv, cb, vs.dtype), cb)
+                e = pm / (rq * inv_bc2 + eps) - pref
+                sums.append((e * e).sum())
+        # The error at the current width over the same sampled blocks: the probe's ratios
+        # E(b-1)/E(b) and E(b)/E(b+1) then compare like with like.
+        sums.append((err_m[rows] * err_m[rows]).sum())
+        sums.append((err_v[rows] * err_v[rows]).sum())
+        nstats = torch.stack(sums)
     return p, pack_codes(m_codes, mcb.bits), m_scale, pack_codes(v_codes, vcb.bits), v_scale, stats, nstats
 
 
@@ -211,14 +246,14 @@ def _factored_chunk(
     stochastic: bool,
     with_stats: bool,
     has_tail: bool,
-    neighbors: tuple | None = None,
+    neighbors: tuple | None = None,  # (exp_avg b-1, b+1, -, -) codebooks or None
     probe_start: int = 0,
 ):
-    """``_adam_chunk`` for a unit whose exp_avg_sq is factored: v(i, j) = (row[i] * col[j]) * inv_mean."""
+    """``_adam_chunk`` for a unit whose exp_avg_sq is factored: v(i, j) = (row[i] * col[j]) * inv_mean;
+    the statistics and the probe cover exp_avg (the exp_avg_sq sums are 0)."""
     beta1, omb1, beta2, omb2, eps, l2, decay, step_size, inv_bc2 = (hyper[i] for i in range(9))
     offset = torch.arange(p.numel(), device=p.device).view(p.shape)
-    local = torch.minimum(offset, valid - 1)  # padding reads the last element's statistics
-    index = first_index + local
+    index = first_index + torch.minimum(offset, valid - 1)  # padding reads the last element's statistics
     r = torch.div(index, col.numel(), rounding_mode="floor")
     v = (row[r] * col[index - r * col.numel()]) * inv_mean
     g = g.to(torch.float32)
@@ -232,8 +267,23 @@ def _factored_chunk(
         m = torch.where(offset < valid, m, 0.0)
     um = uniform(first_index + offset, keys[0]) if stochastic else None
     m_codes, m_scale = quantize_blocks(m, mcb, ms.dtype, um)
-    stats, nstats = _error_sums(m, v, m_codes, m_scale, None, denom, mcb, ms.dtype, ms.dtype, hyper, with_stats,
-                                neighbors, probe_start)  # fmt: skip
+    zero = torch.zeros((), dtype=torch.float32, device=p.device)
+    stats = nstats = None
+    if with_stats:
+        ref = m / denom
+        err_m = dequantize_blocks(m_codes, m_scale, mcb) / denom - ref
+        stats = torch.stack([(err_m * err_m).sum(), zero, (ref * ref).sum()])
+        if neighbors is not None:
+            rows = slice(probe_start, None, PROBE_STRIDE)
+            pm, pden, pref = m[rows], denom[rows], ref[rows]
+            sums = []
+            for cb in neighbors[:2]:
+                if cb is None:
+                    sums.append(zero)
+                else:
+                    e = dequantize_blocks(*quantize_blocks(pm, cb, ms.dtype), cb) / pden - pref
+                    sums.append((e * e).sum())
+            nstats = torch.stack([*sums, zero, zero, (err_m[rows] * err_m[rows]).sum(), zero])
     return p, pack_codes(m_codes, mcb.bits), m_scale, stats, nstats
 
 

@@ -1,7 +1,11 @@
 """Triton kernel of the fused packed-Adam step (GPU path), twin of ``torch_adam.py``.
 
 One program handles ``G`` consecutive blocks of ``BLOCK`` elements of one unit (``launch_shape``
-picks ``G`` and the warps from the block size). For each block, in registers: unpack the bit planes of both moments, dequantize, apply Adam/AdamW to the
+picks ``G`` and the warps from the block size: 8 elements per thread). Tensors are
+``[2, G, W, 4]`` (``W = BLOCK / 8`` bytes per plane; element ``8 w + 4 h + j``): the 8 elements whose
+bits share a byte of each bit plane belong to one thread, so unpacking (one multiplication per 4
+planes) and packing happen in registers, without shared memory or layout conversions. For each
+block, in registers: unpack the bit planes of both moments, dequantize, apply Adam/AdamW to the
 fp32 parameter, take the new block absmax, quantize (nearest or stochastic), pack, store. Nothing
 but the packed state and the parameter/gradient is read or written.
 
@@ -10,7 +14,9 @@ read+write (2 * m_bits / 8) + exp_avg_sq codes read+write (2 * v_bits / 8) + sca
 (4 * 4 / BLOCK) -> 14.1 B at 4/4 bits with fp32 grads, against 28 B for fp32 Adam.
 
 Arithmetic is written operation for operation like the PyTorch twin, with IEEE-rounded division
-and square root (``div_rn``, ``sqrt_rn``), so the packed codes match bit for bit (proved in
+and square root (``div_rn``, ``sqrt_rn``) where they are used (one division and one or two roots
+per element on the common path; blocks are normalized by a per-block reciprocal), so the packed
+codes match bit for bit (proved in
 ``tests/test_kernels.py`` under ``TRITON_INTERPRET=1``). Bit widths and codebook kinds are
 ``constexpr`` from closed sets (widths 2..8 and 3 kinds per moment, plus the neighbouring widths
 of the scheduler's probe step): a bounded set of specializations. Per-step and per-unit integers
@@ -40,11 +46,12 @@ except ImportError:  # pragma: no cover - triton is a test dependency
     HAS_TRITON = False
 
 def launch_shape(block_size: int) -> tuple[int, int]:
-    """(blocks per program, warps) for a block size: at least 512 elements and 4 elements per thread
-    per program, so registers stay bounded (no spills at any allowed block size, checked by
+    """(blocks per program, warps) for a block size: 8 elements per thread (each thread owns whole
+    packed bytes: the 8 consecutive elements whose bits share a byte of every plane), at least 1024
+    elements per program, so registers stay bounded (no spills at any allowed block size, checked by
     ``benchmarks/gpu_compile.py``) and a block's absmax stays within one program."""
-    g = max(1, 512 // block_size)
-    warps = max(4, min(32, g * block_size // 128))
+    g = max(1, 1024 // block_size)
+    warps = g * block_size // 256
     return g, warps
 
 
@@ -87,6 +94,17 @@ if HAS_TRITON:
         return x.to(DTYPE)
 
     @triton.jit
+    def _approx_sqrt(a, BITS: tl.constexpr):
+        # sqrt(a), a >= 0: a bit-level reciprocal square root (within 3.5 %), refined by one Newton step
+        # (within 0.18 %) above 4 bits; fp32 products as in the twin. Nearest rounding needs the lower
+        # neighbour only to within a quarter level: the rounding step then picks the same (nearest)
+        # code as from the exact bracket.
+        y = (0x5F375A86 - (a.to(tl.int32, bitcast=True) >> 1)).to(tl.float32, bitcast=True)
+        if BITS > 4:
+            y = y * (1.5 - ((0.5 * a) * y) * y)
+        return a * y
+
+    @triton.jit
     def _levels(k, BITS: tl.constexpr, KIND: tl.constexpr, SIGNED: tl.constexpr):
         # level value of fp32 level index k (linear / pow2); same expression as codebooks.level_values
         if SIGNED:
@@ -105,7 +123,7 @@ if HAS_TRITON:
         return _levels(code.to(tl.float32) - offset, BITS, KIND, SIGNED)
 
     @triton.jit
-    def _encode(x, u, BITS: tl.constexpr, KIND: tl.constexpr, SIGNED: tl.constexpr, qmap_ptr, bounds_ptr,
+    def _encode(x, u, root, BITS: tl.constexpr, KIND: tl.constexpr, SIGNED: tl.constexpr, qmap_ptr, bounds_ptr,
                 STOCHASTIC: tl.constexpr):
         if KIND == 2:
             # exact branchless binary search: lo = #{bounds <= x}, bounds sorted, +inf padded
@@ -123,72 +141,174 @@ if HAS_TRITON:
                 if KIND == 0:
                     t = x * top
                 else:
-                    t = tl.sqrt_rn(tl.abs(x)) * top * tl.where(x < 0, -1.0, 1.0)
+                    if STOCHASTIC:
+                        t = tl.sqrt_rn(tl.abs(x)) * top
+                    else:
+                        t = _approx_sqrt(tl.abs(x), BITS) * top
+                    t = tl.where(x < 0, -t, t)
                 lo = tl.minimum(tl.maximum(tl.floor(t), -top), top - 1.0)
             else:
                 n: tl.constexpr = 2**BITS
                 if KIND == 0:
                     t = x * n - 1.0
                 else:
-                    t = tl.sqrt_rn(x) * n - 1.0
+                    t = root - 1.0  # root: sqrt(x) * n, computed by the caller
                 lo = tl.minimum(tl.maximum(tl.floor(t), 0.0), n - 2.0)
             qlo = _levels(lo, BITS, KIND, SIGNED)
             qhi = _levels(lo + 1.0, BITS, KIND, SIGNED)
         if STOCHASTIC:
-            up = u < tl.div_rn(x - qlo, qhi - qlo)
+            up = u * (qhi - qlo) < x - qlo  # u < (x - qlo) / (qhi - qlo) without a division
         else:
             up = (x - qlo) > (qhi - x)
         offset: tl.constexpr = (2 ** (BITS - 1) - 1) if SIGNED else 0
         return (lo + up.to(tl.float32) + offset).to(tl.int32)
 
     @triton.jit
-    def _unpack(codes_ptr, r, w, i, blk_ok, BITS: tl.constexpr, W: tl.constexpr):
-        # codes (this program's first block): uint8[G, BITS, W]; element 8 * w + i of block r is bit i
-        # of byte w of each plane. Tensors are [G, W, 8]: the 8 elements of a byte sit side by side.
-        code = tl.zeros((r.shape[0], W, 8), tl.int32)
-        for j in tl.static_range(BITS):
-            plane = tl.load(codes_ptr + (r * BITS + j) * W + w, mask=blk_ok, other=0).to(tl.int32)  # [G, W, 1]
-            code = code | (((plane >> i) & 1) << j)
-        return code
+    def _gather4(codes_ptr, r, w, iu, blk_ok, J0: tl.constexpr, NJ: tl.constexpr, BITS: tl.constexpr,
+                 W: tl.constexpr):
+        # planes J0 .. J0+NJ-1 of byte w -> bytes 0 .. NJ-1 of one word; then bit i of each byte
+        # (bits 8k + i) -> bits 28 + k by one multiplication (the partial products land on distinct
+        # bits: no carries), so element i's 4-bit code is the top nibble
+        word = tl.zeros((1, r.shape[1], W, 1), tl.uint32)
+        for j in tl.static_range(NJ):
+            plane = tl.load(codes_ptr + (r * BITS + J0 + j) * W + w, mask=blk_ok)  # [1, G, W, 1]; past the end: unused
+            word = word | (plane.to(tl.uint32) << (8 * j))
+        return ((word & (0x01010101 << iu)) * (0x10204080 >> iu)) >> 28
 
     @triton.jit
-    def _spread4(c):
-        # 4-bit values -> bit j moved to bit 8 * j (the shifted copies do not overlap: no carries)
-        return (c.to(tl.uint32) * 0x204081) & 0x01010101
+    def _unpack(codes_ptr, r, w, i, blk_ok, BITS: tl.constexpr, W: tl.constexpr):
+        # codes (this program's first block): uint8[G, BITS, W]; element 8 * w + i of block r is bit i
+        # of byte w of each plane. Tensors are [2, G, W, 4] (i = 4 * h + j): the 8 elements of a byte
+        # belong to one thread (the two halves of a byte are the outer dimension, which no thread or
+        # warp splits), so unpacking and packing stay in registers.
+        iu = i.to(tl.uint32)
+        code = _gather4(codes_ptr, r, w, iu, blk_ok, 0, min(BITS, 4), BITS, W)
+        if BITS > 4:
+            code = code | (_gather4(codes_ptr, r, w, iu, blk_ok, 4, BITS - 4, BITS, W) << 4)
+        return code.to(tl.int32)
+
+    @triton.jit
+    def _spread4(c, iu):
+        # 4-bit values -> bit j moved to bit 8 * j + i (the shifted copies do not overlap: no carries;
+        # the shift by i rides on the multiplier, exact mod 2**32 for the bits kept)
+        return (c.to(tl.uint32) * (0x204081 << iu)) & (0x01010101 << iu)
 
     @triton.jit
     def _pack(codes_ptr, code, r2, w2, blk_ok2, i, BITS: tl.constexpr, W: tl.constexpr):
         # bit j of the 8 codes of a byte -> byte j of one word per 4 planes, summed over the byte's
         # 8 elements (distinct bits: the sum is an OR); one reduction per 4 planes, no per-plane pass
-        lo = tl.sum(_spread4(code & 15) << i.to(tl.uint32), axis=2)  # [G, W] uint32: planes 0..3
+        iu = i.to(tl.uint32)
+        lo = tl.sum(tl.sum(_spread4(code if BITS <= 4 else code & 15, iu), axis=3), axis=0)  # [G, W]: planes 0..3
         for j in tl.static_range(min(BITS, 4)):
             tl.store(codes_ptr + (r2 * BITS + j) * W + w2, ((lo >> (8 * j)) & 0xFF).to(tl.uint8), mask=blk_ok2)
         if BITS > 4:
-            hi = tl.sum(_spread4(code >> 4) << i.to(tl.uint32), axis=2)  # planes 4..7
+            hi = tl.sum(tl.sum(_spread4(code >> 4, iu), axis=3), axis=0)  # planes 4..7
             for j in tl.static_range(BITS - 4):
                 tl.store(codes_ptr + (r2 * BITS + 4 + j) * W + w2, ((hi >> (8 * j)) & 0xFF).to(tl.uint8),
                          mask=blk_ok2)  # fmt: skip
 
     @triton.jit
     def _bmax(x):
-        # per-block max of a [G, W, 8] tensor, kept as [G, 1, 1]
-        return tl.max(tl.max(x, axis=2, keep_dims=True), axis=1, keep_dims=True)
+        # per-block max of a [2, G, W, 4] tensor, kept as [1, G, 1, 1] (in-thread axes first)
+        return tl.max(tl.max(tl.max(x, axis=3, keep_dims=True), axis=0, keep_dims=True), axis=2, keep_dims=True)
 
     @triton.jit
     def _total(x):
-        return tl.sum(tl.sum(tl.sum(x, axis=2), axis=1), axis=0)
+        return tl.sum(tl.sum(tl.sum(tl.sum(x, axis=3), axis=0), axis=1), axis=0)
 
     @triton.jit
-    def _requant_err(x, SIGNED: tl.constexpr, BITS: tl.constexpr, KIND: tl.constexpr, qmap_ptr, bounds_ptr,
-                     SDTYPE: tl.constexpr):
-        # x quantized (nearest) at another width and dequantized: the neighbouring-width probe
+    def _probe_scale(x, SIGNED: tl.constexpr, SDTYPE: tl.constexpr):
+        # block scale of x as stored in SDTYPE, 1 for an all-zero block; and its reciprocal
         if SIGNED:
             s = _cast_rne(_bmax(tl.abs(x)), SDTYPE).to(tl.float32)
         else:
             s = _cast_rne(_bmax(x), SDTYPE).to(tl.float32)
         s = tl.where(s > 0, s, 1.0)
-        code = _encode(tl.div_rn(x, tl.broadcast_to(s, x.shape)), x, BITS, KIND, SIGNED, qmap_ptr, bounds_ptr, False)
-        return _decode(code, BITS, KIND, SIGNED, qmap_ptr) * s
+        return s, tl.div_rn(1.0, s)
+
+    @triton.jit
+    def _requant(x, inv, root, SIGNED: tl.constexpr, BITS: tl.constexpr, KIND: tl.constexpr, qmap_ptr,
+                 bounds_ptr):
+        # codes of x quantized (nearest) at another width with the block's reciprocal scale inv: the
+        # neighbouring-width probe. The scale does not depend on the width: one per moment.
+        if KIND == 1 and not SIGNED:
+            root = root * (tl.sqrt_rn(inv) * 2**BITS)
+        return _encode(x * inv, x, root, BITS, KIND, SIGNED, qmap_ptr, bounds_ptr, False)
+
+    @triton.jit
+    def _root_dequant(code, s, BITS: tl.constexpr, KIND: tl.constexpr, qmap_ptr):
+        # sqrt of the dequantized exp_avg_sq (twin: root_dequantize_blocks); pow2: the level's root
+        # (i + 1) / N times sqrt(scale), no square root per element
+        if KIND == 1:
+            return ((code.to(tl.float32) + 1.0) * (1.0 / 2**BITS)) * tl.sqrt_rn(s)
+        return tl.sqrt_rn(_decode(code, BITS, KIND, False, qmap_ptr) * s)
+
+    @triton.jit
+    def _probe(
+        p_ptr, g_ptr, mc_ptr, ms_ptr, vc_ptr, vs_ptr, mq_ptr, vq_ptr, npartial_ptr, out_row,
+        q0_ptr, b0_ptr, q1_ptr, b1_ptr, q2_ptr, b2_ptr, q3_ptr, b3_ptr,
+        rem, blk0, beta1, omb1, beta2, omb2, eps, l2, decay, inv_bc2,
+        BLOCK: tl.constexpr, G: tl.constexpr, EVEN: tl.constexpr,
+        M_BITS: tl.constexpr, M_KIND: tl.constexpr, V_BITS: tl.constexpr, V_KIND: tl.constexpr,
+        N0_BITS: tl.constexpr, N0_KIND: tl.constexpr, N1_BITS: tl.constexpr, N1_KIND: tl.constexpr,
+        N2_BITS: tl.constexpr, N2_KIND: tl.constexpr, N3_BITS: tl.constexpr, N3_KIND: tl.constexpr,
+    ):
+        # The neighbouring-width probe on the program's sampled blocks only (block index within the
+        # unit a multiple of PROBE_STRIDE): their new moments are recomputed from the old state, with the
+        # step's arithmetic, in tensors of ceil(G / PROBE_STRIDE) blocks. Pointers: the program's first
+        # block; called before anything is stored.
+        PG: tl.constexpr = (G + _PROBE - 1) // _PROBE
+        W: tl.constexpr = BLOCK // 8
+        h = tl.arange(0, 2)[:, None, None, None]
+        r = (_PROBE - (blk0 % _PROBE).to(tl.int32)) % _PROBE + tl.arange(0, PG)[None, :, None, None] * _PROBE
+        w = tl.arange(0, W)[None, None, :, None]
+        i = h * 4 + tl.arange(0, 4)[None, None, None, :]
+        loc4 = r * BLOCK + w * 8 + h * 4
+        loc = loc4 + tl.arange(0, 4)[None, None, None, :]
+        if EVEN:
+            inside = tl.broadcast_to(loc4 < rem, loc.shape)
+        else:
+            inside = loc < rem  # a block past the program (G < PROBE_STRIDE) is past rem too
+        blk_ok = r * BLOCK < rem
+        p = tl.load(p_ptr + loc, mask=inside).to(tl.float32)
+        g = tl.load(g_ptr + loc, mask=inside).to(tl.float32)
+        ms = tl.load(ms_ptr + r, mask=blk_ok, other=0.0).to(tl.float32)
+        vs = tl.load(vs_ptr + r, mask=blk_ok, other=0.0).to(tl.float32)
+        m = _decode(_unpack(mc_ptr, r, w, i, blk_ok, M_BITS, W), M_BITS, M_KIND, True, mq_ptr) * ms
+        v = _decode(_unpack(vc_ptr, r, w, i, blk_ok, V_BITS, W), V_BITS, V_KIND, False, vq_ptr) * vs
+        g = g + p * l2
+        m = m * beta1 + g * omb1
+        v = v * beta2 + (g * g) * omb2
+        rv = tl.sqrt_rn(v)
+        denom = rv * inv_bc2 + eps
+        ref = tl.where(inside, tl.div_rn(m, denom), 0.0)
+        m = tl.where(inside, m, 0.0)
+        v = tl.where(inside, v, 0.0)
+        rv = tl.where(inside, rv, 0.0)
+        sm, inv_m = _probe_scale(m, True, ms_ptr.dtype.element_ty)
+        sv, inv_v = _probe_scale(v, False, vs_ptr.dtype.element_ty)
+        zero = tl.zeros(m.shape, tl.float32)
+        e0 = zero
+        e1 = zero
+        e2 = zero
+        e3 = zero
+        if N0_BITS > 0:
+            mq0 = _decode(_requant(m, inv_m, m, True, N0_BITS, N0_KIND, q0_ptr, b0_ptr), N0_BITS, N0_KIND, True, q0_ptr) * sm
+            e0 = tl.where(inside, tl.div_rn(mq0, denom) - ref, 0.0)
+        if N1_BITS > 0:
+            mq1 = _decode(_requant(m, inv_m, m, True, N1_BITS, N1_KIND, q1_ptr, b1_ptr), N1_BITS, N1_KIND, True, q1_ptr) * sm
+            e1 = tl.where(inside, tl.div_rn(mq1, denom) - ref, 0.0)
+        if N2_BITS > 0:
+            rq2 = _root_dequant(_requant(v, inv_v, rv, False, N2_BITS, N2_KIND, q2_ptr, b2_ptr), sv, N2_BITS, N2_KIND, q2_ptr)
+            e2 = tl.where(inside, tl.div_rn(m, rq2 * inv_bc2 + eps) - ref, 0.0)
+        if N3_BITS > 0:
+            rq3 = _root_dequant(_requant(v, inv_v, rv, False, N3_BITS, N3_KIND, q3_ptr, b3_ptr), sv, N3_BITS, N3_KIND, q3_ptr)
+            e3 = tl.where(inside, tl.div_rn(m, rq3 * inv_bc2 + eps) - ref, 0.0)
+        # the four sums in one reduction (side by side in registers: one exchange between warps);
+        # an absent width sums zeros, as the buffer holds
+        x = tl.join(tl.join(e0 * e0, e1 * e1), tl.join(e2 * e2, e3 * e3))  # [2, PG, W, 4, 2, 2]
+        t = tl.sum(tl.sum(tl.sum(tl.sum(x, axis=3), axis=0), axis=1), axis=0)  # [2, 2]: t[i, j] = sum k = 2 j + i
+        tl.store(npartial_ptr + out_row * 6 + tl.arange(0, 2)[:, None] + tl.arange(0, 2)[None, :] * 2, t)
 
     @triton.jit
     def _step_body(
@@ -197,8 +317,9 @@ if HAS_TRITON:
         partial_ptr, npartial_ptr, out_row,
         q0_ptr, b0_ptr, q1_ptr, b1_ptr, q2_ptr, b2_ptr, q3_ptr, b3_ptr,
         numel, num_blocks, index_offset, key_m, key_v, lpid,  # lpid: program index within the unit
+        row,  # grouped launch: this unit's row of addresses (scale addresses are read again to store)
         beta1, omb1, beta2, omb2, eps, l2, decay, step_size, inv_bc2,
-        BLOCK: tl.constexpr, G: tl.constexpr,
+        BLOCK: tl.constexpr, G: tl.constexpr, EVEN: tl.constexpr,
         M_BITS: tl.constexpr, M_KIND: tl.constexpr, V_BITS: tl.constexpr, V_KIND: tl.constexpr,
         STOCHASTIC: tl.constexpr, WITH_STATS: tl.constexpr,
         N0_BITS: tl.constexpr, N0_KIND: tl.constexpr, N1_BITS: tl.constexpr, N1_KIND: tl.constexpr,
@@ -208,16 +329,21 @@ if HAS_TRITON:
         blk0 = lpid.to(tl.int64) * G  # first block of the program
         base = blk0 * BLOCK  # first element
         W: tl.constexpr = BLOCK // 8  # bytes per plane of a block
-        r = tl.arange(0, G)[:, None, None]  # [G, 1, 1] block within the program
-        w = tl.arange(0, W)[None, :, None]  # [1, W, 1] byte within a plane
-        i = tl.arange(0, 8)[None, None, :]  # [1, 1, 8] bit within the byte
-        loc = r * BLOCK + w * 8 + i  # [G, W, 8] int32 element within the program
+        h = tl.arange(0, 2)[:, None, None, None]  # [2, 1, 1, 1] half of a byte
+        r = tl.arange(0, G)[None, :, None, None]  # [1, G, 1, 1] block within the program
+        w = tl.arange(0, W)[None, None, :, None]  # [1, 1, W, 1] byte within a plane
+        i = h * 4 + tl.arange(0, 4)[None, None, None, :]  # [2, 1, 1, 4] bit within the byte
+        loc4 = r * BLOCK + w * 8 + h * 4  # [2, G, W, 1] first element of each run of 4
+        loc = loc4 + tl.arange(0, 4)[None, None, None, :]  # [2, G, W, 4] int32 element within the program
         r2 = tl.arange(0, G)[:, None]  # [G, 1] and [1, W]: the packed bytes
         w2 = tl.arange(0, W)[None, :]
         rem = tl.minimum(numel - base, G * BLOCK).to(tl.int32)
         brem = tl.minimum(num_blocks - blk0, G).to(tl.int32)
-        inside = loc < rem
-        blk_ok = r < brem  # [G, 1, 1]
+        if EVEN:  # numel % 4 == 0: a run of 4 is all in or all out (one mask per vector access)
+            inside = tl.broadcast_to(loc4 < rem, loc.shape)
+        else:
+            inside = loc < rem
+        blk_ok = r < brem  # [1, G, 1, 1]
         blk_ok2 = r2 < brem
         p_ptr += base
         g_ptr += base
@@ -225,9 +351,18 @@ if HAS_TRITON:
         vs_ptr += blk0
         mc_ptr += blk0 * (M_BITS * (BLOCK // 8))
         vc_ptr += blk0 * (V_BITS * (BLOCK // 8))
+        if WITH_STATS:
+            if N0_BITS + N1_BITS + N2_BITS + N3_BITS > 0:
+                _probe(p_ptr, g_ptr, mc_ptr, ms_ptr, vc_ptr, vs_ptr, mq_ptr, vq_ptr, npartial_ptr, out_row,
+                       q0_ptr, b0_ptr, q1_ptr, b1_ptr, q2_ptr, b2_ptr, q3_ptr, b3_ptr,
+                       rem, blk0, beta1, omb1, beta2, omb2, eps, l2, decay, inv_bc2,
+                       BLOCK, G, EVEN, M_BITS, M_KIND, V_BITS, V_KIND,
+                       N0_BITS, N0_KIND, N1_BITS, N1_KIND, N2_BITS, N2_KIND, N3_BITS, N3_KIND)  # fmt: skip
+                tl.debug_barrier()  # every thread has read the sampled blocks before any is overwritten
 
-        p = tl.load(p_ptr + loc, mask=inside, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + loc, mask=inside, other=0.0).to(tl.float32)
+        # past the end: undefined values, masked out of everything below (moments, stores, sums)
+        p = tl.load(p_ptr + loc, mask=inside).to(tl.float32)
+        g = tl.load(g_ptr + loc, mask=inside).to(tl.float32)
         ms = tl.load(ms_ptr + r, mask=blk_ok, other=0.0).to(tl.float32)
         vs = tl.load(vs_ptr + r, mask=blk_ok, other=0.0).to(tl.float32)
         m = _decode(_unpack(mc_ptr, r, w, i, blk_ok, M_BITS, W), M_BITS, M_KIND, True, mq_ptr) * ms
@@ -236,12 +371,14 @@ if HAS_TRITON:
         g = g + p * l2
         m = m * beta1 + g * omb1
         v = v * beta2 + (g * g) * omb2
-        p = p * decay
-        denom = tl.sqrt_rn(v) * inv_bc2 + eps
-        p = p - tl.div_rn(m, denom) * step_size
+        rv = tl.sqrt_rn(v)
+        denom = rv * inv_bc2 + eps
+        upd = tl.div_rn(m, denom)
+        p = p * decay - upd * step_size
         tl.store(p_ptr + loc, _cast_rne(p, p_ptr.dtype.element_ty), mask=inside)
         m = tl.where(inside, m, 0.0)
         v = tl.where(inside, v, 0.0)
+        rv = tl.where(inside, rv, 0.0)  # sqrt(v), reused by the pow2 quantizer of v
 
         if STOCHASTIC:
             # global index = index_offset + base + loc, as two uint32 words (carry from the low word)
@@ -255,52 +392,49 @@ if HAS_TRITON:
         else:
             um = m
             uv = v
-        m_scale = _cast_rne(_bmax(tl.abs(m)), ms_ptr.dtype.element_ty)  # [G, 1, 1]
+        m_scale = _cast_rne(_bmax(tl.abs(m)), ms_ptr.dtype.element_ty)  # [1, G, 1, 1]
         v_scale = _cast_rne(_bmax(v), vs_ptr.dtype.element_ty)
-        tl.store(ms_ptr + r, m_scale, mask=blk_ok)
-        tl.store(vs_ptr + r, v_scale, mask=blk_ok)
+        if row is None:
+            ms_st = ms_ptr
+            vs_st = vs_ptr
+        else:  # read after the parameter store (which may alias): no 64-bit address lives across the
+            # out-of-line division and root calls (ptxas spilled one on sm_90)
+            ms_st = tl.load(row + 3).to(tl.pointer_type(ms_ptr.dtype.element_ty)) + blk0
+            vs_st = tl.load(row + 5).to(tl.pointer_type(vs_ptr.dtype.element_ty)) + blk0
+        tl.store(ms_st + r, m_scale, mask=blk_ok)
+        tl.store(vs_st + r, v_scale, mask=blk_ok)
         sm = m_scale.to(tl.float32)
         sv = v_scale.to(tl.float32)
         sm = tl.where(sm > 0, sm, 1.0)
         sv = tl.where(sv > 0, sv, 1.0)
-        m_code = _encode(tl.div_rn(m, tl.broadcast_to(sm, m.shape)), um, M_BITS, M_KIND, True, mq_ptr, mb_ptr, STOCHASTIC)
-        v_code = _encode(tl.div_rn(v, tl.broadcast_to(sv, v.shape)), uv, V_BITS, V_KIND, False, vq_ptr, vb_ptr, STOCHASTIC)
+        # normalized by a multiplication with the block's reciprocal scale (one division per block)
+        m_code = _encode(m * tl.div_rn(1.0, sm), um, m, M_BITS, M_KIND, True, mq_ptr, mb_ptr, STOCHASTIC)
+        inv_sv = tl.div_rn(1.0, sv)
+        v_root = rv
+        if V_KIND == 1:  # sqrt of the normalized v times 2**bits: sqrt(v) * (sqrt(1 / scale) * 2**bits)
+            v_root = rv * (tl.sqrt_rn(inv_sv) * 2**V_BITS)
+        v_code = _encode(v * inv_sv, uv, v_root, V_BITS, V_KIND, False, vq_ptr, vb_ptr, STOCHASTIC)
         _pack(mc_ptr, m_code, r2, w2, blk_ok2, i, M_BITS, W)
         _pack(vc_ptr, v_code, r2, w2, blk_ok2, i, V_BITS, W)
 
         if WITH_STATS:
             mq = _decode(m_code, M_BITS, M_KIND, True, mq_ptr) * sm
-            vq = _decode(v_code, V_BITS, V_KIND, False, vq_ptr) * sv
-            ref = tl.div_rn(m, denom)
+            ref = upd  # m / denom (m masked below only outside the tensor, where the sums are masked too)
             err_m = tl.div_rn(mq, denom) - ref
-            err_v = tl.div_rn(m, tl.sqrt_rn(vq) * inv_bc2 + eps) - ref
+            err_v = tl.div_rn(m, _root_dequant(v_code, sv, V_BITS, V_KIND, vq_ptr) * inv_bc2 + eps) - ref
             err_m = tl.where(inside, err_m, 0.0)
             err_v = tl.where(inside, err_v, 0.0)
             ref = tl.where(inside, ref, 0.0)
-            tl.store(partial_ptr + out_row * 3 + 0, _total(err_m * err_m))
-            tl.store(partial_ptr + out_row * 3 + 1, _total(err_v * err_v))
+            em2 = err_m * err_m
+            ev2 = err_v * err_v
+            tl.store(partial_ptr + out_row * 3 + 0, _total(em2))
+            tl.store(partial_ptr + out_row * 3 + 1, _total(ev2))
             tl.store(partial_ptr + out_row * 3 + 2, _total(ref * ref))
-            # the sampled blocks (block index within the unit), as in the twin
-            probe = inside & ((blk0.to(tl.int32) + r) % _PROBE == 0)
-            if N0_BITS + N1_BITS + N2_BITS + N3_BITS > 0:  # the current widths on the same sample
-                sm2 = tl.where(probe, err_m * err_m, 0.0)
-                sv2 = tl.where(probe, err_v * err_v, 0.0)
-                tl.store(npartial_ptr + out_row * 6 + 4, _total(sm2))
-                tl.store(npartial_ptr + out_row * 6 + 5, _total(sv2))
-            if N0_BITS > 0:
-                e0 = tl.where(probe, tl.div_rn(_requant_err(m, True, N0_BITS, N0_KIND, q0_ptr, b0_ptr, ms_ptr.dtype.element_ty), denom) - ref, 0.0)
-                tl.store(npartial_ptr + out_row * 6 + 0, _total(e0 * e0))
-            if N1_BITS > 0:
-                e1 = tl.where(probe, tl.div_rn(_requant_err(m, True, N1_BITS, N1_KIND, q1_ptr, b1_ptr, ms_ptr.dtype.element_ty), denom) - ref, 0.0)
-                tl.store(npartial_ptr + out_row * 6 + 1, _total(e1 * e1))
-            if N2_BITS > 0:
-                vq2 = _requant_err(v, False, N2_BITS, N2_KIND, q2_ptr, b2_ptr, vs_ptr.dtype.element_ty)
-                e2 = tl.where(probe, tl.div_rn(m, tl.sqrt_rn(vq2) * inv_bc2 + eps) - ref, 0.0)
-                tl.store(npartial_ptr + out_row * 6 + 2, _total(e2 * e2))
-            if N3_BITS > 0:
-                vq3 = _requant_err(v, False, N3_BITS, N3_KIND, q3_ptr, b3_ptr, vs_ptr.dtype.element_ty)
-                e3 = tl.where(probe, tl.div_rn(m, tl.sqrt_rn(vq3) * inv_bc2 + eps) - ref, 0.0)
-                tl.store(npartial_ptr + out_row * 6 + 3, _total(e3 * e3))
+            if N0_BITS + N1_BITS + N2_BITS + N3_BITS > 0:
+                # the current widths on the probe's sample (block index within the unit), as in the twin
+                probe = (((blk0 % _PROBE).to(tl.int32) + r) % _PROBE == 0) & inside
+                tl.store(npartial_ptr + out_row * 6 + 4, _total(tl.where(probe, em2, 0.0)))
+                tl.store(npartial_ptr + out_row * 6 + 5, _total(tl.where(probe, ev2, 0.0)))
 
     # Per-step integers are typed and never specialized: one compile per configuration per run.
     _NOSPEC = ["numel", "num_blocks", "index_offset", "key_m", "key_v"]
@@ -315,7 +449,7 @@ if HAS_TRITON:
         q0_ptr, b0_ptr, q1_ptr, b1_ptr, q2_ptr, b2_ptr, q3_ptr, b3_ptr,  # neighbour codebook tables
         numel: tl.int64, num_blocks: tl.int64, index_offset: tl.int64, key_m: tl.uint32, key_v: tl.uint32,
         beta1, omb1, beta2, omb2, eps, l2, decay, step_size, inv_bc2,
-        BLOCK: tl.constexpr, G: tl.constexpr,
+        BLOCK: tl.constexpr, G: tl.constexpr, EVEN: tl.constexpr,
         M_BITS: tl.constexpr, M_KIND: tl.constexpr, V_BITS: tl.constexpr, V_KIND: tl.constexpr,
         STOCHASTIC: tl.constexpr, WITH_STATS: tl.constexpr,
         # neighbouring widths (0 = absent): exp_avg b-1, b+1, exp_avg_sq b-1, b+1, and their kinds
@@ -326,9 +460,9 @@ if HAS_TRITON:
         _step_body(
             p_ptr, g_ptr, mc_ptr, ms_ptr, vc_ptr, vs_ptr, mq_ptr, mb_ptr, vq_ptr, vb_ptr,
             partial_ptr, npartial_ptr, pid, q0_ptr, b0_ptr, q1_ptr, b1_ptr, q2_ptr, b2_ptr, q3_ptr, b3_ptr,
-            numel, num_blocks, index_offset, key_m, key_v, pid,
+            numel, num_blocks, index_offset, key_m, key_v, pid, None,
             beta1, omb1, beta2, omb2, eps, l2, decay, step_size, inv_bc2,
-            BLOCK, G, M_BITS, M_KIND, V_BITS, V_KIND, STOCHASTIC, WITH_STATS,
+            BLOCK, G, EVEN, M_BITS, M_KIND, V_BITS, V_KIND, STOCHASTIC, WITH_STATS,
             N0_BITS, N0_KIND, N1_BITS, N1_KIND, N2_BITS, N2_KIND, N3_BITS, N3_KIND,
         )  # fmt: skip
 
@@ -343,7 +477,7 @@ if HAS_TRITON:
         q0_ptr, b0_ptr, q1_ptr, b1_ptr, q2_ptr, b2_ptr, q3_ptr, b3_ptr,
         P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
         ALIGNED: tl.constexpr,  # every param and grad address is a multiple of 16 bytes: vector loads
-        BLOCK: tl.constexpr, G: tl.constexpr,
+        BLOCK: tl.constexpr, G: tl.constexpr, EVEN: tl.constexpr,
         M_BITS: tl.constexpr, M_KIND: tl.constexpr, V_BITS: tl.constexpr, V_KIND: tl.constexpr,
         STOCHASTIC: tl.constexpr, WITH_STATS: tl.constexpr,
         N0_BITS: tl.constexpr, N0_KIND: tl.constexpr, N1_BITS: tl.constexpr, N1_KIND: tl.constexpr,
@@ -365,10 +499,10 @@ if HAS_TRITON:
             mq_ptr, mb_ptr, vq_ptr, vb_ptr,
             partial_ptr, npartial_ptr, pid, q0_ptr, b0_ptr, q1_ptr, b1_ptr, q2_ptr, b2_ptr, q3_ptr, b3_ptr,
             tl.load(row + 6), tl.load(row + 7), tl.load(row + 8), tl.load(row + 9), tl.load(row + 10),
-            pid - tl.load(row + 11).to(tl.int32),
+            pid - tl.load(row + 11).to(tl.int32), row,
             tl.load(hy + 0), tl.load(hy + 1), tl.load(hy + 2), tl.load(hy + 3), tl.load(hy + 4),
             tl.load(hy + 5), tl.load(hy + 6), tl.load(hy + 7), tl.load(hy + 8),
-            BLOCK, G, M_BITS, M_KIND, V_BITS, V_KIND, STOCHASTIC, WITH_STATS,
+            BLOCK, G, EVEN, M_BITS, M_KIND, V_BITS, V_KIND, STOCHASTIC, WITH_STATS,
             N0_BITS, N0_KIND, N1_BITS, N1_KIND, N2_BITS, N2_KIND, N3_BITS, N3_KIND,
         )  # fmt: skip
 
@@ -432,7 +566,7 @@ def triton_packed_adam_step(
         param, grad, exp_avg_codes, exp_avg_scale, exp_avg_sq_codes, exp_avg_sq_scale,
         mcb.qmap, mcb.bounds, vcb.qmap, vcb.bounds, partial, npartial, *tables,
         numel, nblocks, index_offset, rng_keys[0], rng_keys[1], *scalars,
-        BLOCK=block_size, G=G,
+        BLOCK=block_size, G=G, EVEN=numel % 4 == 0,
         M_BITS=mcb.bits, M_KIND=KINDS.index(mcb.kind), V_BITS=vcb.bits, V_KIND=KINDS.index(vcb.kind),
         STOCHASTIC=stochastic, WITH_STATS=with_stats, **consts, **opts,
     )  # fmt: skip
@@ -502,7 +636,7 @@ def triton_packed_adam_group_step(
         meta_t, hyper_t, prog_t, mcb.qmap, mcb.bounds, vcb.qmap, vcb.bounds, partial, npartial, *tables,
         P_DTYPE=_TL_DTYPES[e0.param.dtype], G_DTYPE=_TL_DTYPES[e0.grad.dtype], S_DTYPE=_TL_DTYPES[e0.exp_avg_scale.dtype],
         ALIGNED=all(row[0] % 16 == 0 and row[1] % 16 == 0 for row in meta),
-        BLOCK=block_size, G=G,
+        BLOCK=block_size, G=G, EVEN=all(row[6] % 4 == 0 for row in meta),  # every numel a multiple of 4
         M_BITS=mcb.bits, M_KIND=KINDS.index(mcb.kind), V_BITS=vcb.bits, V_KIND=KINDS.index(vcb.kind),
         STOCHASTIC=stochastic, WITH_STATS=with_stats, **consts, **opts,
     )  # fmt: skip
