@@ -63,6 +63,7 @@ from stquant_megatron.config import AUTO_CODEBOOK  # noqa: E402
 from stquant_megatron.formats.codebooks import KINDS, LOG_STEP, get_codebook  # noqa: E402
 from stquant_megatron.kernels import GroupEntry, rng_key, step_scalars  # noqa: E402
 from stquant_megatron.kernels import triton_adam as ta  # noqa: E402
+from stquant_megatron.kernels import triton_factored as tf  # noqa: E402
 from stquant_megatron.kernels.common import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, SALT_EXP_AVG, SALT_EXP_AVG_SQ  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -85,11 +86,12 @@ class Spec:
     gdtype: str = "fp32"
     sdtype: str = "fp32"
     block: int = 128
-    path: str = "group"  # unit | group
+    path: str = "group"  # unit | group | factored (exp_avg packed, exp_avg_sq factored: v_bits/v_kind unused)
     odd: bool = False  # a numel that is not a multiple of 4 (element masks; real layers have multiples of 4)
 
     def name(self) -> str:
-        return (f"{self.path} m{self.m_bits}{self.m_kind[:3]} v{self.v_bits}{self.v_kind[:3]} "
+        v = "vfact" if self.path == "factored" else f"v{self.v_bits}{self.v_kind[:3]}"
+        return (f"{self.path} m{self.m_bits}{self.m_kind[:3]} {v} "
                 f"{'sr' if self.stochastic else 'rn'} {self.stats} p{self.pdtype} g{self.gdtype} "
                 f"s{self.sdtype} b{self.block}" + (" odd" if self.odd else ""))  # fmt: skip
 
@@ -115,6 +117,8 @@ def matrix(quick: bool) -> list[Spec]:
             Spec(m_bits=6, v_bits=7, pdtype="fp16", gdtype="fp16", sdtype="fp16", path="unit", block=1024),
             Spec(m_bits=4, v_bits=3, v_kind="log", stats="probe", stochastic=True, block=512),
             Spec(m_bits=5, v_bits=4, stochastic=True, stats="probe", odd=True),
+            Spec(path="factored", stochastic=True, stats="probe"),
+            Spec(path="factored", m_bits=8, m_kind="linear", pdtype="bf16", gdtype="bf16", sdtype="bf16", block=2048),
         ]
         return specs
     widths = range(2, 9)
@@ -140,6 +144,17 @@ def matrix(quick: bool) -> list[Spec]:
         specs += [Spec(block=blk, path="unit"),
                   Spec(m_bits=8, v_bits=8, block=blk, stochastic=True, stats="probe"),
                   Spec(m_bits=4, v_bits=4, v_kind="log", block=blk, stochastic=True, stats="probe", path="unit")]  # fmt: skip
+    fact = dict(path="factored", v_bits=0, v_kind="pow2")
+    for b in widths:  # the factored step: every exp_avg width and kind, rounding alternating, probe at each
+        for k, mk in enumerate(_kinds(b, True)):
+            specs.append(Spec(m_bits=b, m_kind=mk, stochastic=bool((b + k) % 2), **fact))
+        specs.append(Spec(m_bits=b, stats="probe", stochastic=bool(b % 2), **fact))
+    for sr in (False, True):
+        specs += [Spec(stochastic=sr, stats=st, **fact) for st in STATS] + [Spec(stochastic=sr, odd=True, **fact)]
+    for i, pd in enumerate(names):
+        specs.append(Spec(pdtype=pd, gdtype=names[(i + 1) % 3], sdtype=names[(i + 2) % 3], **fact))
+    for blk in BLOCKS:
+        specs += [Spec(block=blk, **fact), Spec(m_bits=8, block=blk, stochastic=True, stats="probe", **fact)]
     seen, out = set(), []
     for s in specs:
         if s not in seen:
@@ -158,7 +173,7 @@ class Capture:
         self._saved = {}
 
     def __enter__(self):
-        for k in (ta._packed_adam_kernel, ta._packed_adam_group_kernel):
+        for k in (ta._packed_adam_kernel, ta._packed_adam_group_kernel, tf._factored_adam_kernel):
             self._saved[k] = k.__dict__.get("run")
 
             def run(*args, grid, warmup, _k=k, **kwargs):
@@ -198,11 +213,11 @@ def bind(kernel, args, kwargs, arch: int):
 def _tensors(spec: Spec, nblocks: int = 3):
     n = nblocks * spec.block - (5 if spec.odd else 4)  # a partial last block either way
     mcb = get_codebook(spec.m_kind, spec.m_bits, True)
-    vcb = get_codebook(spec.v_kind, spec.v_bits, False)
+    vcb = get_codebook(spec.v_kind, spec.v_bits, False) if spec.path != "factored" else None
     p = torch.zeros(n, dtype=DTYPES[spec.pdtype])
     g = torch.zeros(n, dtype=DTYPES[spec.gdtype])
     mc = torch.zeros(nblocks, spec.m_bits, spec.block // 8, dtype=torch.uint8)
-    vc = torch.zeros(nblocks, spec.v_bits, spec.block // 8, dtype=torch.uint8)
+    vc = torch.zeros(nblocks, max(spec.v_bits, 1), spec.block // 8, dtype=torch.uint8)
     ms = torch.zeros(nblocks, dtype=DTYPES[spec.sdtype])
     vs = torch.zeros(nblocks, dtype=DTYPES[spec.sdtype])
     return p, g, mc, ms, vc, vs, mcb, vcb
@@ -224,7 +239,14 @@ def launch(spec: Spec, step: int = 1, index_offset: int = 0):
     with_stats = spec.stats != "off"
     probe = spec.stats == "probe"
     with Capture() as cap:
-        if spec.path == "unit":
+        if spec.path == "factored":  # a [rows, cols] matrix of the same size (pass 1 runs on the host here)
+            cols = 1 if spec.odd else 4  # cols is a runtime integer: any divisor compiles the same kernel
+            tf.triton_factored_adam_step(
+                p, g, mc, ms, torch.zeros(p.numel() // cols), torch.zeros(cols), mcb, sc, block_size=spec.block,
+                stochastic=spec.stochastic, rng_key=keys[0], stats=torch.zeros(3) if with_stats else None,
+                neighbor_codebooks=_neighbors(spec) if probe else None, neighbor_stats=torch.zeros(6) if probe else None,
+            )  # fmt: skip
+        elif spec.path == "unit":
             ta.triton_packed_adam_step(
                 p, g, mc, ms, vc, vs, mcb, vcb, sc, block_size=spec.block, stochastic=spec.stochastic, rng_keys=keys,
                 index_offset=index_offset, stats=torch.zeros(3) if with_stats else None,
@@ -380,13 +402,10 @@ def replay(steps: int, arch: int) -> list[dict]:
     distinct compiles per configuration."""
     import stquant_megatron.optim as optim_mod
     from stquant_megatron import STQuantAdamW, STQuantConfig
-    from stquant_megatron.kernels import torch_packed_adam_group_step
+    from stquant_megatron.kernels import torch_factored_adam_step, torch_packed_adam_group_step
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(96, 160), torch.nn.Linear(160, 72), torch.nn.Linear(72, 50))
-    cfg = STQuantConfig(bits=4, min_numel=1000, block_size=64, stochastic_rounding=True, avg_bits=4.5,
-                        warmup_steps=10, interval=20, stats_steps=4, backend="torch")  # fmt: skip
-    opt = STQuantAdamW(model.parameters(), lr=1e-3, config=cfg)
     seen: dict = {}
 
     def record(kernel, args, kwargs):
@@ -411,23 +430,42 @@ def replay(steps: int, arch: int) -> list[dict]:
         for call in cap.calls:
             record(*call)
 
-    saved = optim_mod.get_group_step_fn
+    def hooked_factored(p, g, mc, ms, row, col, mcb, sc, *, stats=None, neighbor_stats=None, **kw):
+        r0, c0 = row.clone(), col.clone()  # the twin updates the statistics; the captured launch sees them
+        torch_factored_adam_step(p, g, mc, ms, row, col, mcb, sc, stats=stats, neighbor_stats=neighbor_stats, **kw)
+        with Capture() as cap:
+            tf.triton_factored_adam_step(p, g, mc, ms, r0, c0, mcb, sc,
+                                         stats=None if stats is None else torch.zeros_like(stats),
+                                         neighbor_stats=None if neighbor_stats is None else torch.zeros_like(neighbor_stats),
+                                         **kw)  # fmt: skip
+        for call in cap.calls:
+            record(*call)
+
+    saved = optim_mod.get_group_step_fn, optim_mod.get_factored_step_fn
     optim_mod.get_group_step_fn = lambda backend, device: hooked
+    optim_mod.get_factored_step_fn = lambda backend, device: hooked_factored
     try:
-        gen = torch.Generator().manual_seed(1)
-        for _ in range(steps):
-            x = torch.randn(32, 96, generator=gen)
-            opt.zero_grad()
-            model(x).square().mean().backward()
-            opt.step()
+        for fmt in ("packed", "factored"):
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(96, 160), torch.nn.Linear(160, 72), torch.nn.Linear(72, 50))
+            cfg = STQuantConfig(min_numel=1000, block_size=64, stochastic_rounding=True, avg_bits=4.5,
+                                warmup_steps=10, interval=20, stats_steps=4, backend="torch", exp_avg_sq_format=fmt)  # fmt: skip
+            opt = STQuantAdamW(model.parameters(), lr=1e-3, config=cfg)
+            gen = torch.Generator().manual_seed(1)
+            for _ in range(steps):
+                x = torch.randn(32, 96, generator=gen)
+                opt.zero_grad()
+                model(x).square().mean().backward()
+                opt.step()
     finally:
-        optim_mod.get_group_step_fn = saved
+        optim_mod.get_group_step_fn, optim_mod.get_factored_step_fn = saved
     rows = []
     for config, keys in sorted(seen.items()):
         c = dict(config[1])
+        v = f"v{c['V_BITS']}" if "V_BITS" in c else "vfact"
+        probe = sum(int(c.get(f"N{k}_BITS", 0)) for k in range(4)) > 0
         rows.append({"arch": arch, "kernel": config[0],
-                     "config": f"m{c['M_BITS']} v{c['V_BITS']} sr={c['STOCHASTIC']} stats={c['WITH_STATS']} "
-                               f"probe={int(c['N0_BITS']) + int(c['N1_BITS']) + int(c['N2_BITS']) + int(c['N3_BITS']) > 0} "
+                     "config": f"m{c['M_BITS']} {v} sr={c['STOCHASTIC']} stats={c['WITH_STATS']} probe={probe} "
                                f"block={c['BLOCK']}",
                      "compiles": len(keys)})  # fmt: skip
     return rows
