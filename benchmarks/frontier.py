@@ -359,6 +359,9 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", metavar="PATH", help="write the Pareto plot (PNG)")
     ap.add_argument("--resume", action="store_true",
                     help="reuse matching runs from <json stem>.runs.jsonl (needs --json)")
+    ap.add_argument("--from-log", action="store_true",
+                    help="run nothing: the table, JSON and plot from the runs in <json stem>.runs.jsonl (rows show "
+                         "how many seeds they have)")
     ap.add_argument("--list", action="store_true", help="print the configurations and exit")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
@@ -383,14 +386,18 @@ def main(argv=None) -> int:
         spec_list = [sp for sp in spec_list if sp.default]
     if args.jobs < 1:
         ap.error(f"--jobs must be at least 1; got {args.jobs}")
-    if args.resume and not args.json:
-        ap.error("--resume reads <json stem>.runs.jsonl: give --json PATH")
+    if (args.resume or args.from_log) and not args.json:
+        ap.error("--resume / --from-log read <json stem>.runs.jsonl: give --json PATH")
+    if args.from_log:
+        args.resume = True
     log_path = os.path.splitext(args.json)[0] + ".runs.jsonl" if args.json else None
     cached = load_runs(log_path, s) if args.resume else {}
     results = [cached[(sp.key, sd, _cfg_key(sp))] for sd in s.seeds for sp in spec_list if (sp.key, sd, _cfg_key(sp)) in cached]
     jobs = [(sp, sd) for sd in s.seeds for sp in spec_list if (sp.key, sd, _cfg_key(sp)) not in cached]
     if results:
         print(f"reusing {len(results)} run(s) from {log_path}", flush=True)
+    if args.from_log:
+        jobs = []
     print(f"hardware: {hardware()}\n{len(spec_list)} configurations x {len(s.seeds)} seeds, {s.steps} steps, "
           f"{args.jobs} job(s)", flush=True)  # fmt: skip
     t0 = time.perf_counter()
@@ -426,6 +433,9 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - t0
     rows = summarize(spec_list, results)
     print_table(rows)
+    if not results:
+        print(f"no runs: nothing in {log_path} matches this set-up" if args.from_log else "no runs", file=sys.stderr)
+        return 2
     nparams = results[0]["nparams"]
     title = (f"byte GPT, {nparams / 1e6:.2f}M params, {s.steps} steps, {len(s.seeds)} seeds"
              + (" (--quick)" if args.quick else ""))  # fmt: skip
