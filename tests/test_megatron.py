@@ -452,7 +452,8 @@ def test_decisions_reach_megatron_writers(monkeypatch, tmp_path):
     from stquant_megatron import STQuantAdamW
     from stquant_megatron.report import history_of
 
-    opt = STQuantAdamW(model.parameters(), config=STQuantConfig(avg_bits=4.0, min_numel=1, warmup_steps=1, interval=1, stats_steps=1))
+    opt = STQuantAdamW(model.parameters(), config=STQuantConfig(avg_bits=4.0, min_numel=1, warmup_steps=1, interval=1, stats_steps=1,
+                                                               exp_avg_sq_format="packed"))  # as under Megatron
     model(torch.randn(2, 64)).sum().backward()
     opt.step()  # warm-up ends: first decision
     decision = opt.scheduler.history[-1]
