@@ -316,11 +316,12 @@ def summarize(spec_list: list[Spec], results: list[dict]) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'configuration':46s} {'peak B/param':>12s} {'final B/param':>13s} {'val loss':>9s} {'ratio (mean +- std)':>21s}")
+    print(f"\n{'configuration':50s} {'seeds':>5s} {'peak B/param':>12s} {'final B/param':>13s} {'val loss':>9s} "
+          f"{'ratio (mean +- std)':>21s}")  # fmt: skip
     for r in rows:
         std = f" +- {r['ratio_std']:.4f}" if r["ratio_std"] is not None else ""
-        print(f"{r['label']:46s} {r['peak_state_bytes_per_param']:12.3f} {r['state_bytes_per_param']:13.3f} "
-              f"{r['val_loss_mean']:9.4f} {r['ratio_mean']:>11.4f}{std:10s}")  # fmt: skip
+        print(f"{r['label']:50s} {len(r['seeds']):5d} {r['peak_state_bytes_per_param']:12.3f} "
+              f"{r['state_bytes_per_param']:13.3f} {r['val_loss_mean']:9.4f} {r['ratio_mean']:>11.4f}{std:10s}")  # fmt: skip
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:
@@ -437,7 +438,7 @@ def main(argv=None) -> int:
         print(f"no runs: nothing in {log_path} matches this set-up" if args.from_log else "no runs", file=sys.stderr)
         return 2
     nparams = results[0]["nparams"]
-    title = (f"byte GPT, {nparams / 1e6:.2f}M params, {s.steps} steps, {len(s.seeds)} seeds"
+    title = (f"byte GPT, {nparams / 1e6:.2f}M params, {s.steps} steps, seeds {list(s.seeds)}"
              + (" (--quick)" if args.quick else ""))  # fmt: skip
     print(f"\n{title}; wall time {wall:.0f} s ({wall / 60:.1f} min, {args.jobs} job(s))")
     if args.json:
