@@ -330,13 +330,22 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in rows:
+    fig, ax = plt.subplots(figsize=(13, 5.5))
+    top = 1.08  # rows above are drawn on the top edge, their ratio in the label
+    lo = min(r["ratio_mean"] - (r["ratio_std"] or 0.0) for r in rows)
+    keys = []
+    for i, r in enumerate(sorted(rows, key=lambda r: (r["peak_state_bytes_per_param"], r["ratio_mean"]))):
         ours = r["family"] == "stq"
-        ax.errorbar(r["peak_state_bytes_per_param"], r["ratio_mean"], yerr=r["ratio_std"] or 0.0, capsize=3,
-                    fmt="o" if ours else "s", color="tab:red" if ours else "tab:blue")  # fmt: skip
-        ax.annotate(r["label"], (r["peak_state_bytes_per_param"], r["ratio_mean"]), fontsize=7, xytext=(4, 3),
+        y, label = r["ratio_mean"], r["label"]
+        if y > top:
+            y, label = top, f"{label} ({r['ratio_mean']:.3f}, off scale)"
+        ax.errorbar(r["peak_state_bytes_per_param"], y, yerr=0.0 if y == top else (r["ratio_std"] or 0.0), capsize=3,
+                    fmt=("^" if y == top else "o") if ours else "s", color="tab:red" if ours else "tab:blue")  # fmt: skip
+        ax.annotate(str(i + 1), (r["peak_state_bytes_per_param"], y), fontsize=8, xytext=(4, 3),
                     textcoords="offset points")  # fmt: skip
+        keys.append(f"{i + 1}: {label} ({r['peak_state_bytes_per_param']:.3f} B, {r['ratio_mean']:.4f})")
+    ax.set_ylim(lo - 0.01, top + 0.01)
+    ax.text(1.02, 1.0, "\n".join(keys), transform=ax.transAxes, fontsize=7, va="top", ha="left")
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set(xlabel="peak optimizer-state bytes per parameter (log2)", ylabel="val loss / fp32 AdamW (same seed)",
