@@ -352,7 +352,8 @@ def frontier_block(path: str) -> str:
         lines += ["", "The same configurations on the digits ViT (standalone; "
                   f"`{dmeta.get('command', 'python benchmarks/quality.py --task digits ...')}`, "
                   f"{dmeta.get('description', '')}):", ""] + task_table(ddata)  # fmt: skip
-        lines.append("- Factored rows cannot run on the Megatron GPT task (flat shards); its packed scheduled rows are "
+        lines.append("- On digits compare accuracy: the test loss swings by tens of percent between runs (Results section). "
+                     "Factored rows cannot run on the Megatron GPT task (flat shards); its packed scheduled rows are "
                      "the Results section's.")
     lines.append(FRONTIER_END)
     return "\n".join(lines)
