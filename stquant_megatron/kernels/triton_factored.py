@@ -94,7 +94,6 @@ if HAS_TRITON:
         sm = tl.where(sm > 0, sm, 1.0)
         inv_sm = tl.div_rn(1.0, sm)
         m_code = _encode(m * inv_sm, um, m, M_BITS, M_KIND, True, mq_ptr, mb_ptr, STOCHASTIC)
-        _pack(mc_ptr, m_code, r2, w2, blk_ok2, i, M_BITS, W)
 
         if WITH_STATS:
             mq = _decode(m_code, M_BITS, M_KIND, True, mq_ptr) * sm
@@ -120,6 +119,7 @@ if HAS_TRITON:
                     e1 = tl.where(probe, tl.div_rn(q1, denom) - upd, 0.0)
                     tl.store(npartial_ptr + pid * 6 + 1, _total(e1 * e1))
                 tl.store(npartial_ptr + pid * 6 + 4, _total(tl.where(probe, em2, 0.0)))
+        _pack(mc_ptr, m_code, r2, w2, blk_ok2, i, M_BITS, W)
 
 
 def triton_factored_adam_step(
