@@ -317,6 +317,22 @@ def _run_chunk(fn, compiled: bool, auto: bool, *args):
         return fn(*args)
 
 
+def _block_chunks(flat_p: torch.Tensor, flat_g: torch.Tensor, nblocks: int, block_size: int):
+    """Chunks of whole blocks of a unit: (b0, b1, e0, e1, p, g, pad) with p and g zero-padded to
+    whole blocks (``pad`` elements past the unit's end in its last, partial block)."""
+    numel = flat_p.numel()
+    chunk_blocks = max(1, CHUNK_ELEMENTS // block_size)
+    for b0 in range(0, nblocks, chunk_blocks):
+        b1 = min(nblocks, b0 + chunk_blocks)
+        e0, e1 = b0 * block_size, min(numel, b1 * block_size)
+        p, g = flat_p[e0:e1], flat_g[e0:e1]
+        pad = (b1 - b0) * block_size - (e1 - e0)
+        if pad:
+            p = torch.nn.functional.pad(p, (0, pad))
+            g = torch.nn.functional.pad(g, (0, pad))
+        yield b0, b1, e0, e1, p, g, pad
+
+
 def torch_packed_adam_step(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -365,17 +381,7 @@ def torch_packed_adam_step(
     keys = torch.tensor(rng_keys, dtype=torch.int64, device=dev)
     compiled = use_compile(compile, param.numel(), param.device)
     flat_p, flat_g = param.view(-1), grad.view(-1)
-    numel = flat_p.numel()
-    nblocks = exp_avg_codes.shape[0]
-    chunk_blocks = max(1, CHUNK_ELEMENTS // block_size)
-    for b0 in range(0, nblocks, chunk_blocks):
-        b1 = min(nblocks, b0 + chunk_blocks)
-        e0, e1 = b0 * block_size, min(numel, b1 * block_size)
-        p, g = flat_p[e0:e1], flat_g[e0:e1]
-        pad = (b1 - b0) * block_size - (e1 - e0)
-        if pad:  # the unit's last, partial block
-            p = torch.nn.functional.pad(p, (0, pad))
-            g = torch.nn.functional.pad(g, (0, pad))
+    for b0, b1, e0, e1, p, g, pad in _block_chunks(flat_p, flat_g, exp_avg_codes.shape[0], block_size):
         p32 = p.to(torch.float32).view(b1 - b0, block_size)
         first = torch.tensor(index_offset + e0, dtype=torch.int64, device=dev)
         valid = torch.tensor(e1 - e0, dtype=torch.int64, device=dev)
@@ -488,17 +494,7 @@ def torch_factored_adam_step(
     keys = torch.tensor((rng_key, 0), dtype=torch.int64, device=dev)
     compiled = use_compile(compile, param.numel(), dev)
     flat_p, flat_g = param.view(-1), grad.view(-1)
-    numel = flat_p.numel()
-    nblocks = exp_avg_codes.shape[0]
-    chunk_blocks = max(1, CHUNK_ELEMENTS // block_size)
-    for b0 in range(0, nblocks, chunk_blocks):
-        b1 = min(nblocks, b0 + chunk_blocks)
-        e0, e1 = b0 * block_size, min(numel, b1 * block_size)
-        p, g = flat_p[e0:e1], flat_g[e0:e1]
-        pad = (b1 - b0) * block_size - (e1 - e0)
-        if pad:
-            p = torch.nn.functional.pad(p, (0, pad))
-            g = torch.nn.functional.pad(g, (0, pad))
+    for b0, b1, e0, e1, p, g, pad in _block_chunks(flat_p, flat_g, exp_avg_codes.shape[0], block_size):
         tensors = (p.to(torch.float32).view(b1 - b0, block_size), g.view(b1 - b0, block_size),
                    exp_avg_codes[b0:b1], exp_avg_scale[b0:b1])  # fmt: skip
         if compiled:

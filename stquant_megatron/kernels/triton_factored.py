@@ -14,7 +14,7 @@ import torch
 from ..formats.codebooks import KINDS, Codebook
 from .common import MAX_BLOCK_SIZE, StepScalars
 from .torch_adam import factored_moment_update
-from .triton_adam import HAS_TRITON, _launch_opts
+from .triton_adam import HAS_TRITON, _launch_opts, _neighbor_args
 
 if HAS_TRITON:
     import triton
@@ -160,11 +160,7 @@ def triton_factored_adam_step(
     nbrs = neighbor_codebooks[:2] if (with_stats and neighbor_stats is not None) else (None, None)
     npartial = torch.zeros((grid[0], 6) if any(cb is not None for cb in nbrs) else (1, 6), dtype=torch.float32,
                            device=dev)  # fmt: skip
-    tables, consts = [], {}
-    for k, cb in enumerate(nbrs):
-        tables += [cb.qmap, cb.bounds] if cb is not None else [mcb.qmap, mcb.bounds]
-        consts[f"N{k}_BITS"] = cb.bits if cb is not None else 0
-        consts[f"N{k}_KIND"] = KINDS.index(cb.kind) if cb is not None else 0
+    tables, consts = _neighbor_args(mcb, nbrs)  # exp_avg's two neighbours: N0, N1
     s = scalars
     _factored_adam_kernel[grid](
         param, grad, exp_avg_codes, exp_avg_scale, row, col, inv_mean, mcb.qmap, mcb.bounds, partial, npartial,
