@@ -93,6 +93,10 @@ class Spec:
     family: str  # torch | bnb8 | ao8 | ao4 | stq
     config: dict = field(default_factory=dict)
     default: bool = True  # False: runs only when named in --only
+    lr: float | None = None  # multiple of the set-up's peak learning rate; None: 1
+
+    def peak_lr(self, s: "Setup") -> float:
+        return s.lr * (1.0 if self.lr is None else self.lr)
 
 
 def specs(steps: int) -> list[Spec]:
@@ -103,6 +107,9 @@ def specs(steps: int) -> list[Spec]:
     lean = dict(scale_dtype="bf16", block_size=256, **packed)  # 1/16 scale bit per element instead of 1/4
     out = [
         Spec("adamw", "fp32 AdamW", "torch"),
+        # is the reference tuned? fp32 AdamW at half and 1.5x the set-up's learning rate (ratios still to "adamw")
+        Spec("adamw-lr0.5x", "fp32 AdamW, lr x0.5", "torch", default=False, lr=0.5),
+        Spec("adamw-lr1.5x", "fp32 AdamW, lr x1.5", "torch", default=False, lr=1.5),
         Spec("bnb8", "bnb AdamW8bit", "bnb8"),
         Spec("ao8", "torchao AdamW8bit", "ao8"),
         Spec("ao4", "torchao AdamW4bit", "ao4"),
@@ -185,7 +192,7 @@ def run_one(spec: Spec, s: Setup, seed: int, progress: bool, threads: int) -> di
     nparams = sum(p.numel() for p in model.parameters())
     groups = param_groups(model)
     names = [g.pop("names") for g in groups]
-    opt = make_optimizer(spec.family, groups, s.lr, spec.config)
+    opt = make_optimizer(spec.family, groups, spec.peak_lr(s), spec.config)
     if hasattr(opt, "set_param_name"):
         for g, ns in zip(opt.param_groups, names):
             for p, n in zip(g["params"], ns):
@@ -208,7 +215,7 @@ def run_one(spec: Spec, s: Setup, seed: int, progress: bool, threads: int) -> di
     t0 = time.perf_counter()
     train_curve = []
     for step, (x, y) in enumerate(lm_batches(train_tokens, batch=s.batch, seq=s.seq, steps=s.steps, seed=seed)):
-        set_lr(opt.param_groups, lr_at(step, s.steps, s.lr))
+        set_lr(opt.param_groups, lr_at(step, s.steps, spec.peak_lr(s)))
         loss = loss_fn(model(x).reshape(-1, 256), y.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -270,7 +277,7 @@ def append_run(path: str | None, sp: Spec, s: Setup, r: dict) -> None:
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     r.update(commit=_commit(), finished=time.strftime("%Y-%m-%d %H:%M:%S"))
-    line = json.dumps(dict(r, family=sp.family, config=sp.config, setup=asdict(s))) + "\n"
+    line = json.dumps(dict(r, family=sp.family, config=sp.config, lr=sp.peak_lr(s), setup=asdict(s))) + "\n"
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line.encode())
@@ -428,7 +435,7 @@ def main(argv=None) -> int:
     else:
         # every seed of the reference and of the configurations nearest the targets first, then the rest by
         # seed, the slow peers last: an interrupted run (--resume continues it) has the comparisons that matter
-        first = ("adamw", "stq4", "avg3.0", "avg2.5", "f4", "f-avg4.0")
+        first = ("adamw", "adamw-lr0.5x", "adamw-lr1.5x", "stq4", "avg3.0", "avg2.5", "f4", "f-avg4.0")
         jobs.sort(key=lambda j: (j[0].key not in first, j[0].family in ("ao8", "ao4", "bnb8"), j[1]))
         with ProcessPoolExecutor(args.jobs) as pool:
             futs = {pool.submit(run_one, sp, s, sd, False, 1): (sp, sd) for sp, sd in jobs}
