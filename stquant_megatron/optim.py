@@ -20,7 +20,13 @@ import torch.distributed as dist
 from .config import MOMENTS, STQuantConfig
 from .kernels import get_factored_step_fn, get_group_step_fn, rng_key, step_scalars, unit_id
 from .kernels.common import SALT_EXP_AVG, SALT_EXP_AVG_SQ, GroupEntry
-from .kernels.torch_adam import dense_adam_step, torch_factored_adam_step
+from .kernels.torch_adam import (
+    dense_adam_step,
+    factored_ema,
+    factored_partial_sums,
+    matrix_partial_sums,
+    torch_factored_adam_step,
+)
 from .scheduler import PrecisionScheduler
 from .state import _SCALE_DTYPES, QUANTIZED_STATES, FactoredState, PackedState, state_from_dict
 
@@ -109,6 +115,13 @@ class STQuantAdamW(torch.optim.Optimizer):
         )
         self._names: dict[int, tuple[str, int]] = {}
         self._full_numel: dict[int, int] = {}
+        self._full_shape: dict[int, tuple[int, ...]] = {}
+        self._factor_group: Any = None  # set_factored_sharding: shards' statistics are all-reduced here
+        self._factor_shards = 1
+        self._factor_slots: dict[str, tuple[int, int, int]] = {}  # name -> (start, rows, cols) in the all-reduce
+        self._factor_total = 0
+        self._factor_device: torch.device | None = None
+        self._factor_pending: dict[int, torch.Tensor] = {}  # loaded, not yet all-reduced (finish_factored_load)
         self._replicas: dict[int, int] = {}
         self._units_changed = False
         self.config = config or STQuantConfig()
@@ -149,7 +162,8 @@ class STQuantAdamW(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------------------- naming
     def set_param_name(
-        self, param: torch.Tensor, name: str, index_offset: int = 0, full_numel: int | None = None, replicas: int = 1
+        self, param: torch.Tensor, name: str, index_offset: int = 0, full_numel: int | None = None, replicas: int = 1,
+        full_shape: tuple[int, ...] | None = None,
     ) -> None:
         """Name ``param``'s units (``name.exp_avg``, ``name.exp_avg_sq``).
 
@@ -158,12 +172,41 @@ class STQuantAdamW(torch.optim.Optimizer):
         ``full_numel`` the full tensor's size (so every shard of a tensor is packed, or none).
         ``replicas``: how many ranks of the process group keep the same elements (e.g. the
         tensor-parallel size for a parameter that is not split by tensor parallelism); the
-        scheduler counts them once in the unit's size.
+        scheduler counts them once in the unit's size. ``full_shape``: the full tensor's shape, which
+        lets a shard's ``exp_avg_sq`` be factored (with ``set_factored_sharding``).
         """
         self._names[id(param)] = (name, index_offset)
         if full_numel is not None:
             self._full_numel[id(param)] = full_numel
+        if full_shape is not None:
+            self._full_shape[id(param)] = tuple(int(d) for d in full_shape)
         self._replicas[id(param)] = replicas
+
+    def set_factored_sharding(self, group: Any, members: list[tuple[str, tuple[int, ...]]],
+                              device: torch.device | str | None = None) -> None:
+        """Let shards of matrices have a factored ``exp_avg_sq`` (Megatron's distributed optimizer).
+
+        ``members``: ``(name, full shape)`` of every tensor whose shards the ranks of ``group`` hold,
+        in the same order on every rank (a rank lists tensors it holds no element of, too). Each
+        step, every rank adds its shards' row and column sums of g**2 into one buffer, which is
+        all-reduced over ``group`` (one collective per step, 4 bytes per row and column), so every
+        shard keeps the full matrix's statistics. Call before the state exists; every rank of
+        ``group`` then takes part in each ``step`` and ``finish_factored_load``."""
+        if any(self.state.values()):
+            raise RuntimeError("set_factored_sharding must come before the optimizer state exists (init_state, step)")
+        size = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+        self._factor_group, self._factor_shards = group, max(1, size)
+        self._factor_slots, total = {}, 0
+        for name, shape in members:
+            numel = math.prod(shape)
+            dims = self._factor_dims(tuple(shape), numel)
+            if dims is not None:
+                self._factor_slots[name] = (total, *dims)
+                total += dims[0] + dims[1] + 1  # row sums, column sums, a "loaded here" flag
+        self._factor_total = total
+        first = next((p for _, p in self._params()), None)
+        self._factor_device = torch.device(device) if device is not None else (
+            first.device if first is not None else torch.device("cpu"))  # fmt: skip
 
     def param_name(self, param: torch.Tensor) -> str:
         return self._naming(param)[0]
@@ -189,12 +232,27 @@ class STQuantAdamW(torch.optim.Optimizer):
     def _is_packed(self, param: torch.Tensor) -> bool:
         return self._full_numel.get(id(param), param.numel()) >= max(1, self.config.min_numel)
 
-    def _factor_shape(self, param: torch.Tensor) -> tuple[int, int] | None:
-        """``(rows, cols)`` if ``param``'s exp_avg_sq is factored (config says so, a packed matrix held whole)."""
-        if self.config.exp_avg_sq_format == "packed" or not self._is_packed(param):
+    def _factor_dims(self, shape: tuple[int, ...], numel: int) -> tuple[int, int] | None:
+        """``(rows, cols)`` if a tensor of this full shape gets a factored exp_avg_sq: "factored", or
+        "auto" when its statistics (4 bytes per row and column, kept by each of the ``shards`` ranks
+        that hold a part) take less than the 4-bit packed exp_avg_sq they replace."""
+        fmt = self.config.exp_avg_sq_format
+        if fmt == "packed" or numel < max(1, self.config.min_numel):
             return None
-        whole = self._names.get(id(param), (None, 0))[1] == 0 and self._full_numel.get(id(param), param.numel()) == param.numel()
-        return FactoredState.factor_shape(param.shape) if whole else None
+        dims = FactoredState.factor_shape(shape)
+        if dims is None or fmt == "factored":
+            return dims
+        return dims if 8 * (dims[0] + dims[1]) * self._factor_shards <= numel else None
+
+    def _factor_shape(self, param: torch.Tensor) -> tuple[int, int] | None:
+        """``(rows, cols)`` of the full matrix if ``param``'s exp_avg_sq is factored: a matrix held whole,
+        or a shard of one whose statistics are all-reduced (``set_factored_sharding``)."""
+        name, offset = self._names.get(id(param), (None, 0))
+        numel = self._full_numel.get(id(param), param.numel())
+        if offset == 0 and numel == param.numel():
+            return self._factor_dims(self._full_shape.get(id(param), tuple(param.shape)), numel)
+        slot = self._factor_slots.get(name)
+        return slot[1:] if slot is not None else None
 
     def init_state(self, param: torch.Tensor | None = None) -> None:
         """Create the (zero) state of ``param``, or of every parameter, now rather than at the first step."""
@@ -210,12 +268,15 @@ class STQuantAdamW(torch.optim.Optimizer):
             block_size=cfg.block_size, scale_dtype=_SCALE_DTYPES[cfg.scale_dtype], device=p.device,
         )  # fmt: skip
 
+    def _new_factored(self, p: torch.Tensor) -> FactoredState:
+        return FactoredState.zeros(self._factor_shape(p), p.device, self._naming(p)[1], p.numel())
+
     def _init_state(self, p: torch.Tensor) -> dict[str, Any]:
         st = self.state[p]
         st["step"] = torch.tensor(0.0, dtype=torch.float32)
         for moment in MOMENTS:
             if moment == "exp_avg_sq" and self._factor_shape(p):
-                st[moment] = FactoredState.zeros(self._factor_shape(p), device=p.device)
+                st[moment] = self._new_factored(p)
             elif self._is_packed(p):
                 st[moment] = self._new_packed(p, moment, self._planned_bits(p, moment))
             else:
@@ -392,6 +453,9 @@ class STQuantAdamW(torch.optim.Optimizer):
                 loss = closure()
         work = [(group, p, p.grad) for group, p in self._params() if p.grad is not None and p.numel() > 0]
         self._validate_work(work)
+        if self._factor_pending:
+            raise RuntimeError("stquant: factored exp_avg_sq statistics were loaded but not all-reduced: call "
+                               "finish_factored_load() on every rank of the group after loading")  # fmt: skip
         if not work or (self.config.nonfinite != "unchecked" and not self._check_finite(work)):
             return loss
         cfg = self.config
@@ -463,7 +527,8 @@ class STQuantAdamW(torch.optim.Optimizer):
                         local_stats[f"{name}.{moment}"] = torch.stack(row)
                 if entry.param is not p:
                     p.copy_(entry.param)
-        for p, name, m, v, target, grad, scalars, key_m, probe in factored:
+        inv_means = self._factored_statistics(factored)
+        for (p, name, m, v, target, grad, scalars, key_m, probe), inv_mean in zip(factored, inv_means):
             dev = p.device
             stats = torch.zeros(3, dtype=torch.float32, device=dev) if self.collect_stats else None
             nbr_stats = torch.zeros(6, dtype=torch.float32, device=dev) if probe else None
@@ -472,7 +537,7 @@ class STQuantAdamW(torch.optim.Optimizer):
             get_factored_step_fn(cfg.backend, dev)(
                 target, grad, m.codes, m.scale, v.row, v.col, m.codebook, scalars, block_size=m.block_size,
                 stochastic=cfg.stochastic_rounding, rng_key=key_m, stats=stats, neighbor_codebooks=nbr_books,
-                neighbor_stats=nbr_stats, compile=cfg.compile,
+                neighbor_stats=nbr_stats, compile=cfg.compile, inv_mean=inv_mean, index_offset=v.offset,
             )  # fmt: skip
             if stats is not None:
                 row = [stats[0], stats[2]]
@@ -495,6 +560,67 @@ class STQuantAdamW(torch.optim.Optimizer):
                 sched.accumulate(local_stats)
             self._schedule()
         return loss
+
+    def _factored_statistics(self, factored: list) -> list[torch.Tensor | None]:
+        """Pass 1 of the factored units whose statistics are all-reduced (``set_factored_sharding``):
+        their row and column sums of g**2 in one buffer, one all-reduce, then each unit's moving
+        averages; returns each unit's ``1 / mean(row)`` (None: a unit held whole, whose step runs pass 1)."""
+        out: list[torch.Tensor | None] = [None] * len(factored)
+        if not self._factor_slots:
+            return out
+        buf = torch.zeros(self._factor_total, dtype=torch.float32, device=self._factor_device)
+        mine = []
+        for i, (p, name, m, v, target, grad, scalars, *_) in enumerate(factored):
+            start, rows, cols = self._factor_slots[name]
+            buf[start : start + rows + cols] += factored_partial_sums(target, grad, scalars, rows, cols, v.offset).to(buf.device)
+            mine.append((i, start, rows, cols, v, scalars))
+        if self._factor_group is not None and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(buf, group=self._factor_group)
+        for i, start, rows, cols, v, scalars in mine:
+            out[i] = factored_ema(v.row, v.col, buf[start : start + rows + cols].to(v.row.device), scalars)
+        return out
+
+    def stage_factored_load(self, param: torch.Tensor, dense: torch.Tensor) -> None:
+        """Loading: take the dense ``exp_avg_sq`` of a shard whose statistics are all-reduced; its
+        statistics are set by ``finish_factored_load`` (which every rank of the group calls)."""
+        v = self.state[param]["exp_avg_sq"]
+        if not isinstance(v, FactoredState) or self.param_name(param) not in self._factor_slots:
+            raise ValueError(f"{self.param_name(param)!r} has no all-reduced factored exp_avg_sq")
+        flat = dense.reshape(-1)
+        if flat.numel() != v.numel or not bool(torch.isfinite(flat).all()) or bool((flat < 0).any()):
+            raise ValueError(f"exp_avg_sq of {self.param_name(param)!r}: expected {v.numel} finite values >= 0, got "
+                             f"{flat.numel()} ({flat.dtype})")  # fmt: skip
+        rows, cols = v.shape
+        self._factor_pending[id(param)] = matrix_partial_sums(
+            lambda a, b: flat[a:b].to(torch.float32), flat.numel(), rows, cols, v.offset, flat.device)
+
+    def finish_factored_load(self) -> None:
+        """Collective over the ``set_factored_sharding`` group: the staged shards' sums are all-reduced
+        and every loaded matrix's statistics become the row and column means of its dense exp_avg_sq
+        (what ``FactoredState.copy_`` does for a matrix held whole). Matrices nobody loaded keep theirs."""
+        if not self._factor_slots:
+            self._factor_pending.clear()
+            return
+        buf = torch.zeros(self._factor_total, dtype=torch.float32, device=self._factor_device)
+        held = []
+        for _, p in self._params():
+            v = (self.state.get(p) or {}).get("exp_avg_sq")
+            if isinstance(v, FactoredState) and self.param_name(p) in self._factor_slots:
+                start, rows, cols = self._factor_slots[self.param_name(p)]
+                held.append((start, rows, cols, v))
+                sums = self._factor_pending.get(id(p))
+                if sums is not None:
+                    buf[start : start + rows + cols] += sums.to(buf.device)
+                    buf[start + rows + cols] = 1.0
+        if self._factor_group is not None and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(buf, group=self._factor_group)
+        flags = buf.cpu()
+        for start, rows, cols, v in held:
+            if flags[start + rows + cols] > 0:
+                sums = buf[start : start + rows + cols].to(v.row.device)
+                v.row.copy_(sums[:rows] * (1.0 / cols))
+                v.col.copy_(sums[rows:] * (1.0 / rows))
+        self._factor_pending.clear()
 
     # ----------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -634,15 +760,20 @@ class STQuantAdamW(torch.optim.Optimizer):
                     f"checkpoint {key} of {name!r} has numel={state.numel}, signed={state.signed}; "
                     f"the parameter has numel={p.numel()}: the checkpoint belongs to another model"
                 )
-            if isinstance(state, FactoredState) and state.shape != FactoredState.factor_shape(p.shape):
-                raise ValueError(f"checkpoint {key} of {name!r} is factored as {state.shape}; the parameter has "
-                                 f"shape {tuple(p.shape)}: the checkpoint belongs to another model")  # fmt: skip
+            if isinstance(state, FactoredState) and (
+                state.shape != (self._factor_shape(p) or FactoredState.factor_shape(p.shape))
+                or (state.sharded and state.offset != self._naming(p)[1])
+            ):
+                raise ValueError(f"checkpoint {key} of {name!r} is factored as {state.shape} at element "
+                                 f"{state.offset}; the parameter has shape {tuple(p.shape)}"
+                                 f"{'' if self._factor_shape(p) is None else f', a shard of {self._factor_shape(p)}'}: "
+                                 "the checkpoint belongs to another model or sharding")  # fmt: skip
             if not self._is_packed(p):
                 return state.dequantize().reshape(p.shape)
             if key == "exp_avg_sq" and self._factor_shape(p):
                 if isinstance(state, FactoredState):
                     return state
-                return FactoredState.zeros(self._factor_shape(p), device=p.device).copy_(state.dequantize())
+                return self._new_factored(p).copy_(state.dequantize())
             if isinstance(state, FactoredState):  # this run packs it: from the dense estimate
                 recoded.append(f"{name}.{key}: factored -> packed")
                 value, state = state.dequantize(), None
@@ -662,7 +793,7 @@ class STQuantAdamW(torch.optim.Optimizer):
             if not self._is_packed(p):
                 return value.detach().to(device=p.device, dtype=torch.float32).reshape(p.shape).clone()
             if key == "exp_avg_sq" and self._factor_shape(p):
-                return FactoredState.zeros(self._factor_shape(p), device=p.device).copy_(value)
+                return self._new_factored(p).copy_(value)
             state = None
         cfg = self.config
         bits = bits if bits is not None else self._planned_bits(p, key)

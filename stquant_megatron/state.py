@@ -193,14 +193,24 @@ class FactoredState:
     and column, about 0 bits per element: the scheduler's "0-bit" width of a 2-D ``exp_avg_sq``.
     """
 
-    __slots__ = ("row", "col", "numel", "shape")
+    __slots__ = ("row", "col", "numel", "shape", "offset")
     bits = 0
     signed = False
 
-    def __init__(self, row: torch.Tensor, col: torch.Tensor):
+    def __init__(self, row: torch.Tensor, col: torch.Tensor, offset: int = 0, numel: int | None = None):
+        """``row`` / ``col``: the full matrix's statistics. A shard (Megatron's distributed optimizer)
+        holds elements ``offset .. offset + numel`` of the flattened matrix, and every shard keeps the
+        same (all-reduced) statistics."""
         self.row, self.col = row, col
         self.shape = (row.numel(), col.numel())
-        self.numel = row.numel() * col.numel()
+        self.offset = int(offset)
+        self.numel = self.shape[0] * self.shape[1] - self.offset if numel is None else int(numel)
+        if self.offset < 0 or self.numel < 0 or self.offset + self.numel > self.shape[0] * self.shape[1]:
+            raise ValueError(f"a shard of {self.numel} elements at {self.offset} does not fit a {self.shape} matrix")
+
+    @property
+    def sharded(self) -> bool:
+        return self.numel != self.shape[0] * self.shape[1]
 
     @staticmethod
     def factor_shape(shape: tuple[int, ...] | torch.Size) -> tuple[int, int] | None:
@@ -213,10 +223,11 @@ class FactoredState:
         return (int(shape[0]), cols) if cols >= 2 else None
 
     @classmethod
-    def zeros(cls, shape: tuple[int, int], device: torch.device | str = "cpu") -> FactoredState:
+    def zeros(cls, shape: tuple[int, int], device: torch.device | str = "cpu", offset: int = 0,
+              numel: int | None = None) -> FactoredState:
         rows, cols = shape
         z = lambda n: torch.zeros(n, dtype=torch.float32, device=device)  # noqa: E731
-        return cls(z(rows), z(cols))
+        return cls(z(rows), z(cols), offset, numel)
 
     @property
     def nbytes(self) -> int:
@@ -228,12 +239,20 @@ class FactoredState:
         return torch.where(mean > 0, 1.0 / mean, torch.zeros_like(mean))
 
     def dequantize(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """The dense fp32 estimate, shape ``[numel]``, on ``device`` (default: the state's)."""
-        v = (self.row[:, None] * self.col[None, :]) * self.inv_mean_row()
-        return v.reshape(-1).to(device or self.row.device)
+        """The dense fp32 estimate of the elements held, shape ``[numel]``, on ``device`` (default: the state's)."""
+        cols = self.shape[1]
+        r0, r1 = self.offset // cols, -(-(self.offset + self.numel) // cols)  # the rows the elements touch
+        v = (self.row[r0:r1, None] * self.col[None, :]) * self.inv_mean_row()
+        start = self.offset - r0 * cols
+        return v.reshape(-1)[start : start + self.numel].to(device or self.row.device)
 
     def copy_(self, dense: torch.Tensor) -> FactoredState:
-        """Factor a dense second moment: row and column means (exact for a rank-one ``dense``)."""
+        """Factor a dense second moment of the whole matrix: row and column means (exact for a rank-one
+        ``dense``). A shard's statistics need every shard's values: ``factored_partial_sums`` of each, all-reduced."""
+        if self.sharded:
+            raise ValueError(f"a shard ({self.numel} of {self.shape[0] * self.shape[1]} elements) cannot be factored "
+                             "from its own values: all-reduce the shards' factored_partial_sums "
+                             "(STQuantAdamW.finish_factored_load)")  # fmt: skip
         if dense.numel() != self.numel:
             raise ValueError(f"cannot load {dense.numel()} values into a factored state of {self.shape}")
         v = dense.reshape(self.shape).to(device=self.row.device, dtype=torch.float32)
@@ -242,7 +261,10 @@ class FactoredState:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return {"factored": True, "row": self.row, "col": self.col}
+        out = {"factored": True, "row": self.row, "col": self.col}
+        if self.sharded:
+            out.update(offset=self.offset, numel=self.numel)
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], device: torch.device, where: str = "factored state entry") -> FactoredState:
@@ -256,10 +278,15 @@ class FactoredState:
                 raise ValueError(f"{where}: {name} should be a 1-D fp32 tensor; got {got}")
             if not bool((torch.isfinite(t) & (t >= 0)).all()):
                 raise ValueError(f"{where}: {name} statistics must be finite and >= 0 (means of g**2)")
-        return cls(row.to(device).contiguous().clone(), col.to(device).contiguous().clone())
+        try:
+            return cls(row.to(device).contiguous().clone(), col.to(device).contiguous().clone(), d.get("offset", 0),
+                       d.get("numel"))  # fmt: skip
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: {e}") from None
 
     def __repr__(self) -> str:
-        return f"FactoredState(shape={self.shape}, nbytes={self.nbytes})"
+        shard = f", offset={self.offset}, numel={self.numel}" if self.sharded else ""
+        return f"FactoredState(shape={self.shape}{shard}, nbytes={self.nbytes})"
 
 
 QUANTIZED_STATES = (PackedState, FactoredState)

@@ -241,6 +241,7 @@ def _factored_chunk(
     mcb: Codebook,
     hyper: torch.Tensor,  # fp32 [10], StepScalars order
     first_index: torch.Tensor,  # int64 0-d: index of p[0, 0] in the unit
+    matrix_index: torch.Tensor,  # int64 0-d: index of p[0, 0] in the flattened [rows, cols] matrix
     keys: torch.Tensor,  # int64 [2]: RNG keys for exp_avg, exp_avg_sq
     valid: torch.Tensor,  # int64 0-d: elements of the chunk inside the tensor
     stochastic: bool,
@@ -253,7 +254,7 @@ def _factored_chunk(
     the statistics and the probe cover exp_avg (the exp_avg_sq sums are 0)."""
     beta1, omb1, beta2, omb2, eps, l2, decay, step_size, inv_bc2 = (hyper[i] for i in range(9))
     offset = torch.arange(p.numel(), device=p.device).view(p.shape)
-    index = first_index + torch.minimum(offset, valid - 1)  # padding reads the last element's statistics
+    index = matrix_index + torch.minimum(offset, valid - 1)  # padding reads the last element's statistics
     r = torch.div(index, col.numel(), rounding_mode="floor")
     v = (row[r] * col[index - r * col.numel()]) * inv_mean
     g = g.to(torch.float32)
@@ -438,27 +439,69 @@ def torch_packed_adam_group_step(
         )  # fmt: skip
 
 
-def factored_moment_update(param: torch.Tensor, grad: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
-                           scalars: StepScalars) -> torch.Tensor:
-    """Pass 1 of a factored unit's step (both backends run this same code): the exponential averages
-    of each row's and column's mean of g**2 (g with Adam's L2 term), in place; returns ``1 / mean(row)``
-    (fp32 0-d, 0 while every row is 0). Walks the unit in chunks of whole rows (O(chunk) scratch)."""
-    rows, cols = row.numel(), col.numel()
-    g2, p2 = grad.view(rows, cols), param.view(rows, cols)
-    row_mean = torch.empty_like(row)
-    col_sum = torch.zeros_like(col)
-    step = max(1, ROW_CHUNK_ELEMENTS // cols)
-    for r0 in range(0, rows, step):
-        g = g2[r0 : r0 + step].to(torch.float32)
+def matrix_partial_sums(values, n: int, rows: int, cols: int, index_offset: int = 0,
+                        device: torch.device | str = "cpu") -> torch.Tensor:
+    """Sums per row and per column of the full ``[rows, cols]`` matrix, over the ``n`` elements held
+    here (``index_offset ..`` of the flattened matrix: a shard, whose first and last rows may be
+    partial), as one fp32 ``[rows + cols]`` vector (rows first); ``values(a, b)`` gives elements
+    ``a:b`` of the shard in fp32. The sums of every shard add up to the full matrix's. Walks whole rows
+    in chunks of ``ROW_CHUNK_ELEMENTS`` (O(chunk) scratch), so the summation order, and the bits, do
+    not depend on the backend."""
+    if index_offset < 0 or index_offset + n > rows * cols:
+        raise ValueError(f"a shard of {n} elements at {index_offset} does not fit a [{rows}, {cols}] matrix")
+    out = torch.zeros(rows + cols, dtype=torch.float32, device=device)
+    row_sum, col_sum = out[:rows], out[rows:]
+    chunk_rows = max(1, ROW_CHUNK_ELEMENTS // cols)
+    t = 0
+    while t < n:
+        r, c = divmod(index_offset + t, cols)
+        if c or n - t < cols:  # a partial row: the shard's first or last
+            k = min(cols - c, n - t)
+            x = values(t, t + k)
+            row_sum[r] += x.sum()
+            col_sum[c : c + k] += x
+        else:
+            k = min(chunk_rows, (n - t) // cols) * cols
+            x = values(t, t + k).view(-1, cols)
+            row_sum[r : r + x.shape[0]] += x.sum(1)
+            col_sum += x.sum(0)
+        t += k
+    return out
+
+
+def factored_partial_sums(param: torch.Tensor, grad: torch.Tensor, scalars: StepScalars, rows: int, cols: int,
+                          index_offset: int = 0) -> torch.Tensor:
+    """Pass 1a of a factored unit's step: ``matrix_partial_sums`` of g**2 (g with Adam's L2 term)
+    over the elements held here; all-reduced over the shards when the matrix is split."""
+    flat_g, flat_p = grad.reshape(-1), param.reshape(-1)
+
+    def squares(a: int, b: int) -> torch.Tensor:
+        g = flat_g[a:b].to(torch.float32)
         if scalars.l2:
-            g = g + p2[r0 : r0 + step].to(torch.float32) * scalars.l2
-        sq = g * g
-        row_mean[r0 : r0 + step] = sq.mean(1)
-        col_sum += sq.sum(0)
-    row.mul_(scalars.beta2).add_(row_mean * scalars.one_minus_beta2)
-    col.mul_(scalars.beta2).add_((col_sum * (1.0 / rows)) * scalars.one_minus_beta2)
+            g = g + flat_p[a:b].to(torch.float32) * scalars.l2
+        return g * g
+
+    return matrix_partial_sums(squares, flat_g.numel(), rows, cols, index_offset, grad.device)
+
+
+def factored_ema(row: torch.Tensor, col: torch.Tensor, sums: torch.Tensor, scalars: StepScalars) -> torch.Tensor:
+    """Pass 1b: the exponential averages of each row's and column's mean of g**2 from the full
+    matrix's ``sums`` (``factored_partial_sums``, all-reduced over shards), in place; returns
+    ``1 / mean(row)`` (fp32 0-d, 0 while every row is 0), without a host sync."""
+    rows, cols = row.numel(), col.numel()
+    row.mul_(scalars.beta2).add_((sums[:rows] * (1.0 / cols)) * scalars.one_minus_beta2)
+    col.mul_(scalars.beta2).add_((sums[rows:] * (1.0 / rows)) * scalars.one_minus_beta2)
     mean = row.mean()
     return torch.where(mean > 0, 1.0 / mean, torch.zeros_like(mean))
+
+
+def factored_moment_update(param: torch.Tensor, grad: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
+                           scalars: StepScalars) -> torch.Tensor:
+    """Pass 1 of a whole (unsharded) factored unit: ``factored_ema`` of its ``factored_partial_sums``."""
+    if param.numel() != row.numel() * col.numel():
+        raise ValueError(f"{param.numel()} elements are a shard of a [{row.numel()}, {col.numel()}] matrix: "
+                         "all-reduce factored_partial_sums over the shards, then factored_ema")  # fmt: skip
+    return factored_ema(row, col, factored_partial_sums(param, grad, scalars, row.numel(), col.numel()), scalars)
 
 
 def torch_factored_adam_step(
@@ -478,18 +521,25 @@ def torch_factored_adam_step(
     neighbor_codebooks: tuple | None = None,
     neighbor_stats: torch.Tensor | None = None,
     compile: bool | None = False,
+    inv_mean: torch.Tensor | None = None,
+    index_offset: int = 0,
 ) -> None:
     """One fused step of a unit with packed ``exp_avg`` and factored ``exp_avg_sq`` (``FactoredState``).
 
-    As ``torch_packed_adam_step``, except: ``row`` / ``col`` (fp32 ``[rows]`` / ``[cols]``, ``param``
-    viewed as ``[rows, cols]``) are updated first (``factored_moment_update``); the second moment of
-    element (i, j) is then ``(row[i] * col[j]) * (1 / mean(row))``. The unit is whole (no shard
-    offset). ``stats`` / ``neighbor_stats`` get the exp_avg sums; their exp_avg_sq entries stay 0.
+    As ``torch_packed_adam_step``, except: ``row`` / ``col`` are the fp32 ``[rows]`` / ``[cols]``
+    statistics of the full matrix, and the second moment of its element (i, j) is
+    ``(row[i] * col[j]) * (1 / mean(row))``. ``stats`` / ``neighbor_stats`` get the exp_avg sums;
+    their exp_avg_sq entries stay 0.
+
+    A whole unit (``inv_mean`` None): pass 1 (``factored_moment_update``) runs here. A shard of the
+    matrix (elements ``index_offset ..`` of it, flattened): the caller has run pass 1 over all shards
+    (``factored_partial_sums``, all-reduced, then ``factored_ema``) and gives its ``1 / mean(row)``.
     """
     mcb = exp_avg_codebook
-    assert exp_avg_codes.shape[1] == mcb.bits and row.numel() * col.numel() == param.numel()
+    assert exp_avg_codes.shape[1] == mcb.bits and index_offset + param.numel() <= row.numel() * col.numel()
     dev = param.device
-    inv_mean = factored_moment_update(param, grad, row, col, scalars)
+    if inv_mean is None:
+        inv_mean = factored_moment_update(param, grad, row, col, scalars)
     hyper = torch.tensor(list(scalars), dtype=torch.float32, device=dev)
     keys = torch.tensor((rng_key, 0), dtype=torch.int64, device=dev)
     compiled = use_compile(compile, param.numel(), dev)
@@ -501,7 +551,8 @@ def torch_factored_adam_step(
             tensors = tuple(t.clone() for t in tensors)
         new_p, mc, ms, st, nst = _run_chunk(
             _factored_chunk, compiled, compile is None, *tensors, row, col, inv_mean, mcb, hyper,
-            torch.tensor(e0, dtype=torch.int64, device=dev), keys, torch.tensor(e1 - e0, dtype=torch.int64, device=dev),
+            torch.tensor(e0, dtype=torch.int64, device=dev), torch.tensor(e0 + index_offset, dtype=torch.int64, device=dev),
+            keys, torch.tensor(e1 - e0, dtype=torch.int64, device=dev),
             stochastic, stats is not None, pad > 0, neighbor_codebooks if neighbor_stats is not None else None,
             (-b0) % PROBE_STRIDE,
         )  # fmt: skip

@@ -22,7 +22,7 @@ if HAS_TRITON:
 
     from .triton_adam import _PROBE, _bmax, _cast_rne, _decode, _encode, _pack, _total, _uniform, _unpack
 
-    @triton.jit(do_not_specialize=["numel", "num_blocks", "cols", "key_m"])
+    @triton.jit(do_not_specialize=["numel", "num_blocks", "cols", "index_offset", "key_m"])
     def _factored_adam_kernel(
         p_ptr, g_ptr,  # param (fp32/bf16/fp16) and grad, numel elements, contiguous
         mc_ptr, ms_ptr,  # exp_avg codes uint8[num_blocks, bits, BLOCK/8] and scales [num_blocks]
@@ -31,7 +31,7 @@ if HAS_TRITON:
         partial_ptr,  # fp32[num_programs, 3] per-program error sums (WITH_STATS)
         npartial_ptr,  # fp32[num_programs, 6] per-program probe sums (exp_avg b-1, b+1; 0, 0; b; 0)
         q0_ptr, b0_ptr, q1_ptr, b1_ptr,  # exp_avg's neighbour codebook tables
-        numel: tl.int64, num_blocks: tl.int64, cols: tl.int64, key_m: tl.uint32,
+        numel: tl.int64, num_blocks: tl.int64, cols: tl.int64, index_offset: tl.int64, key_m: tl.uint32,
         beta1, omb1, eps, l2, decay, step_size, inv_bc2,
         BLOCK: tl.constexpr, G: tl.constexpr, EVEN: tl.constexpr,
         M_BITS: tl.constexpr, M_KIND: tl.constexpr, STOCHASTIC: tl.constexpr, WITH_STATS: tl.constexpr,
@@ -66,7 +66,7 @@ if HAS_TRITON:
         g = tl.load(g_ptr + loc, mask=inside).to(tl.float32)
         ms = tl.load(ms_ptr + r, mask=blk_ok, other=0.0).to(tl.float32)
         m = _decode(_unpack(mc_ptr, r, w, i, blk_ok, M_BITS, W), M_BITS, M_KIND, True, mq_ptr) * ms
-        index = base + loc  # int64 element index in the unit
+        index = (base + index_offset) + loc  # int64 index in the flattened [rows, cols] matrix
         ri = index // cols
         v = tl.load(row_ptr + ri, mask=inside, other=0.0) * tl.load(col_ptr + (index - ri * cols), mask=inside, other=0.0)
         v = v * tl.load(inv_ptr)
@@ -139,16 +139,19 @@ def triton_factored_adam_step(
     neighbor_codebooks: tuple | None = None,
     neighbor_stats: torch.Tensor | None = None,
     compile: bool | None = False,
+    inv_mean: torch.Tensor | None = None,
+    index_offset: int = 0,
 ) -> None:
     """Same contract as ``torch_factored_adam_step`` (``compile`` is ignored)."""
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed: pip install triton, or use backend='torch'")
     mcb = exp_avg_codebook
-    assert exp_avg_codes.shape[1] == mcb.bits and row.numel() * col.numel() == param.numel()
+    assert exp_avg_codes.shape[1] == mcb.bits and index_offset + param.numel() <= row.numel() * col.numel()
     assert param.is_contiguous() and grad.is_contiguous()
     if block_size > MAX_BLOCK_SIZE:
         raise ValueError(f"block_size={block_size} is above the kernel's limit {MAX_BLOCK_SIZE}")
-    inv_mean = factored_moment_update(param, grad, row, col, scalars)
+    if inv_mean is None:
+        inv_mean = factored_moment_update(param, grad, row, col, scalars)
     numel, nblocks = param.numel(), exp_avg_codes.shape[0]
     G, opts = _launch_opts(block_size)
     grid = (triton.cdiv(nblocks, G),)
@@ -164,7 +167,7 @@ def triton_factored_adam_step(
     s = scalars
     _factored_adam_kernel[grid](
         param, grad, exp_avg_codes, exp_avg_scale, row, col, inv_mean, mcb.qmap, mcb.bounds, partial, npartial,
-        *tables, numel, nblocks, col.numel(), rng_key,
+        *tables, numel, nblocks, col.numel(), index_offset, rng_key,
         s.beta1, s.one_minus_beta1, s.eps, s.l2, s.decay, s.step_size, s.inv_bias_correction2_sqrt,
         BLOCK=block_size, G=G, EVEN=numel % 4 == 0, M_BITS=mcb.bits, M_KIND=KINDS.index(mcb.kind),
         STOCHASTIC=stochastic, WITH_STATS=with_stats, **consts, **opts,
