@@ -321,3 +321,97 @@ def test_default_config_factors_matrices_and_triton_backend_equals_torch():
                 continue
             for x, y in zip(sa.to_dict().values(), sb.to_dict().values()):
                 assert torch.equal(x, y) if torch.is_tensor(x) else x == y, (na, k)
+
+
+def test_triton_factored_shard_step_is_bit_identical_to_the_twin():
+    """A shard of a matrix (first and last rows partial): the kernel reads the statistics at the shard's
+    offset in the matrix like its twin, bit for bit."""
+    from stquant_megatron.formats.codebooks import get_codebook
+    from stquant_megatron.kernels.triton_factored import triton_factored_adam_step
+
+    rows, cols, offset, n, block = 13, 50, 77, 403, 64
+    cb = get_codebook("pow2", 4, True)
+
+    def run(fn, at=offset):
+        gen = torch.Generator().manual_seed(3)
+        p = torch.randn(n, generator=gen)
+        m = PackedState.zeros(n, bits=4, kind="pow2", signed=True, block_size=block)
+        v = FactoredState.zeros((rows, cols), offset=offset, numel=n)
+        for step in range(1, 4):
+            grad = torch.randn(n, generator=gen)
+            sc = step_scalars(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=step, adamw=True)
+            sums = ta.factored_partial_sums(p, grad, sc, rows, cols, offset)
+            sums += torch.rand(rows + cols, generator=gen)  # the other shards' part of the all-reduce
+            inv = ta.factored_ema(v.row, v.col, sums, sc)
+            fn(p, grad, m.codes, m.scale, v.row, v.col, cb, sc, block_size=block, inv_mean=inv, index_offset=at)
+        return p, m.codes, m.scale, v.row, v.col
+
+    want, got = run(ta.torch_factored_adam_step), run(triton_factored_adam_step)
+    for a, b in zip(want, got):
+        assert torch.equal(a, b)
+    # the offset matters: read from the matrix's start, other rows' statistics give other parameters
+    assert not torch.equal(want[0], run(ta.torch_factored_adam_step, at=0)[0])
+
+
+ROWS, COLS, CUT = 12, 20, 97  # rank 0 holds elements [0, 97) of the flattened matrix, rank 1 the rest
+
+
+def _sharded_rank(rank, world):
+    """Each rank steps its shard (partial rows at the cut) with statistics all-reduced over the group;
+    rank 0 also steps the whole matrix alone, on the same gradients (the reference)."""
+    import torch.distributed as dist
+
+    lo, hi = (0, CUT) if rank == 0 else (CUT, ROWS * COLS)
+    cfg = STQuantConfig(bits=4, min_numel=1, exp_avg_sq_format="factored", block_size=32)
+
+    def make(shard: bool):
+        p = torch.nn.Parameter(torch.zeros(hi - lo) if shard else torch.zeros(ROWS, COLS))
+        opt = STQuantAdamW([p], lr=1e-2, config=cfg)
+        if shard:
+            opt.set_param_name(p, "w", lo, full_numel=ROWS * COLS, full_shape=(ROWS, COLS))
+            # "v" is held by no rank: its slot is all-reduced as zeros; "b" is a vector: packed, no slot
+            opt.set_factored_sharding(dist.group.WORLD, [("v", (7, 9)), ("w", (ROWS, COLS)), ("b", (64,))])
+        else:
+            opt.set_param_name(p, "w")
+        return p, opt
+
+    shard, whole = make(True), make(False)
+    gen = torch.Generator().manual_seed(11)
+    for _ in range(4):
+        g = torch.randn(ROWS, COLS, generator=gen) * torch.rand(ROWS, 1, generator=gen)
+        shard[0].grad = g.reshape(-1)[lo:hi].clone()
+        whole[0].grad = g.clone()
+        shard[1].step()
+        whole[1].step()
+    vs, vw = shard[1].state[shard[0]]["exp_avg_sq"], whole[1].state[whole[0]]["exp_avg_sq"]
+    out = dict(row=vs.row.clone(), col=vs.col.clone(), dense=vs.dequantize(), sharded=vs.sharded,
+               whole_row=vw.row.clone(), whole_col=vw.col.clone(), whole_dense=vw.dequantize()[lo:hi])
+    # a load: fresh shards get the dense values; finish_factored_load rebuilds the statistics from both
+    p2, opt2 = make(True)
+    opt2.init_state()
+    opt2.stage_factored_load(p2, vs.dequantize())
+    before_finish = opt2.state[p2]["exp_avg_sq"].row.clone()
+    opt2.finish_factored_load()
+    v2 = opt2.state[p2]["exp_avg_sq"]
+    out.update(loaded_row=v2.row.clone(), loaded_col=v2.col.clone(), before_finish=before_finish)
+    return out
+
+
+def test_sharded_statistics_equal_the_whole_matrix():
+    """Two ranks, each holding part of a matrix (the cut is inside a row): after 4 steps each rank's
+    statistics equal a whole-matrix run on the same gradients (rounding only), and its dense estimate
+    is the whole's at its elements; reloading both shards' dense values rebuilds the statistics."""
+    from stquant_megatron.testing import run_distributed
+
+    res = run_distributed(_sharded_rank, 2, timeout=200)
+    for r in res:
+        assert r["sharded"]
+        torch.testing.assert_close(r["row"], res[0]["whole_row"], rtol=1e-6, atol=0)
+        torch.testing.assert_close(r["col"], res[0]["whole_col"], rtol=1e-6, atol=0)
+        torch.testing.assert_close(r["row"], r["whole_row"], rtol=1e-6, atol=0)
+        torch.testing.assert_close(r["dense"], r["whole_dense"], rtol=1e-5, atol=0)
+        assert float(r["before_finish"].abs().max()) == 0  # nothing is set before the collective
+        torch.testing.assert_close(r["loaded_row"], r["row"], rtol=1e-5, atol=0)
+        torch.testing.assert_close(r["loaded_col"], r["col"], rtol=1e-5, atol=0)
+    # rank 0 holds no element of the last row: its statistic came through the all-reduce
+    assert float(res[0]["row"][-1]) > 0

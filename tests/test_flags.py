@@ -61,14 +61,14 @@ def test_scheduler_doc_gives_every_field_its_flag():
 def test_every_config_field_has_a_flag_and_round_trips():
     fields = {f.name for f in dataclasses.fields(STQuantConfig)}
     # nonfinite: Megatron checks gradients itself; config_from_args pins it to "unchecked".
-    # exp_avg_sq_format: "factored" needs whole matrices, which Megatron's distributed optimizer does not hold
-    assert set(_flag_of_field()) == fields - {"nonfinite", "exp_avg_sq_format"}
+    assert set(_flag_of_field()) == fields - {"nonfinite"}
     args = _parser().parse_args(
         ["--stquant", "--stquant-bits", "5,3", "--stquant-avg-bits", "4.5", "--stquant-stats-steps", "3",
          "--stquant-max-move", "1", "--stquant-hysteresis", "0.05", "--stquant-exp-avg-sq-codebook", "log",
-         "--stquant-backend", "torch", "--stquant-block-size", "64"]
+         "--stquant-backend", "torch", "--stquant-block-size", "64", "--stquant-exp-avg-sq-format", "packed"]
     )  # fmt: skip
     cfg = config_from_args(args)
+    assert cfg.exp_avg_sq_format == "packed"
     assert (cfg.bits, cfg.avg_bits, cfg.stats_steps, cfg.max_move, cfg.hysteresis) == ((5, 3), 4.5, 3, 1, 0.05)
     assert (cfg.exp_avg_sq_codebook, cfg.backend, cfg.block_size, cfg.nonfinite) == ("log", "torch", 64, "unchecked")
     defaults = config_from_args(_parser().parse_args(["--stquant"]))

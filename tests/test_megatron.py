@@ -24,6 +24,7 @@ STEPS = 6
 # by quantization noise only. Over 6 steps of a bf16 model we allow 1% relative per step (the
 # observed differences are ~1e-3; an unpatched/broken update differs by far more after step 1).
 TOL = 1e-2
+PACKED = dict(exp_avg_sq_format="packed")  # both moments packed (the factored format has its own tests)
 
 
 def _inners(opt):
@@ -35,6 +36,7 @@ def _inners(opt):
 def _snapshot(opt):
     """Per-unit packed codes/scales + main params of this rank (CPU copies)."""
     from stquant_megatron import PackedState
+    from stquant_megatron.state import FactoredState
 
     out = {}
     for inner in _inners(opt):
@@ -44,7 +46,10 @@ def _snapshot(opt):
                 out[f"{name}.param"] = p.detach().float().cpu().clone()
                 for key in ("exp_avg", "exp_avg_sq"):
                     v = inner.state[p][key]
-                    if isinstance(v, PackedState):
+                    if isinstance(v, FactoredState):
+                        out[f"{name}.{key}.row"] = v.row.cpu().clone()
+                        out[f"{name}.{key}.col"] = v.col.cpu().clone()
+                    elif isinstance(v, PackedState):
                         out[f"{name}.{key}.codes"] = v.codes.cpu().clone()
                         out[f"{name}.{key}.scale"] = v.scale.cpu().clone()
                     else:
@@ -67,9 +72,18 @@ def _run(rank, world, spec):
         model_kwargs["position_embedding_type"] = spec["pos"]
     model, opt = gpt.build_gpt_and_optimizer(lr=3e-3, **model_kwargs)
     res = {"inner": sorted({type(i).__name__ for i in _inners(opt)})}
-    hist = gpt.train(model, opt, spec.get("steps", STEPS))
+    from megatron.core import parallel_state as _ps
+
+    res["tp_rank"] = _ps.get_tensor_model_parallel_rank()
+    hist = gpt.train(model, opt, spec.get("steps", STEPS), micro_batch_size=spec.get("train_mbs", 2))
     res["losses"] = [h["loss"] for h in hist]
     res["local_losses"] = [h["local_loss"] for h in hist]
+    if spec.get("snapshot"):
+        from stquant_megatron.state import FactoredState
+
+        res["snap"] = _snapshot(opt)
+        res["sharded"] = sum(isinstance(v, FactoredState) and v.sharded
+                             for i in _inners(opt) for st in i.state.values() for v in st.values())  # fmt: skip
     if spec.get("bytes"):
         inner = _inners(opt)[0]
         n = sum(p.numel() for g in inner.param_groups for p in g["params"])
@@ -200,7 +214,7 @@ def _check_loaded_against_saved(saved_ranks, loaded_ranks):
 @pytest.mark.parametrize("tp,pp,world", [(1, 1, 2), (2, 1, 4), (1, 2, 2)], ids=["dp2", "tp2xdp2", "pp2"])
 def test_patched_gpt_tracks_stock(tp, pp, world):
     stock = run_distributed(_run, world, dict(tp=tp, pp=pp), timeout=400)
-    ours = run_distributed(_run, world, dict(tp=tp, pp=pp, config=dict(bits=8), bytes=True), timeout=400)
+    ours = run_distributed(_run, world, dict(tp=tp, pp=pp, config=dict(bits=8, **PACKED), bytes=True), timeout=400)
     assert stock[0]["inner"] != ["STQuantAdamW"] and ours[0]["inner"] == ["STQuantAdamW"]
     assert ours[0]["losses"][-1] < ours[0]["losses"][0]  # it trains
     assert _close(ours[0]["losses"], stock[0]["losses"]), (ours[0]["losses"], stock[0]["losses"])
@@ -217,7 +231,7 @@ def test_patched_gpt_tracks_stock(tp, pp, world):
 
 
 def test_scheduler_budget_bounds_each_ranks_peak():
-    cfg = dict(avg_bits=3.0, warmup_steps=2, interval=2, stats_steps=1, min_numel=1024)
+    cfg = dict(avg_bits=3.0, warmup_steps=2, interval=2, stats_steps=1, min_numel=1024, **PACKED)
     for r in run_distributed(_run, 2, dict(config=cfg, steps=6, peak=True), timeout=400):
         peak, budget, slack = r["peak"]
         assert peak <= budget + slack, (peak, budget, slack)
@@ -228,7 +242,7 @@ def test_fp32_params_pack_track_stock_and_round_trip(tmp_path):
     """fp32 model params (no bf16): the distributed optimizer's shard main params are views of the
     model params (non-leaf tensors); the patch must still pack them, train like stock and reload."""
     stock = run_distributed(_run, 2, dict(bf16=False, steps=4), timeout=400)
-    ours = run_distributed(_run, 2, dict(bf16=False, steps=4, config=dict(bits=8), bytes=True,
+    ours = run_distributed(_run, 2, dict(bf16=False, steps=4, config=dict(bits=8, **PACKED), bytes=True,
                                          save=str(tmp_path / "c"), reload_same=True, more=1), timeout=400)  # fmt: skip
     assert ours[0]["inner"] == ["STQuantAdamW"] and stock[0]["inner"] != ["STQuantAdamW"]
     assert _close(ours[0]["losses"], stock[0]["losses"], 1e-3), (ours[0]["losses"], stock[0]["losses"])
@@ -241,7 +255,7 @@ def test_fp32_params_pack_track_stock_and_round_trip(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["dp_reshardable", "fully_reshardable", "torch"])
 def test_checkpoint_round_trip_is_exact(fmt, tmp_path):
-    spec = dict(config=dict(bits=4), steps=3, save=str(tmp_path / fmt), fmt=fmt, reload_same=True, more=2)
+    spec = dict(config=dict(bits=4, **PACKED), steps=3, save=str(tmp_path / fmt), fmt=fmt, reload_same=True, more=2)
     for r in run_distributed(_run, 2, spec, timeout=400):
         before, after = r["before"], r["after"]
         assert before.keys() == after.keys() and any(k.endswith(".codes") for k in before)
@@ -253,8 +267,8 @@ def test_checkpoint_round_trip_is_exact(fmt, tmp_path):
 @pytest.mark.parametrize("mode", ["fixed", "scheduler", "stock"])
 def test_resume_is_deterministic(mode, tmp_path):
     # "stock": the harness's own resume of Megatron's torch-AdamW fallback (restore_stock_adam_steps)
-    cfg = {"fixed": dict(bits=4), "stock": None,
-           "scheduler": dict(avg_bits=4.0, warmup_steps=2, interval=2, stats_steps=1, min_numel=1024)}[mode]  # fmt: skip
+    cfg = {"fixed": dict(bits=4, **PACKED), "stock": None,
+           "scheduler": dict(avg_bits=4.0, warmup_steps=2, interval=2, stats_steps=1, min_numel=1024, **PACKED)}[mode]  # fmt: skip
     hist = mode == "scheduler"
     straight = run_distributed(_run, 2, dict(config=cfg, steps=6, bits_history=hist), timeout=400)
     half = run_distributed(_run, 2, dict(config=cfg, steps=3, save=str(tmp_path / "c"), more=0), timeout=400)
@@ -273,10 +287,10 @@ def test_reshard_dp2_to_dp1_and_stock_interop(tmp_path):
     within one step of the stock fp32 moments; the continued losses of each rank track a run that
     never left its layout."""
     ck = str(tmp_path / "dp2")
-    saved = run_distributed(_run, 2, dict(config=dict(bits=4), steps=3, save=ck, more=2), timeout=400)
+    saved = run_distributed(_run, 2, dict(config=dict(bits=4, **PACKED), steps=3, save=ck, more=2), timeout=400)
     saved_dense = [r["saved_dense"] for r in saved]
     # patched DP=2 checkpoint -> patched DP=1, and -> stock DP=1
-    for cfg in (dict(bits=4), None):
+    for cfg in (dict(bits=4, **PACKED), None):
         r = run_distributed(_run, 1, dict(config=cfg, steps=0, load=ck, start=3, more=2, mbs=4), timeout=400)[0]
         packed = _check_loaded_against_saved(saved_dense, [r["loaded_dense"]])
         assert (packed > 0) == (cfg is not None)
@@ -290,7 +304,7 @@ def test_reshard_dp2_to_dp1_and_stock_interop(tmp_path):
     # stock checkpoint -> patched run (same DP=2 layout, fp32 moments re-packed at 4 bits)
     stock_ck = str(tmp_path / "stock")
     stock = run_distributed(_run, 2, dict(steps=3, save=stock_ck, more=2), timeout=400)
-    res = run_distributed(_run, 2, dict(config=dict(bits=4), steps=0, load=stock_ck, start=3, more=2), timeout=400)
+    res = run_distributed(_run, 2, dict(config=dict(bits=4, **PACKED), steps=0, load=stock_ck, start=3, more=2), timeout=400)
     assert res[0]["inner"] == ["STQuantAdamW"]
     assert _check_loaded_against_saved([r["saved_dense"] for r in stock], [r["loaded_dense"] for r in res]) > 0
     for rank in range(2):  # each rank's own loss, before any all-reduce, tracks stock's continuation
@@ -300,15 +314,81 @@ def test_reshard_dp2_to_dp1_and_stock_interop(tmp_path):
 
 def test_fully_reshardable_changes_tp(tmp_path):
     ck = str(tmp_path / "tp2")
-    saved = run_distributed(_run, 2, dict(tp=2, config=dict(bits=4), steps=3, save=ck, fmt="fully_reshardable"), timeout=400)
-    r = run_distributed(_run, 1, dict(tp=1, config=dict(bits=4), steps=0, load=ck, fmt="fully_reshardable", start=3, more=2), timeout=400)[0]
+    saved = run_distributed(_run, 2, dict(tp=2, config=dict(bits=4, **PACKED), steps=3, save=ck, fmt="fully_reshardable"), timeout=400)
+    r = run_distributed(_run, 1, dict(tp=1, config=dict(bits=4, **PACKED), steps=0, load=ck, fmt="fully_reshardable", start=3, more=2), timeout=400)[0]
     # TP shards concatenated along their partition dim, re-packed at TP=1: within one step
     assert _check_loaded_against_saved([x["saved_dense"] for x in saved], [r["loaded_dense"]]) > 0
     assert all(x == x and x < 10 for x in r["continued"])
 
 
+FACT = dict(bits=8, exp_avg_sq_format="factored")  # exp_avg packed at 8 bits, matrices' exp_avg_sq factored
+
+
+@pytest.mark.parametrize("tp,world", [(1, 2), (2, 4)], ids=["dp2", "tp2xdp2"])
+def test_factored_statistics_are_all_reduced_over_data_parallel_shards(tp, world):
+    """Each data-parallel rank holds part of each matrix (some cut inside a row). Against DP=1 on the
+    same global batch (fp32 params): every rank's row and column statistics of every matrix equal
+    the DP=1 run's, which holds the matrices whole. A rank that summed only its own shard would be
+    off by the rows and column sums it does not hold."""
+    spec = dict(tp=tp, bf16=False, steps=2, config=FACT, snapshot=True)
+    dp2 = run_distributed(_run, world, spec, timeout=400)
+    dp1 = run_distributed(_run, tp, dict(spec, train_mbs=4), timeout=400)
+    ref = {r["tp_rank"]: r["snap"] for r in dp1}
+    assert sum(r["sharded"] for r in dp2) > 0 and sum(r["sharded"] for r in dp1) == 0
+    compared = 0
+    for r in dp2:
+        for k, v in r["snap"].items():
+            if k.endswith((".row", ".col")):
+                torch.testing.assert_close(v, ref[r["tp_rank"]][k], rtol=1e-4, atol=0, msg=k)
+                compared += 1
+    assert compared >= 8 * world // tp, compared
+    assert _close(dp2[0]["losses"], dp1[0]["losses"], 1e-4), (dp2[0]["losses"], dp1[0]["losses"])
+
+
+@pytest.mark.parametrize("fmt", ["dp_reshardable", "torch"])
+def test_factored_checkpoint_round_trip_and_resume(fmt, tmp_path):
+    """Checkpoints hold the dense estimate (stock-compatible); reloading rebuilds each matrix's
+    statistics from every rank's shard: codes and params exactly, statistics to rounding; the run
+    then continues as one that never stopped (to rounding)."""
+    straight = run_distributed(_run, 2, dict(config=FACT, steps=5), timeout=400)
+    spec = dict(config=FACT, steps=3, save=str(tmp_path / fmt), fmt=fmt, reload_same=True, more=2)
+    for r in run_distributed(_run, 2, spec, timeout=400):
+        before, after = r["before"], r["after"]
+        assert before.keys() == after.keys() and any(k.endswith(".row") for k in before)
+        for k in before:
+            if k.endswith((".row", ".col")):
+                torch.testing.assert_close(after[k], before[k], rtol=1e-5, atol=0, msg=k)
+            else:
+                assert torch.equal(before[k], after[k]), k
+        assert _close(r["continued"], straight[0]["losses"][3:], 1e-4), (r["continued"], straight[0]["losses"])
+
+
+def test_factored_checkpoint_reshards_and_loads_into_stock(tmp_path):
+    """A factored DP=2 checkpoint loaded at DP=1, patched (matrices whole) and stock: the dense
+    exp_avg_sq each loads equals what the saving run held (stock: exactly; factored: to rounding, the
+    statistics of a rank-one matrix are its row and column means)."""
+    ck = str(tmp_path / "dp2")
+    saved = run_distributed(_run, 2, dict(config=FACT, steps=3, save=ck), timeout=400)
+    full = _assemble([r["saved_dense"] for r in saved])
+    for cfg in (FACT, None):
+        r = run_distributed(_run, 1, dict(config=cfg, steps=0, load=ck, start=3, more=1, mbs=4), timeout=400)[0]
+        n = 0
+        for e in r["loaded_dense"]:
+            for k, got in e["tensors"].items():
+                want = full[e["name"]][k][e["start"] : e["start"] + got.numel()]
+                if cfg is not None and k == "exp_avg":
+                    continue  # re-packed at another layout (test_reshard_dp2_to_dp1_and_stock_interop)
+                if cfg is not None and k == "exp_avg_sq":
+                    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-30, msg=f"{e['name']}.{k}")
+                    n += float(want.abs().max()) > 0
+                else:
+                    assert torch.equal(got, want), (e["name"], k)
+        assert (n > 0) == (cfg is not None)
+        assert all(x == x for x in r["continued"])
+
+
 def test_scheduler_agrees_across_tp_dp_ranks():
-    cfg = dict(avg_bits=4.0, warmup_steps=2, interval=2, stats_steps=1, min_numel=1024)
+    cfg = dict(avg_bits=4.0, warmup_steps=2, interval=2, stats_steps=1, min_numel=1024, **PACKED)
     # learned position embeddings: a packed tensor that every TP rank keeps whole
     res = run_distributed(_run, 4, dict(tp=2, config=cfg, steps=8, bits_history=True, pos="learned_absolute"),
                           timeout=400)  # fmt: skip
@@ -343,12 +423,6 @@ def _unsupported(rank, world):
             msgs.append(None)
         except ValueError as e:
             msgs.append(str(e))
-    patch(STQuantConfig(bits=4, exp_avg_sq_format="factored"))
-    try:
-        gpt.build_optimizer(model)
-        msgs.append(None)
-    except ValueError as e:
-        msgs.append(str(e))
     unpatch()
     stock = type(gpt.build_optimizer(model).chained_optimizers[0].optimizer).__name__
     return msgs, stock, get_megatron_optimizer.__name__
@@ -358,7 +432,6 @@ def test_unsupported_setups_fail_clearly_and_unpatch_restores_stock():
     msgs, stock, name = run_distributed(_unsupported, 1, timeout=200)[0]
     assert msgs[0] and "--use-distributed-optimizer" in msgs[0]
     assert msgs[1] and "--optimizer sgd" in msgs[1] and "--optimizer adam" in msgs[1]
-    assert msgs[2] and "exp_avg_sq_format='factored'" in msgs[2] and "flat shards" in msgs[2]
     assert stock in ("AdamW", "Adam") and name == "get_megatron_optimizer"
 
 

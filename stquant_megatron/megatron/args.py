@@ -61,6 +61,9 @@ def add_stquant_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                    help="codebook kind of exp_avg (signed: not log)")
     g.add_argument("--stquant-exp-avg-sq-codebook", default=d.exp_avg_sq_codebook, choices=("auto", *KINDS),
                    help="codebook kind of exp_avg_sq")
+    g.add_argument("--stquant-exp-avg-sq-format", default=d.exp_avg_sq_format, choices=("auto", "factored", "packed"),
+                   help="exp_avg_sq of matrices: row/column statistics (factored, ~0 bits, all-reduced over the "
+                        "data-parallel shards) or codes (packed); auto: factored where that takes fewer bytes")
     g.add_argument("--stquant-backend", default=d.backend, choices=("auto", "torch", "triton"),
                    help="fused-step implementation: auto = Triton on CUDA, PyTorch elsewhere")
     g.add_argument("--stquant-compile", choices=("auto", "on", "off"), default="auto",
@@ -80,7 +83,7 @@ def config_from_args(args: argparse.Namespace) -> STQuantConfig | None:
         warmup_steps=args.stquant_warmup_steps, warmup_bits=args.stquant_warmup_bits,
         stats_steps=args.stquant_stats_steps, max_move=args.stquant_max_move, hysteresis=args.stquant_hysteresis,
         exp_avg_codebook=args.stquant_exp_avg_codebook, exp_avg_sq_codebook=args.stquant_exp_avg_sq_codebook,
-        backend=args.stquant_backend, compile={"auto": None, "on": True, "off": False}[args.stquant_compile],
+        exp_avg_sq_format=args.stquant_exp_avg_sq_format, backend=args.stquant_backend, compile={"auto": None, "on": True, "off": False}[args.stquant_compile],
         nonfinite="unchecked",  # Megatron checks grads itself; a per-rank raise would hang the others
     )  # fmt: skip
 

@@ -15,6 +15,9 @@ Seams (all looked up at call time, so no Megatron file is edited):
   them; ours return / accept dense fp32 moments, so checkpoints are interchangeable with stock runs.
 - ``DistributedOptimizer.load_state_dict``: restores the scheduler (per-unit bits) from the small
   non-tensor ``optimizer.stquant`` entry before the moments are re-packed.
+- ``DistributedOptimizer.load_parameter_state_from_*`` (every parameter-state format): afterwards,
+  the factored ``exp_avg_sq`` statistics of sharded matrices are rebuilt from every rank's loaded
+  shard (one all-reduce over the data-parallel group: ``STQuantAdamW.finish_factored_load``).
 - ``megatron.training.arguments.add_megatron_arguments`` (when Megatron-LM's ``megatron.training``
   exists, e.g. the 0.19.2 wheel): also registers the ``--stquant-*`` flags.
 
@@ -36,7 +39,7 @@ import torch
 
 from ..config import MOMENTS, STQuantConfig
 from ..optim import STQuantAdamW
-from ..state import QUANTIZED_STATES
+from ..state import QUANTIZED_STATES, FactoredState
 from .args import add_stquant_args, config_from_args
 
 SUPPORTED_VERSIONS = ((0, 16), (0, 20))
@@ -158,12 +161,6 @@ def global_param_names(model_chunks) -> dict[torch.Tensor, str]:
 
 def install(distopt: Any, config: STQuantConfig) -> STQuantAdamW:
     """Replace ``distopt``'s inner optimizer by ``STQuantAdamW`` over the same shard param groups."""
-    if config.exp_avg_sq_format == "factored":
-        raise ValueError(
-            f"STQuantConfig.exp_avg_sq_format={config.exp_avg_sq_format!r} is not supported under Megatron: "
-            "a factored exp_avg_sq needs whole matrices, and the distributed optimizer holds flat shards of "
-            "them. Use exp_avg_sq_format='auto' (the default: packed where factoring is impossible) or 'packed'"
-        )
     oc = distopt.config
     group = distopt.get_grad_stats_parallel_group() if hasattr(distopt, "get_grad_stats_parallel_group") else None
     # With fp32 model params (no --bf16/--fp16) the shard "main" params are views of the model
@@ -194,7 +191,17 @@ def install(distopt: Any, config: STQuantConfig) -> STQuantAdamW:
         main = inner.param_groups[gi]["params"][go]
         offset = distopt._get_model_param_range_map(model_param)["param"].start
         inner.set_param_name(main, names[model_param], offset, full_numel=model_param.numel(),
-                             replicas=_replicas(distopt, model_param))  # fmt: skip
+                             replicas=_replicas(distopt, model_param), full_shape=tuple(model_param.shape))  # fmt: skip
+    # factored exp_avg_sq of sharded matrices: every data-parallel rank lists every tensor of the
+    # buffers in the same order; the shards' row and column sums are all-reduced over the group the
+    # buffers are sharded across
+    buffers = list(getattr(distopt, "buffers", []))
+    dp_groups = {id(b.data_parallel_group): b.data_parallel_group for b in buffers}
+    if len(dp_groups) > 1:
+        raise RuntimeError("stquant-megatron: the distributed optimizer's buffers are sharded over different groups")
+    members = [(names[p], tuple(p.shape)) for b in buffers for p in b.params]
+    dp_group = next(iter(dp_groups.values()), None) or getattr(distopt, "data_parallel_group", None)
+    inner.set_factored_sharding(dp_group, members, device=buffers[0].grad_data.device if buffers else None)
     inner.history_file = "stquant_history_expert.jsonl" if any(
         g.get("is_expert_parallel") for g in inner.param_groups) else "stquant_history.jsonl"  # fmt: skip
     inner.init_state()
@@ -322,7 +329,9 @@ def _set(orig):
             value = tensors.get(key)
             if not torch.is_tensor(value):
                 continue
-            if isinstance(st[key], QUANTIZED_STATES):
+            if isinstance(st[key], FactoredState):  # set from every shard by finish_factored_load
+                inner.stage_factored_load(main, value)
+            elif isinstance(st[key], QUANTIZED_STATES):
                 st[key].copy_(value)
             else:
                 st[key].copy_(value.view_as(st[key]))
@@ -340,6 +349,17 @@ def _load(orig):
         return orig(self, state_dict)
 
     return patched_load_state_dict
+
+
+def _finish_load(orig):
+    @functools.wraps(orig)
+    def patched_load_parameter_state(self, *args, **kwargs):
+        result = orig(self, *args, **kwargs)
+        if isinstance(self.optimizer, STQuantAdamW):  # collective: every rank of the data-parallel group loads
+            self.optimizer.finish_factored_load()
+        return result
+
+    return patched_load_parameter_state
 
 
 def _add_args(orig):
@@ -382,6 +402,9 @@ def patch(config: STQuantConfig | None = None, *, from_args: bool = False) -> No
     _replace(DistributedOptimizer, "_get_main_param_and_optimizer_states", _get)
     _replace(DistributedOptimizer, "_set_main_param_and_optimizer_states", _set)
     _replace(DistributedOptimizer, "load_state_dict", _load)
+    for name in sorted(vars(DistributedOptimizer)):  # every way parameter state is loaded (dp_zero, dp_reshardable, ...)
+        if name.startswith("load_parameter_state_from_") and callable(getattr(DistributedOptimizer, name)):
+            _replace(DistributedOptimizer, name, _finish_load)
     # Megatron-LM's parser: patched now if imported, else the moment it is imported (importing it
     # here would pull in all of megatron.training at interpreter start).
     _when_imported("megatron.training.arguments", lambda m: _replace(m, "add_megatron_arguments", _add_args))
