@@ -239,12 +239,14 @@ def launch(spec: Spec, step: int = 1, index_offset: int = 0):
     with_stats = spec.stats != "off"
     probe = spec.stats == "probe"
     with Capture() as cap:
-        if spec.path == "factored":  # a [rows, cols] matrix of the same size (pass 1 runs on the host here)
-            cols = 1 if spec.odd else 4  # cols is a runtime integer: any divisor compiles the same kernel
+        if spec.path == "factored":  # a shard of a [rows, cols] matrix (pass 1 runs on the host here)
+            cols = 1 if spec.odd else 4  # cols and index_offset are runtime integers: one kernel for all
+            rows = -(-(p.numel() + index_offset) // cols)
             tf.triton_factored_adam_step(
-                p, g, mc, ms, torch.zeros(p.numel() // cols), torch.zeros(cols), mcb, sc, block_size=spec.block,
+                p, g, mc, ms, torch.zeros(rows), torch.zeros(cols), mcb, sc, block_size=spec.block,
                 stochastic=spec.stochastic, rng_key=keys[0], stats=torch.zeros(3) if with_stats else None,
                 neighbor_codebooks=_neighbors(spec) if probe else None, neighbor_stats=torch.zeros(6) if probe else None,
+                inv_mean=torch.ones(()), index_offset=index_offset,
             )  # fmt: skip
         elif spec.path == "unit":
             ta.triton_packed_adam_step(
@@ -499,14 +501,16 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--markdown", help="write the table here")
     ap.add_argument("--replay-steps", type=int, default=200)
+    ap.add_argument("--path", choices=("unit", "group", "factored"),
+                    help="only this launch path's specializations (checking one kernel after a change to it)")
     args = ap.parse_args(argv)
     archs = [int(a) for a in args.arch.split(",")]
-    specs = matrix(args.quick)
+    specs = [sp for sp in matrix(args.quick) if args.path in (None, sp.path)]
     t0 = time.perf_counter()
     results, failures = [], []
     for arch in archs:
         for spec in specs:
-            kernel, a, kw = launch(spec)
+            kernel, a, kw = launch(spec, index_offset=77 if spec.path == "factored" else 0)
             r = dict(compile_call(kernel, a, kw, arch), spec=spec.name(), **{f"spec_{k}": v for k, v in asdict(spec).items()})
             results.append(r)
             bad = problems(r)
@@ -534,7 +538,8 @@ def main(argv=None) -> int:
             if r["compiles"] != 1:
                 failures.append(f"replay sm_{arch} {r['kernel']} {r['config']}: {r['compiles']} compiles")
     wall = time.perf_counter() - t0
-    cmd = "python benchmarks/gpu_compile.py" + (" --quick" if args.quick else "") + f" --arch {args.arch}"
+    cmd = ("python benchmarks/gpu_compile.py" + (" --quick" if args.quick else "") + f" --arch {args.arch}"
+           + (f" --path {args.path}" if args.path else ""))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"command": cmd, "triton": triton.__version__, "wall_s": round(wall, 1), "results": results,

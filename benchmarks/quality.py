@@ -129,7 +129,7 @@ def optimizer_specs(steps: int, only: list[str] | None = None) -> list[OptSpec]:
         OptSpec("auto4.0", "STQuant adaptive 4.0", "auto 4.0", "stq", dict(avg_bits=4.0, **packed, **sched)),
         OptSpec("auto3.5", "STQuant adaptive 3.5", "auto 3.5", "stq", dict(avg_bits=3.5, **packed, **sched)),
     ]
-    # the frontier's configurations (benchmarks/frontier.py), run when named; factored ones: digits only
+    # the frontier's configurations (benchmarks/frontier.py), run when named; factored ones too
     lean = dict(scale_dtype="bf16", block_size=256, **packed)
     fact = dict(exp_avg_sq_format="factored")
     for avg in (3.0, 2.5):
@@ -413,10 +413,6 @@ def run_gpt(specs: list[OptSpec], setup: GPTSetup, progress: bool = True, log=pr
 
     jobs = []
     for spec in specs:
-        if (spec.config or {}).get("exp_avg_sq_format", "packed") != "packed":
-            log(f"  -- {spec.label}: skipped (a factored exp_avg_sq needs whole matrices; Megatron's distributed "
-                "optimizer holds flat shards)")  # fmt: skip
-            continue
         if spec.family == "stq" or spec.key == "adamw":
             jobs.append((spec, 2))
         if spec.family not in ("stq",):
@@ -827,7 +823,7 @@ def main(argv=None) -> int:
     ap.add_argument("--optimizers", nargs="+", metavar="KEY",
                     help="subset: adamw bnb8 ao8 ao4 stq8 stq4 auto4.0 auto3.5, or the frontier's auto3.0 auto2.5 "
                          "auto3.0-lean auto2.5-lean fact4 fact-auto5.5 fact-auto4.0 fact-auto3.0 (not run by "
-                         "default; fact*: digits only) (adamw always runs)")
+                         "default) (adamw always runs)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads per process (default 1: on a shared 2-core machine more threads per "
                          "process oversubscribe the cores and can be 10-40x slower)")

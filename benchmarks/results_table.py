@@ -346,15 +346,20 @@ def frontier_block(path: str) -> str:
                      + (f"**met** by {best['label']} ({best['peak_state_bytes_per_param']:.3f} B/param, "
                         f"{best['ratio_mean']:.4f}, mean of {full} seeds)" if best
                         else f"**not met** by any configuration with {full} seeds in this table"))
+    gpt = os.path.join(os.path.dirname(path), "frontier_gpt.json")
+    if os.path.exists(gpt):
+        gdata, gmeta = load(gpt)
+        lines += ["", "The same configurations on the quality benchmark's Megatron GPT task (megatron-core "
+                  "`DistributedOptimizer`, 2 gloo ranks, data-parallel shards; "
+                  f"`{gmeta.get('command', 'python benchmarks/quality.py --task gpt ...')}`, "
+                  f"{gmeta.get('description', '')}):", ""] + task_table(gdata)  # fmt: skip
     digits = os.path.join(os.path.dirname(path), "frontier_digits.json")
     if os.path.exists(digits):
         ddata, dmeta = load(digits)
         lines += ["", "The same configurations on the digits ViT (standalone; "
                   f"`{dmeta.get('command', 'python benchmarks/quality.py --task digits ...')}`, "
                   f"{dmeta.get('description', '')}):", ""] + task_table(ddata)  # fmt: skip
-        lines.append("- On digits compare accuracy: the test loss swings by tens of percent between runs (Results section). "
-                     "Factored rows cannot run on the Megatron GPT task (flat shards); its packed scheduled rows are "
-                     "the Results section's.")
+        lines.append("- On digits compare accuracy: the test loss swings by tens of percent between runs (Results section).")
     lines.append(FRONTIER_END)
     return "\n".join(lines)
 

@@ -16,6 +16,9 @@ from .common import MAX_BLOCK_SIZE, StepScalars
 from .torch_adam import factored_moment_update
 from .triton_adam import HAS_TRITON, _launch_opts, _neighbor_args
 
+MAX_COLS = 2**31 - 2**16
+"""Columns of a factored matrix the kernel indexes with 32-bit arithmetic (a column index plus one program's elements)."""
+
 if HAS_TRITON:
     import triton
     import triton.language as tl
@@ -66,9 +69,14 @@ if HAS_TRITON:
         g = tl.load(g_ptr + loc, mask=inside).to(tl.float32)
         ms = tl.load(ms_ptr + r, mask=blk_ok, other=0.0).to(tl.float32)
         m = _decode(_unpack(mc_ptr, r, w, i, blk_ok, M_BITS, W), M_BITS, M_KIND, True, mq_ptr) * ms
-        index = (base + index_offset) + loc  # int64 index in the flattened [rows, cols] matrix
-        ri = index // cols
-        v = tl.load(row_ptr + ri, mask=inside, other=0.0) * tl.load(col_ptr + (index - ri * cols), mask=inside, other=0.0)
+        # element (row0 + dr, cj) of the flattened [rows, cols] matrix: 64-bit arithmetic once per program,
+        # 32-bit per element (cols < 2**31 - 2**16, checked by the launcher)
+        start = base + index_offset
+        row0 = start // cols
+        c = (start - row0 * cols).to(tl.int32) + loc
+        cols32 = cols.to(tl.int32)
+        dr = c // cols32
+        v = tl.load(row_ptr + row0 + dr, mask=inside, other=0.0) * tl.load(col_ptr + (c - dr * cols32), mask=inside, other=0.0)
         v = v * tl.load(inv_ptr)
 
         g = g + p * l2
@@ -150,6 +158,9 @@ def triton_factored_adam_step(
     assert param.is_contiguous() and grad.is_contiguous()
     if block_size > MAX_BLOCK_SIZE:
         raise ValueError(f"block_size={block_size} is above the kernel's limit {MAX_BLOCK_SIZE}")
+    if col.numel() >= MAX_COLS:
+        raise ValueError(f"a factored matrix with {col.numel()} columns is above the kernel's limit {MAX_COLS}; "
+                         "use exp_avg_sq_format='packed' or backend='torch'")  # fmt: skip
     if inv_mean is None:
         inv_mean = factored_moment_update(param, grad, row, col, scalars)
     numel, nblocks = param.numel(), exp_avg_codes.shape[0]
