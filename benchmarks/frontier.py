@@ -290,11 +290,11 @@ def load_runs(path: str, s: Setup) -> dict:
     out = {}
     if not os.path.exists(path):
         return out
-    want = json.loads(json.dumps(asdict(s)))
+    want = {k: v for k, v in json.loads(json.dumps(asdict(s))).items() if k != "seeds"}  # each run has its seed
     with open(path) as f:
         for line in f:
             r = json.loads(line)
-            if r.get("setup") == want:
+            if {k: v for k, v in (r.get("setup") or {}).items() if k != "seeds"} == want:
                 out[(r["key"], r["seed"], _norm(r["family"], r["config"]))] = dict(r, reused=True)
     return out
 
