@@ -50,14 +50,15 @@ class STQuantConfig:
     """Codebook kind of exp_avg: "auto" or one of formats.codebooks.KINDS (signed: not "log")."""
     exp_avg_sq_codebook: str = "auto"
     """Codebook kind of exp_avg_sq: "auto" or one of formats.codebooks.KINDS."""
-    exp_avg_sq_format: Literal["auto", "factored", "packed"] = "auto"
+    exp_avg_sq_format: Literal["auto", "factored", "packed"] = "packed"
     """"factored": the exp_avg_sq of every packed parameter with a matrix shape (2-D or more, viewed as
     ``[shape[0], rest]``) keeps row and column statistics instead of codes (``FactoredState``, 4 bytes
     per row and column, about 0 bits per element; Adafactor's rank-1 second moment). Under Megatron's
     distributed optimizer a matrix's data-parallel shards keep the full matrix's statistics, all-reduced
     every step (``STQuantAdamW.set_factored_sharding``). "auto": factored where the statistics, on
     each rank holding part of the matrix, take fewer bytes than a 4-bit packed exp_avg_sq of its
-    share (``8 * (rows + cols) * shards <= numel``), packed elsewhere (vectors). "packed": codes
+    share (``8 * (rows + cols) * shards <= numel``), packed elsewhere (vectors). "packed" (the
+    default: fp32 AdamW's loss in the frontier benchmark, where factoring cost about 0.7 %): codes
     everywhere. The scheduler places the packed units (exp_avg, and exp_avg_sq where packed) within
     ``avg_bits``."""
     nonfinite: Literal["raise", "skip", "unchecked"] = "raise"

@@ -35,7 +35,7 @@ ITERS = 6
 TOL_8BIT = 1e-3
 # 4-bit average (scheduled) against stock: coarser moments, still a small perturbation.
 TOL_4BIT = 1e-2
-PACKED = ["--stquant-exp-avg-sq-format", "packed"]  # both moments packed (the default factors matrices' exp_avg_sq)
+PACKED = ["--stquant-exp-avg-sq-format", "packed"]  # both moments packed (the default; explicit, so these tests keep their meaning)
 SCHED = ["--stquant-avg-bits", "4.0", "--stquant-warmup-steps", "2", "--stquant-interval", "2",
          "--stquant-stats-steps", "1", "--stquant-min-numel", "1024", *PACKED]  # fmt: skip
 
@@ -105,8 +105,8 @@ def test_gpt_dp2_stquant8_launch_tracks_stock(precision, tmp_path, tmp_path_fact
     [
         pytest.param("fixed4", "bf16", "launch", ["--stquant-bits", "4", *PACKED], marks=megatron_lm),
         pytest.param("sched4", "fp32", "patches", SCHED, marks=megatron_lm),
-        # the default (--stquant alone): scheduled 4.0 bits, matrices' exp_avg_sq factored
-        pytest.param("default", "bf16", "launch", [], marks=megatron_lm),
+        # scheduled 4.0 bits (the default) with the matrices' exp_avg_sq factored
+        pytest.param("factored", "bf16", "launch", ["--stquant-exp-avg-sq-format", "auto"], marks=megatron_lm),
     ],
 )
 def test_gpt_save_resume_is_exact(name, precision, route, flags, tmp_path, tmp_path_factory):
@@ -122,7 +122,7 @@ def test_gpt_save_resume_is_exact(name, precision, route, flags, tmp_path, tmp_p
                               workdir=str(tmp_path / "resumed"), **kw)  # fmt: skip
     assert resumed.iterations() == [4, 5, 6]
     print(f"{name}: resumed {resumed.losses()} straight {straight.losses()[3:]}")
-    if name == "default":
+    if name == "factored":
         assert _rel_close(resumed.losses(), straight.losses()[3:], TOL_FACTORED_RESUME), (resumed.losses(), straight.losses())
         assert _rel_close(resumed.grad_norms(), straight.grad_norms()[3:], 1e-3)
         bpp = _check_packed(straight, lo=0.3, hi=1.0)
@@ -162,9 +162,10 @@ def test_gpt_save_resume_is_exact(name, precision, route, flags, tmp_path, tmp_p
         # PP=2 (DP=1): scheduled 4-bit average through PYTHONPATH=patches; the two stages own
         # different units and must still take one decision.
         pytest.param("pp2-sched", dict(pp=2), "patches", SCHED, TOL_4BIT, (0.8, 1.3), marks=megatron_lm),
-        # TP=2 (DP=1), the default (--stquant alone): scheduled, matrices' exp_avg_sq factored per TP
-        # shard (the DP=2 runs of test_gpt_save_resume_is_exact all-reduce them over data-parallel shards)
-        pytest.param("tp2-default", dict(tp=2, gbs=2), "launch", [], TOL_4BIT, (0.5, 1.3), marks=megatron_lm),
+        # TP=2 (DP=1), scheduled (the default) with matrices' exp_avg_sq factored per TP shard (the DP=2
+        # runs of test_gpt_save_resume_is_exact all-reduce them over data-parallel shards)
+        pytest.param("tp2-factored", dict(tp=2, gbs=2), "launch", ["--stquant-exp-avg-sq-format", "auto"], TOL_4BIT,
+                     (0.5, 1.3), marks=megatron_lm),
     ],
 )  # fmt: skip
 def test_gpt_model_parallel_tracks_stock(name, ga, route, flags, tol, bpp_range, tmp_path, tmp_path_factory):
