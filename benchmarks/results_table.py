@@ -294,6 +294,23 @@ def step_block(path: str) -> str:
     return "\n".join(lines)
 
 
+def _lr_sweep(log: str, setup: dict) -> dict:
+    """{peak lr: (mean final val loss, runs)} of fp32 AdamW runs in the frontier run log whose set-up
+    equals ``setup`` apart from the learning rate and the seed list."""
+    if not os.path.exists(log):
+        return {}
+    same = {k: v for k, v in setup.items() if k not in ("lr", "seeds")}
+    by: dict = {}
+    with open(log) as f:
+        for line in f:
+            r = json.loads(line)
+            st = r.get("setup") or {}
+            if r.get("family") != "torch" or {k: v for k, v in st.items() if k not in ("lr", "seeds")} != same:
+                continue
+            by.setdefault(round(r.get("lr", st.get("lr")), 10), {})[r["seed"]] = r["final_val"]  # one per seed
+    return {lr: (sum(v.values()) / len(v), len(v)) for lr, v in by.items()}
+
+
 def frontier_block(path: str) -> str:
     """The frontier table (benchmarks/frontier.py): peak and final state bytes against the paired loss ratio."""
     with open(path) as f:
@@ -327,7 +344,15 @@ def frontier_block(path: str) -> str:
               + f"; {meta.get('hardware', '?')}.",
               "- Peak bytes of STQuant rows include the CPU transition slack (a unit being re-coded briefly holds old "
               "and new codes); on accelerators the old codes are staged in host memory."]  # fmt: skip
-    others = [r for r in rows if r["key"] != "adamw"]
+    sweep = _lr_sweep(os.path.splitext(path)[0] + ".runs.jsonl", s)
+    if sweep:
+        lines.append("- fp32 AdamW's final validation loss by peak learning rate (every fp32 AdamW run in the run log with "
+                     "this model and step count): " + ", ".join(f"{lr:g}: {m:.4f} ({n} seed{'s' * (n > 1)})"
+                                                                for lr, (m, n) in sorted(sweep.items()))
+                     + (f"; the set-up's {s['lr']:g} is the best of these."
+                        if min(sweep, key=lambda lr: sweep[lr][0]) == round(s["lr"], 10)
+                        else f"; the best of these is {min(sweep, key=lambda lr: sweep[lr][0]):g}, not the set-up's {s['lr']:g}."))  # fmt: skip
+    others = [r for r in rows if r["key"] not in ("adamw",) and not r["key"].startswith("adamw-lr")]
     below = [r for r in others if r["ratio_mean"] < 1.0]
     if len(below) > len(others) // 2:
         lines.append(f"- {len(below)} of {len(others)} configurations (peers included) end below fp32 AdamW's loss: "
