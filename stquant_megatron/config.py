@@ -15,14 +15,14 @@ from .kernels.common import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
 # the signed kinds coincide).
 AUTO_CODEBOOK = {moment: {bits: "pow2" for bits in range(MIN_BITS, MAX_BITS + 1)} for moment in ("exp_avg", "exp_avg_sq")}
 MOMENTS = ("exp_avg", "exp_avg_sq")
-DEFAULT_AVG_BITS = 4.0
-"""The budget of ``STQuantConfig()`` (no ``bits``, no ``avg_bits``), chosen from the frontier benchmark
-(``benchmarks/results/frontier.json``, README "Frontier", 3 seeds): with the default
-``exp_avg_sq_format="auto"`` (factored second moments of whole matrices) 0.575 B/param peak on the CPU
-(0.532 at the end; GPUs stage transitions) at 0.9948 +- 0.0061 of fp32 AdamW's validation loss, against
-0.564 and 0.9975 +- 0.0094 (one seed at 1.008) for fixed 4-bit exp_avg; packed budgets of 3.0 and
-below lose 6-34 %. Where nothing can be factored (Megatron's flat shards) the same budget packs both
-moments at about 4 bits: the "scheduled 4.0" row, 1.067 B/param peak at 0.9891 +- 0.0042."""
+DEFAULT_AVG_BITS = 3.5
+"""The budget of ``STQuantConfig()`` (no ``bits``, no ``avg_bits``; both moments packed), chosen from the
+frontier benchmark (``benchmarks/results/frontier.json``, README "Frontier": fp32 AdamW at its best
+learning rate, 3 seeds) as the least peak memory whose mean validation loss is within 0.4 % of fp32
+AdamW's: scheduled 3.5 bits, 0.929 B/param peak at 1.0021 +- 0.0047 (per seed 0.9986, 1.0002, 1.0074).
+Fixed 4-bit: 1.073 B/param at 1.0022; scheduled 4.0: 1.067 at 1.0045; scheduled 3.0: 0.804 at 1.046
+(one seed). Factoring the matrices' exp_avg_sq (``exp_avg_sq_format="auto"``) halves the memory,
+0.564-0.575 B/param, at 1.009 (every seed 1.005-1.012)."""
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
