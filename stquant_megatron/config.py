@@ -20,8 +20,7 @@ DEFAULT_AVG_BITS = 3.5
 frontier benchmark (``benchmarks/results/frontier.json``, README "Frontier": fp32 AdamW at its best
 learning rate, 3 seeds) as the least peak memory whose mean validation loss is within 0.4 % of fp32
 AdamW's: scheduled 3.5 bits, 0.929 B/param peak at 1.0021 +- 0.0047 (per seed 0.9986, 1.0002, 1.0074).
-Fixed 4-bit: 1.073 B/param at 1.0022; scheduled 4.0: 1.067 at 1.0045; scheduled 3.0: 0.804 at 1.046
-(one seed). Factoring the matrices' exp_avg_sq (``exp_avg_sq_format="auto"``) halves the memory,
+Fixed 4-bit: 1.073 B/param at 1.0022; scheduled 4.0: 1.067 at 1.0045; scheduled 3.0: 0.804 at 1.042. Factoring the matrices' exp_avg_sq (``exp_avg_sq_format="auto"``) halves the memory,
 0.564-0.575 B/param, at 1.009 (every seed 1.005-1.012)."""
 
 
