@@ -17,9 +17,13 @@ How instructions per element are counted (``sass_per_element``): the kernel is s
 program handles ``G`` blocks; no loop), so the hot path is the whole entry function as disassembled
 by ``nvdisasm``, minus (a) the out-of-line slow-path subroutines of IEEE division and square root
 (``$__internal_*``) and (b) the stubs that call them (the instructions between a conditional branch
-and its target label that contain ``CALL.REL.NOINC``). That count is the instructions one thread
-issues; divided by the elements one thread handles (``G * BLOCK / (32 * num_warps)``) it is
-comparable with the issue budget: an H100 issues about 132 SMs x 4 x 1.755 GHz = 0.93e12 warp
+and its target label that contain ``CALL.REL.NOINC``). With statistics, only every
+``SAMPLE_STRIDE``-th program measures them: the others leave at a predicated ``EXIT`` after the
+step, so the instructions after the first predicated ``EXIT`` (``sass_sampled``) run in one program
+of ``SAMPLE_STRIDE`` and count ``1 / SAMPLE_STRIDE`` each (``sass_expected = sass_common +
+sass_sampled / SAMPLE_STRIDE``; a statistics specialization without that ``EXIT`` is reported as a
+problem). That count is the instructions one thread issues on average; divided by the elements one
+thread handles (``G * BLOCK / (32 * num_warps)``) it is comparable with the issue budget: an H100 issues about 132 SMs x 4 x 1.755 GHz = 0.93e12 warp
 instructions/s, i.e. 29.7e12 thread instructions/s; at 3.35 TB/s and about 14 B per element (4/4
 bits) memory allows 240e9 elements/s, so about 125 instructions per element.
 
@@ -64,7 +68,7 @@ from stquant_megatron.formats.codebooks import KINDS, LOG_STEP, get_codebook  # 
 from stquant_megatron.kernels import GroupEntry, rng_key, step_scalars  # noqa: E402
 from stquant_megatron.kernels import triton_adam as ta  # noqa: E402
 from stquant_megatron.kernels import triton_factored as tf  # noqa: E402
-from stquant_megatron.kernels.common import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, SALT_EXP_AVG, SALT_EXP_AVG_SQ  # noqa: E402
+from stquant_megatron.kernels.common import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, SAMPLE_STRIDE  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -235,7 +239,7 @@ def launch(spec: Spec, step: int = 1, index_offset: int = 0):
     """Call the real launcher for ``spec`` with the launch intercepted; returns the recorded call."""
     p, g, mc, ms, vc, vs, mcb, vcb = _tensors(spec)
     sc = step_scalars(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, step=step, adamw=True)
-    keys = (rng_key(0, step, 7, SALT_EXP_AVG), rng_key(0, step, 7, SALT_EXP_AVG_SQ))
+    key = rng_key(0, step, 7)
     with_stats = spec.stats != "off"
     probe = spec.stats == "probe"
     with Capture() as cap:
@@ -244,19 +248,19 @@ def launch(spec: Spec, step: int = 1, index_offset: int = 0):
             rows = -(-(p.numel() + index_offset) // cols)
             tf.triton_factored_adam_step(
                 p, g, mc, ms, torch.zeros(rows), torch.zeros(cols), mcb, sc, block_size=spec.block,
-                stochastic=spec.stochastic, rng_key=keys[0], stats=torch.zeros(3) if with_stats else None,
+                stochastic=spec.stochastic, rng_key=key, stats=torch.zeros(3) if with_stats else None,
                 neighbor_codebooks=_neighbors(spec) if probe else None, neighbor_stats=torch.zeros(6) if probe else None,
                 inv_mean=torch.ones(()), index_offset=index_offset,
             )  # fmt: skip
         elif spec.path == "unit":
             ta.triton_packed_adam_step(
-                p, g, mc, ms, vc, vs, mcb, vcb, sc, block_size=spec.block, stochastic=spec.stochastic, rng_keys=keys,
+                p, g, mc, ms, vc, vs, mcb, vcb, sc, block_size=spec.block, stochastic=spec.stochastic, rng_key=key,
                 index_offset=index_offset, stats=torch.zeros(3) if with_stats else None,
                 neighbor_codebooks=_neighbors(spec) if probe else None, neighbor_stats=torch.zeros(6) if probe else None,
             )  # fmt: skip
         else:
             ta.triton_packed_adam_group_step(
-                [GroupEntry(p, g, mc, ms, vc, vs, sc, keys, index_offset)], mcb, vcb, block_size=spec.block,
+                [GroupEntry(p, g, mc, ms, vc, vs, sc, key, index_offset)], mcb, vcb, block_size=spec.block,
                 stochastic=spec.stochastic, stats=torch.zeros(1, 3) if with_stats else None,
                 neighbor_codebooks=_neighbors(spec) if probe else None,
                 neighbor_stats=torch.zeros(1, 6) if probe else None,
@@ -273,8 +277,9 @@ _INSN = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;")
 _F64 = re.compile(r"^\s*(?:@%p\d+\s+)?[a-z]+(?:\.[a-z0-9]+)*\.f64\b", re.M)
 
 
-def count_sass(cubin: bytes) -> dict:
-    """Static SASS of the entry function: all, common path (slow-path stubs and subroutines out)."""
+def count_sass(cubin: bytes, sampled: bool) -> dict:
+    """Static SASS of the entry function: all, common path (slow-path stubs and subroutines out), and
+    with ``sampled`` the part after the first predicated EXIT (programs that sample statistics only)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
         path = f.name
@@ -297,8 +302,10 @@ def count_sass(cubin: bytes) -> dict:
         if m and not in_sub:
             insns.append((None, m.group(1)))
     total = sum(1 for lab, ins in insns if ins is not None and not ins.startswith("NOP"))
-    # drop regions "@P BRA `(.L_x_k)" ... ".L_x_k:" that call a slow path
-    common, i = 0, 0
+    # drop regions "@P BRA `(.L_x_k)" ... ".L_x_k:" that call a slow path; after the first predicated
+    # EXIT (programs that do not sample statistics leave there), count into "sampled"
+    counts = {"common": 0, "sampled": 0}
+    part, i = "common", 0
     while i < len(insns):
         lab, ins = insns[i]
         if ins is None:
@@ -311,17 +318,19 @@ def count_sass(cubin: bytes) -> dict:
                 j += 1
             region = [x for _, x in insns[i + 1 : j] if x is not None]
             if any("CALL.REL.NOINC" in x for x in region):
-                common += 1  # the branch itself is executed
+                counts[part] += 1  # the branch itself is executed
                 i = j
                 continue
         if not ins.startswith("NOP") and not re.match(r"BRA\s+`\((\.L_x_\d+)\)", ins or "") or (
             ins.startswith("BRA") and i + 1 < len(insns)
             and insns[i + 1][0] != re.search(r"(\.L_x_\d+)", ins).group(1)
         ):  # fmt: skip
-            common += 1
+            counts[part] += 1
+        if sampled and re.match(r"@!?U?P\w+\s+EXIT\b", ins):
+            part = "sampled"
         i += 1
     # the trailing self-branch after EXIT is padding
-    return {"sass_total": total, "sass_common": common,
+    return {"sass_total": total, "sass_common": counts["common"], "sass_sampled": counts["sampled"],
             "sass_shared_ops": len(re.findall(r"\b(?:STS|LDS)\b", text)),
             "sass_barriers": len(re.findall(r"\bBAR\.SYNC", text))}  # fmt: skip
 
@@ -371,12 +380,15 @@ def compile_call(kernel, args, kwargs, arch: int) -> dict:
         local_memory=ptx.count(".local"), shared=ck.metadata.shared,
         fma=len(re.findall(r"\bfma\.rn(?:\.ftz)?\.f32\b", ptx)), fp64=len(_F64.findall(ptx)),
     )  # fmt: skip
-    out.update(count_sass(ck.asm["cubin"]))
+    out["with_stats"] = bool(constexprs[(kernel.arg_names.index("WITH_STATS"),)])
+    out.update(count_sass(ck.asm["cubin"], out["with_stats"]))
     G = constexprs[(kernel.arg_names.index("G"),)]
     BLOCK = constexprs[(kernel.arg_names.index("BLOCK"),)]
     per_thread = G * BLOCK / (32 * options.num_warps)
     out["elements_per_thread"] = per_thread
-    out["sass_per_element"] = round(out["sass_common"] / per_thread, 1)
+    out["sass_expected"] = out["sass_common"] + out["sass_sampled"] / SAMPLE_STRIDE
+    out["sass_per_element"] = round(out["sass_expected"] / per_thread, 1)
+    out["sass_per_element_sampled_program"] = round((out["sass_common"] + out["sass_sampled"]) / per_thread, 1)
     out["occupancy"] = occupancy(out["registers"] or 0, options.num_warps, out["shared"])
     _COMPILED[ck_key] = out
     return out
@@ -394,6 +406,8 @@ def problems(r: dict) -> list[str]:
         bad.append("fp64")
     if r["fma"]:
         bad.append("FMA contraction")
+    if r["with_stats"] and not r["sass_sampled"]:  # the count's split point is where it must be
+        bad.append("statistics without a sampled-program EXIT")
     return bad
 
 
@@ -425,7 +439,7 @@ def replay(steps: int, arch: int) -> list[dict]:
             for en in entries:
                 for off in (en.index_offset, en.index_offset + 3 * 2**31 + 64):
                     ta.triton_packed_adam_step(
-                        *en[:6], mcb, vcb, en.scalars, rng_keys=en.rng_keys, index_offset=off,
+                        *en[:6], mcb, vcb, en.scalars, rng_key=en.rng_key, index_offset=off,
                         stats=None if st is None else torch.zeros(3),
                         neighbor_stats=None if ns is None else torch.zeros(6), **kw,
                     )  # fmt: skip

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from .config import MOMENTS, STQuantConfig
 from .kernels import get_factored_step_fn, get_group_step_fn, rng_key, step_scalars, unit_id
-from .kernels.common import SALT_EXP_AVG, SALT_EXP_AVG_SQ, GroupEntry
+from .kernels.common import GroupEntry
 from .kernels.torch_adam import (
     dense_adam_step,
     factored_ema,
@@ -33,7 +33,6 @@ from .state import _SCALE_DTYPES, QUANTIZED_STATES, FactoredState, PackedState, 
 log = logging.getLogger("stquant_megatron")
 
 STATE_FORMAT_VERSION = 1
-_SALTS = (SALT_EXP_AVG, SALT_EXP_AVG_SQ)
 
 
 def _codebook(cfg: STQuantConfig, moment: str, bits: int, device: torch.device):
@@ -130,6 +129,8 @@ class STQuantAdamW(torch.optim.Optimizer):
         """Whether the current step measures the scheduler's error statistics."""
         self.probe_neighbors = False
         """With ``collect_stats``: also measure each unit's error one width below and above."""
+        self.sample_phase = 0
+        """With ``collect_stats``: which programs of each unit measure (``PrecisionScheduler.sample_phase``)."""
         self.last_stats: dict[str, torch.Tensor] = {}
         """This rank's statistics of the last measuring step, per unit: ``[err, ref]``, or on a
         probe step ``[err, ref, err at b, err at b-1, err at b+1]`` (what the scheduler all-reduces)."""
@@ -465,6 +466,7 @@ class STQuantAdamW(torch.optim.Optimizer):
                 self._setup_scheduler()
             self.collect_stats = sched.collecting(self.global_step + 1)
             self.probe_neighbors = sched.due(self.global_step + 1)
+            self.sample_phase = sched.sample_phase(self.global_step + 1)
         # Packed units are stepped per width group: one launch for all units sharing (widths,
         # codebooks, dtypes, block size, rounding, statistics), O(groups) launches per step.
         created = False
@@ -492,13 +494,13 @@ class STQuantAdamW(torch.optim.Optimizer):
             grad = g.contiguous()
             probe = self.collect_stats and self.probe_neighbors
             if isinstance(v, FactoredState):
-                factored.append((p, name, m, v, target, grad, scalars, rng_key(cfg.seed, step, uid, _SALTS[0]), probe))
+                factored.append((p, name, m, v, target, grad, scalars, rng_key(cfg.seed, step, uid), probe))
                 continue
             key = (m.bits, m.codebook.kind, v.bits, v.codebook.kind, m.block_size, target.dtype, grad.dtype,
                    m.scale.dtype, v.scale.dtype, str(p.device), self.collect_stats, probe)  # fmt: skip
             entry = GroupEntry(
                 target, grad, m.codes, m.scale, v.codes, v.scale, scalars,
-                tuple(rng_key(cfg.seed, step, uid, s) for s in _SALTS), offset,
+                rng_key(cfg.seed, step, uid), offset,
             )  # fmt: skip
             launches.setdefault(key, []).append((p, name, m, v, entry))
         local_stats: dict[str, torch.Tensor] = {}
@@ -516,7 +518,7 @@ class STQuantAdamW(torch.optim.Optimizer):
             get_group_step_fn(cfg.backend, dev)(
                 [it[4] for it in items], m0.codebook, v0.codebook, block_size=block_size,
                 stochastic=cfg.stochastic_rounding, stats=stats, neighbor_codebooks=nbr_books,
-                neighbor_stats=nbr_stats, compile=cfg.compile,
+                neighbor_stats=nbr_stats, sample_phase=self.sample_phase, compile=cfg.compile,
             )  # fmt: skip
             for i, (p, name, _, _, entry) in enumerate(items):
                 if stats is not None:
@@ -528,7 +530,7 @@ class STQuantAdamW(torch.optim.Optimizer):
                 if entry.param is not p:
                     p.copy_(entry.param)
         inv_means = self._factored_statistics(factored)
-        for (p, name, m, v, target, grad, scalars, key_m, probe), inv_mean in zip(factored, inv_means):
+        for (p, name, m, v, target, grad, scalars, key, probe), inv_mean in zip(factored, inv_means):
             dev = p.device
             stats = torch.zeros(3, dtype=torch.float32, device=dev) if self.collect_stats else None
             nbr_stats = torch.zeros(6, dtype=torch.float32, device=dev) if probe else None
@@ -536,8 +538,9 @@ class STQuantAdamW(torch.optim.Optimizer):
                          None, None) if probe else None  # fmt: skip
             get_factored_step_fn(cfg.backend, dev)(
                 target, grad, m.codes, m.scale, v.row, v.col, m.codebook, scalars, block_size=m.block_size,
-                stochastic=cfg.stochastic_rounding, rng_key=key_m, stats=stats, neighbor_codebooks=nbr_books,
+                stochastic=cfg.stochastic_rounding, rng_key=key, stats=stats, neighbor_codebooks=nbr_books,
                 neighbor_stats=nbr_stats, compile=cfg.compile, inv_mean=inv_mean, index_offset=v.offset,
+                sample_phase=self.sample_phase,
             )  # fmt: skip
             if stats is not None:
                 row = [stats[0], stats[2]]

@@ -5,9 +5,12 @@ decision, the damage its quantization does to Adam's update direction U = m / de
 
     E_u = sum ||U(Q(m), v) - U(m, v)||^2 / sum ||U(m, v)||^2      (exp_avg units; likewise exp_avg_sq)
 
-On the last of those steps the kernel also measures the error one width below and one above, and
-at the current width again, all on the same sampled blocks (every ``PROBE_STRIDE``-th one), so the
-ratios E(b-1)/E(b) and E(b)/E(b+1) compare like with like. The error curve uses those measured
+Both sums run over a sample: each step, every ``SAMPLE_STRIDE``-th program of the kernel (1024
+elements, or one block above that) measures from its registers, the others pay nothing; the phase
+rotates (``sample_phase``), so ``SAMPLE_STRIDE`` consecutive statistics steps (the default
+``stats_steps``) measure every element once. On the last of those steps the kernel also measures
+the error one width below and one above, and at the current width again, all on the same sample,
+so the ratios E(b-1)/E(b) and E(b)/E(b+1) compare like with like. The error curve uses those measured
 ratios for the neighbouring widths and continues with 4 per bit beyond them (one more bit halves
 the quantization step, which quarters the squared error).
 
@@ -41,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 from .allocation import MAX_BITS, MIN_BITS, allocate
+from .kernels.common import SAMPLE_STRIDE
 
 WIDTHS = torch.arange(MIN_BITS, MAX_BITS + 1, dtype=torch.float64)
 DEFAULT_RATIO = 4.0
@@ -211,6 +215,13 @@ class PrecisionScheduler:
             return self.warmup_steps
         k = -(-(step - self.warmup_steps) // self.interval)
         return self.warmup_steps + k * self.interval
+
+    def sample_phase(self, step: int) -> int:
+        """Which programs of each unit measure the step's statistics (``kernels.common.sampled_rows``):
+        the phase counts down to 0 at the decision step, so ``SAMPLE_STRIDE`` consecutive statistics
+        steps measure every program once, and the probe step (the decision step) measures every unit's
+        first program."""
+        return (self.next_decision(step) - step) % SAMPLE_STRIDE
 
     def due(self, step: int) -> bool:
         return step >= self.warmup_steps and step == self.next_decision(step)

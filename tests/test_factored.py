@@ -133,7 +133,8 @@ def test_factored_step_is_the_same_across_chunks_and_compile(monkeypatch, stocha
             ta.torch_factored_adam_step(p, grad, m.codes, m.scale, v.row, v.col, cb, sc, block_size=block,
                                         stochastic=stochastic, rng_key=1234 + step, stats=stats,
                                         neighbor_codebooks=(get_codebook("pow2", 3, True), get_codebook("pow2", 5, True),
-                                                            None, None), neighbor_stats=nst, compile=compile)  # fmt: skip
+                                                            None, None), neighbor_stats=nst, compile=compile,
+                                        sample_phase=step - 1)  # fmt: skip
         return p, m.codes.clone(), m.scale.clone(), v.row.clone(), v.col.clone(), stats, nst
 
     want = run(False)
@@ -284,7 +285,8 @@ def test_triton_factored_step_is_bit_identical_to_the_twin(mb, kind, stochastic,
             grad = (torch.randn(rows, cols, generator=gen) * 10 ** (torch.rand(rows, 1, generator=gen) * 3 - 2)).to(pdtype)
             sc = step_scalars(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=step, adamw=step != 2)
             fn(p, grad, m.codes, m.scale, v.row, v.col, cb, sc, block_size=block, stochastic=stochastic,
-               rng_key=99 + step, stats=stats, neighbor_codebooks=nbrs if with_stats else None, neighbor_stats=nst)
+               rng_key=99 + step, stats=stats, neighbor_codebooks=nbrs if with_stats else None, neighbor_stats=nst,
+               sample_phase=step - 1)  # statistics: a rotating sample of programs
         return p, m.codes, m.scale, v.row, v.col, stats, nst
 
     want, got = run(ta.torch_factored_adam_step), run(triton_factored_adam_step)

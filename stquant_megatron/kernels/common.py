@@ -18,15 +18,30 @@ MASK32 = 0xFFFFFFFF
 # lowbias32 multipliers (C. Wellons, "Hash Prospector"): a 32-bit integer hash with good avalanche.
 HASH_MUL1 = 0x7FEB352D
 HASH_MUL2 = 0x846CA68B
-# The neighbouring-width error probe (scheduler input) looks at every PROBE_STRIDE-th block of a
-# unit (block index within the tensor or shard): a fixed sample, the same in both backends.
-PROBE_STRIDE = 4
+# The error statistics (scheduler input) of a step, the neighbouring-width probe included, are
+# measured on every SAMPLE_STRIDE-th program of a unit (``launch_shape``: G blocks; program index
+# within the tensor or shard, plus the step's ``sample_phase``): the same sample in both backends.
+SAMPLE_STRIDE = 4  # a power of two (the kernels test the phase with a mask)
 # Block sizes the fused step supports (powers of two); every one is compiled ahead of time for sm_80 and
 # sm_90 without spills by benchmarks/gpu_compile.py (the launch scales warps with the block).
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 32, 2048  # 4096 is not compiled by the check (it spilled with the probe at 32 warps)
-# Salts that give each moment its own random stream.
-SALT_EXP_AVG = 0x3C6EF372
-SALT_EXP_AVG_SQ = 0x1B873593
+
+
+def launch_shape(block_size: int) -> tuple[int, int]:
+    """(blocks per program, warps) for a block size: 8 elements per thread (each thread owns whole
+    packed bytes: the 8 consecutive elements whose bits share a byte of every plane), at least 1024
+    elements per program, so registers stay bounded (no spills at any allowed block size, checked by
+    ``benchmarks/gpu_compile.py``) and a block's absmax stays within one program."""
+    g = max(1, 1024 // block_size)
+    warps = g * block_size // 256
+    return g, warps
+
+
+def sampled_rows(b0: int, b1: int, block_size: int, phase: int) -> list[int]:
+    """Blocks ``b0 .. b1 - 1`` of a unit (offsets from ``b0``) that its statistics sample this step:
+    those of programs ``k`` (blocks ``k * G .. k * G + G - 1``) with ``(k + phase) % SAMPLE_STRIDE == 0``."""
+    g = launch_shape(block_size)[0]
+    return [b - b0 for b in range(b0, b1) if (b // g + phase) % SAMPLE_STRIDE == 0]
 
 
 def f32(x: float) -> float:
@@ -85,13 +100,14 @@ def unit_id(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
-def rng_key(seed: int, step: int, unit: int, salt: int) -> int:
-    """The 32-bit key of one (seed, step, unit, moment) random stream.
+def rng_key(seed: int, step: int, unit: int) -> int:
+    """The 32-bit key of one (seed, step, unit) random stream.
 
-    The per-element random number is ``hash(key, global element index)`` (see ``uniform``
-    in the kernels), so it does not depend on how the tensor is sharded or chunked.
+    The per-element random numbers (one for exp_avg, one for exp_avg_sq) are one hash of the key and
+    the global element index (see ``uniforms`` in the kernels), so they do not depend on how the
+    tensor is sharded or chunked.
     """
-    return mix32(mix32(mix32(mix32(seed) ^ step) ^ unit) ^ salt)
+    return mix32(mix32(mix32(seed) ^ step) ^ unit)
 
 
 class GroupEntry(NamedTuple):
@@ -108,7 +124,7 @@ class GroupEntry(NamedTuple):
     exp_avg_sq_codes: torch.Tensor
     exp_avg_sq_scale: torch.Tensor
     scalars: StepScalars
-    rng_keys: tuple[int, int] = (0, 0)
+    rng_key: int = 0
     index_offset: int = 0
 
 

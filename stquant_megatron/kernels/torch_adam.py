@@ -23,7 +23,7 @@ import torch
 
 from ..formats.packing import pack_codes, unpack_codes
 from ..formats.codebooks import Codebook, level_values
-from .common import HASH_MUL1, HASH_MUL2, MASK32, PROBE_STRIDE, GroupEntry, StepScalars, check_group
+from .common import HASH_MUL1, HASH_MUL2, MASK32, GroupEntry, StepScalars, check_group, sampled_rows
 
 CHUNK_ELEMENTS = 1 << 18  # 256K elements: fp32 temporaries of 1 MiB, cache friendly on CPU
 ROW_CHUNK_ELEMENTS = 1 << 18
@@ -39,11 +39,13 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def uniform(index: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """Counter-based uniform [0, 1) from int64 global element indices and a 32-bit key."""
-    h = _mix32((index & MASK32) ^ key)
-    h = _mix32(h ^ (index >> 32))
-    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+def uniforms(index: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two counter-based uniforms in [0, 1) per element, for exp_avg and exp_avg_sq, from int64 global
+    element indices and a 32-bit key: one lowbias32 round ``h = mix32(lo ^ mix32(key ^ hi))`` (lo, hi:
+    the index's 32-bit words; the kernels hash the high word once per program), split into its high
+    and low 16 bits. 16 bits bound the bias of stochastic rounding to 2**-16 of a level."""
+    h = _mix32((index & MASK32) ^ _mix32(key ^ (index >> 32)))
+    return (h >> 16).to(torch.float32) * (1.0 / 65536), (h & 0xFFFF).to(torch.float32) * (1.0 / 65536)
 
 
 def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
@@ -165,13 +167,12 @@ def _adam_chunk(
     vcb: Codebook,
     hyper: torch.Tensor,  # fp32 [10], StepScalars order
     first_index: torch.Tensor,  # int64 0-d: global index of p[0, 0]
-    keys: torch.Tensor,  # int64 [2]: RNG keys for exp_avg, exp_avg_sq
+    key: torch.Tensor,  # int64 0-d: RNG key of the step and unit
     valid: torch.Tensor,  # int64 0-d: elements of the chunk inside the tensor
     stochastic: bool,
-    with_stats: bool,
     has_tail: bool,
-    neighbors: tuple | None = None,  # (exp_avg b-1, b+1, exp_avg_sq b-1, b+1) codebooks or None
-    probe_start: int = 0,  # first row of the chunk whose block index is a multiple of PROBE_STRIDE
+    rows: torch.Tensor | None = None,  # int64: the chunk's rows (blocks) the statistics sample, or None
+    neighbors: tuple | None = None,  # with rows: (exp_avg b-1, b+1, exp_avg_sq b-1, b+1) codebooks or None
 ):
     beta1, omb1, beta2, omb2, eps, l2, decay, step_size, inv_bc2 = (hyper[i] for i in range(9))
     g = g.to(torch.float32)
@@ -192,41 +193,39 @@ def _adam_chunk(
         rv = torch.where(inside, rv, 0.0)
     if stochastic:
         index = first_index + offset
-        um, uv = uniform(index, keys[0]), uniform(index, keys[1])
+        um, uv = uniforms(index, key)
     else:
         um = uv = None
     m_codes, m_scale = quantize_blocks(m, mcb, ms.dtype, um)
     v_codes, v_scale = quantize_blocks(v, vcb, vs.dtype, uv, root=rv)
-    stats = None
-    if with_stats:
-        # Damage of each moment's quantization to the update direction U = m / denom.
-        mq = dequantize_blocks(m_codes, m_scale, mcb)
-        ref = m / denom
-        err_m = mq / denom - ref
-        err_v = m / (root_dequantize_blocks(v_codes, v_scale, vcb) * inv_bc2 + eps) - ref
-        stats = torch.stack([(err_m * err_m).sum(), (err_v * err_v).sum(), (ref * ref).sum()])
-    nstats = None
-    if neighbors is not None:
-        # The same damage at the neighbouring widths (nearest rounding; nothing is stored), on
-        # every PROBE_STRIDE-th block.
-        rows = slice(probe_start, None, PROBE_STRIDE)
-        pm, pv, pden, pref = m[rows], v[rows], denom[rows], ref[rows]
+    stats = nstats = None
+    if rows is not None:
+        # On the sampled rows: the damage of each moment's quantization to the update direction
+        # U = m / denom, written without cancellation: (mq - m) / denom and U * (denom - dq) / dq.
+        pm, pv, pden = m[rows], v[rows], denom[rows]
+        pref = pm / pden
+        rden = 1.0 / pden
+        err_m = (dequantize_blocks(m_codes[rows], m_scale[rows], mcb) - pm) * rden
+        dq = root_dequantize_blocks(v_codes[rows], v_scale[rows], vcb) * inv_bc2 + eps
+        err_v = pref * ((pden - dq) / dq)
+        em2, ev2 = (err_m * err_m).sum(), (err_v * err_v).sum()
+        stats = torch.stack([em2, ev2, (pref * pref).sum()])
+    if rows is not None and neighbors is not None:
+        # The same damage at the neighbouring widths (nearest rounding; nothing is stored).
         sums = []
         for i, cb in enumerate(neighbors):
             if cb is None:
                 sums.append(torch.zeros((), dtype=torch.float32, device=p.device))
             elif i < 2:
-                e = dequantize_blocks(*quantize_blocks(pm, cb, ms.dtype), cb) / pden - pref
+                e = (dequantize_blocks(*quantize_blocks(pm, cb, ms.dtype), cb) - pm) * rden
                 sums.append((e * e).sum())
             else:
-                rq = root_dequantize_blocks(*quantize_blocks(pv, cb, vs.dtype), cb)
-                e = pm / (rq * inv_bc2 + eps) - pref
+                dqn = root_dequantize_blocks(*quantize_blocks(pv, cb, vs.dtype), cb) * inv_bc2 + eps
+                e = pref * ((pden - dqn) / dqn)
                 sums.append((e * e).sum())
-        # The error at the current width over the same sampled blocks: the probe's ratios
+        # The error at the current width over the same sample: the probe's ratios
         # E(b-1)/E(b) and E(b)/E(b+1) then compare like with like.
-        sums.append((err_m[rows] * err_m[rows]).sum())
-        sums.append((err_v[rows] * err_v[rows]).sum())
-        nstats = torch.stack(sums)
+        nstats = torch.stack([*sums, em2, ev2])
     return p, pack_codes(m_codes, mcb.bits), m_scale, pack_codes(v_codes, vcb.bits), v_scale, stats, nstats
 
 
@@ -240,15 +239,13 @@ def _factored_chunk(
     inv_mean: torch.Tensor,  # fp32 0-d: 1 / mean(row)
     mcb: Codebook,
     hyper: torch.Tensor,  # fp32 [10], StepScalars order
-    first_index: torch.Tensor,  # int64 0-d: index of p[0, 0] in the unit
-    matrix_index: torch.Tensor,  # int64 0-d: index of p[0, 0] in the flattened [rows, cols] matrix
-    keys: torch.Tensor,  # int64 [2]: RNG keys for exp_avg, exp_avg_sq
+    matrix_index: torch.Tensor,  # int64 0-d: index of p[0, 0] in the flattened [rows, cols] matrix (and RNG index)
+    key: torch.Tensor,  # int64 0-d: RNG key of the step and unit
     valid: torch.Tensor,  # int64 0-d: elements of the chunk inside the tensor
     stochastic: bool,
-    with_stats: bool,
     has_tail: bool,
-    neighbors: tuple | None = None,  # (exp_avg b-1, b+1, -, -) codebooks or None
-    probe_start: int = 0,
+    rows: torch.Tensor | None = None,  # int64: the chunk's rows (blocks) the statistics sample, or None
+    neighbors: tuple | None = None,  # with rows: (exp_avg b-1, b+1, -, -) codebooks or None
 ):
     """``_adam_chunk`` for a unit whose exp_avg_sq is factored: v(i, j) = (row[i] * col[j]) * inv_mean;
     the statistics and the probe cover exp_avg (the exp_avg_sq sums are 0)."""
@@ -266,25 +263,26 @@ def _factored_chunk(
     p = p - (m / denom) * step_size
     if has_tail:
         m = torch.where(offset < valid, m, 0.0)
-    um = uniform(first_index + offset, keys[0]) if stochastic else None
+    um = uniforms(matrix_index + offset, key)[0] if stochastic else None
     m_codes, m_scale = quantize_blocks(m, mcb, ms.dtype, um)
     zero = torch.zeros((), dtype=torch.float32, device=p.device)
     stats = nstats = None
-    if with_stats:
-        ref = m / denom
-        err_m = dequantize_blocks(m_codes, m_scale, mcb) / denom - ref
-        stats = torch.stack([(err_m * err_m).sum(), zero, (ref * ref).sum()])
+    if rows is not None:
+        pm, pden = m[rows], denom[rows]
+        pref = pm / pden
+        rden = 1.0 / pden
+        err_m = (dequantize_blocks(m_codes[rows], m_scale[rows], mcb) - pm) * rden
+        em2 = (err_m * err_m).sum()
+        stats = torch.stack([em2, zero, (pref * pref).sum()])
         if neighbors is not None:
-            rows = slice(probe_start, None, PROBE_STRIDE)
-            pm, pden, pref = m[rows], denom[rows], ref[rows]
             sums = []
             for cb in neighbors[:2]:
                 if cb is None:
                     sums.append(zero)
                 else:
-                    e = dequantize_blocks(*quantize_blocks(pm, cb, ms.dtype), cb) / pden - pref
+                    e = (dequantize_blocks(*quantize_blocks(pm, cb, ms.dtype), cb) - pm) * rden
                     sums.append((e * e).sum())
-            nstats = torch.stack([*sums, zero, zero, (err_m[rows] * err_m[rows]).sum(), zero])
+            nstats = torch.stack([*sums, zero, zero, em2, zero])
     return p, pack_codes(m_codes, mcb.bits), m_scale, stats, nstats
 
 
@@ -318,6 +316,14 @@ def _run_chunk(fn, compiled: bool, auto: bool, *args):
         return fn(*args)
 
 
+def _rows(stats, b0: int, b1: int, block_size: int, phase: int, dev) -> torch.Tensor | None:
+    """The rows of chunk ``b0 .. b1`` that the statistics sample (None: no statistics, or none sampled)."""
+    if stats is None:
+        return None
+    rows = sampled_rows(b0, b1, block_size, phase)
+    return torch.tensor(rows, dtype=torch.int64, device=dev) if rows else None
+
+
 def _block_chunks(flat_p: torch.Tensor, flat_g: torch.Tensor, nblocks: int, block_size: int):
     """Chunks of whole blocks of a unit: (b0, b1, e0, e1, p, g, pad) with p and g zero-padded to
     whole blocks (``pad`` elements past the unit's end in its last, partial block)."""
@@ -347,11 +353,12 @@ def torch_packed_adam_step(
     *,
     block_size: int,
     stochastic: bool = False,
-    rng_keys: tuple[int, int] = (0, 0),
+    rng_key: int = 0,
     index_offset: int = 0,
     stats: torch.Tensor | None = None,
     neighbor_codebooks: tuple | None = None,
     neighbor_stats: torch.Tensor | None = None,
+    sample_phase: int = 0,
     compile: bool | None = False,
 ) -> None:
     """One fused Adam/AdamW step on a packed unit, in place.
@@ -365,13 +372,17 @@ def torch_packed_adam_step(
         scalars: ``kernels.common.step_scalars(...)``.
         block_size: elements per scale block (power of two, >= 32).
         stochastic: stochastic instead of nearest rounding.
-        rng_keys: 32-bit keys of the (exp_avg, exp_avg_sq) random streams this step.
+        rng_key: 32-bit key of the unit's random stream this step (``common.rng_key``).
         index_offset: global index of ``param``'s first element within its unit (shards).
-        stats: fp32 ``[3]`` or None; if given, adds (sum err_m^2, sum err_v^2, sum U^2) to it.
+        stats: fp32 ``[3]`` or None; if given, adds (sum err_m^2, sum err_v^2, sum U^2) over the
+            sampled programs to it: every ``SAMPLE_STRIDE``-th program of ``launch_shape(block_size)``
+            blocks, those with ``(k + sample_phase) % SAMPLE_STRIDE == 0`` (k: program index within
+            ``param``).
         neighbor_codebooks: with ``stats``, the codebooks one width below and above each moment's,
             ``(exp_avg b-1, exp_avg b+1, exp_avg_sq b-1, exp_avg_sq b+1)`` (None where out of range).
         neighbor_stats: fp32 ``[6]``; adds sum err^2 at those widths (nearest rounding, not stored),
-            then at the current widths (exp_avg, exp_avg_sq), all over every ``PROBE_STRIDE``-th block.
+            then at the current widths (exp_avg, exp_avg_sq), over the same sample.
+        sample_phase: which programs the statistics sample this step (the scheduler rotates it).
         compile: run each chunk through ``torch.compile`` (PyTorch path only; ignored by Triton);
             None = auto (``use_compile``: CPU units of at least one chunk).
     """
@@ -379,7 +390,7 @@ def torch_packed_adam_step(
     assert exp_avg_codes.shape[1] == mcb.bits and exp_avg_sq_codes.shape[1] == vcb.bits
     dev = param.device
     hyper = torch.tensor(list(scalars), dtype=torch.float32, device=dev)
-    keys = torch.tensor(rng_keys, dtype=torch.int64, device=dev)
+    key = torch.tensor(rng_key, dtype=torch.int64, device=dev)
     compiled = use_compile(compile, param.numel(), param.device)
     flat_p, flat_g = param.view(-1), grad.view(-1)
     for b0, b1, e0, e1, p, g, pad in _block_chunks(flat_p, flat_g, exp_avg_codes.shape[0], block_size):
@@ -392,8 +403,8 @@ def torch_packed_adam_step(
             tensors = tuple(t.clone() for t in tensors)
         new_p, mc, ms, vc, vs, st, nst = _run_chunk(
             _adam_chunk, compiled, compile is None, *tensors,
-            mcb, vcb, hyper, first, keys, valid, stochastic, stats is not None, pad > 0,
-            neighbor_codebooks if neighbor_stats is not None else None, (-b0) % PROBE_STRIDE,
+            mcb, vcb, hyper, first, key, valid, stochastic, pad > 0,
+            _rows(stats, b0, b1, block_size, sample_phase, dev), neighbor_codebooks if neighbor_stats is not None else None,
         )  # fmt: skip
         flat_p[e0:e1].copy_(new_p.view(-1)[: e1 - e0])
         exp_avg_codes[b0:b1].copy_(mc)
@@ -416,6 +427,7 @@ def torch_packed_adam_group_step(
     stats: torch.Tensor | None = None,
     neighbor_codebooks: tuple | None = None,
     neighbor_stats: torch.Tensor | None = None,
+    sample_phase: int = 0,
     compile: bool | None = False,
 ) -> None:
     """``torch_packed_adam_step`` on every entry of a group (twin of the one-launch Triton group step).
@@ -433,8 +445,9 @@ def torch_packed_adam_group_step(
         torch_packed_adam_step(
             en.param, en.grad, en.exp_avg_codes, en.exp_avg_scale, en.exp_avg_sq_codes, en.exp_avg_sq_scale,
             exp_avg_codebook, exp_avg_sq_codebook, en.scalars, block_size=block_size, stochastic=stochastic,
-            rng_keys=en.rng_keys, index_offset=en.index_offset, stats=None if stats is None else stats[i],
+            rng_key=en.rng_key, index_offset=en.index_offset, stats=None if stats is None else stats[i],
             neighbor_codebooks=neighbor_codebooks, neighbor_stats=None if neighbor_stats is None else neighbor_stats[i],
+            sample_phase=sample_phase,
             compile=compile,
         )  # fmt: skip
 
@@ -523,6 +536,7 @@ def torch_factored_adam_step(
     compile: bool | None = False,
     inv_mean: torch.Tensor | None = None,
     index_offset: int = 0,
+    sample_phase: int = 0,
 ) -> None:
     """One fused step of a unit with packed ``exp_avg`` and factored ``exp_avg_sq`` (``FactoredState``).
 
@@ -541,7 +555,7 @@ def torch_factored_adam_step(
     if inv_mean is None:
         inv_mean = factored_moment_update(param, grad, row, col, scalars)
     hyper = torch.tensor(list(scalars), dtype=torch.float32, device=dev)
-    keys = torch.tensor((rng_key, 0), dtype=torch.int64, device=dev)
+    key = torch.tensor(rng_key, dtype=torch.int64, device=dev)
     compiled = use_compile(compile, param.numel(), dev)
     flat_p, flat_g = param.view(-1), grad.view(-1)
     for b0, b1, e0, e1, p, g, pad in _block_chunks(flat_p, flat_g, exp_avg_codes.shape[0], block_size):
@@ -551,10 +565,10 @@ def torch_factored_adam_step(
             tensors = tuple(t.clone() for t in tensors)
         new_p, mc, ms, st, nst = _run_chunk(
             _factored_chunk, compiled, compile is None, *tensors, row, col, inv_mean, mcb, hyper,
-            torch.tensor(e0, dtype=torch.int64, device=dev), torch.tensor(e0 + index_offset, dtype=torch.int64, device=dev),
-            keys, torch.tensor(e1 - e0, dtype=torch.int64, device=dev),
-            stochastic, stats is not None, pad > 0, neighbor_codebooks if neighbor_stats is not None else None,
-            (-b0) % PROBE_STRIDE,
+            torch.tensor(e0 + index_offset, dtype=torch.int64, device=dev),
+            key, torch.tensor(e1 - e0, dtype=torch.int64, device=dev),
+            stochastic, pad > 0, _rows(stats, b0, b1, block_size, sample_phase, dev),
+            neighbor_codebooks if neighbor_stats is not None else None,
         )  # fmt: skip
         flat_p[e0:e1].copy_(new_p.view(-1)[: e1 - e0])
         exp_avg_codes[b0:b1].copy_(mc)

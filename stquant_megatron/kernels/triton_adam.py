@@ -35,7 +35,9 @@ from __future__ import annotations
 import torch
 
 from ..formats.codebooks import KINDS, LOG_STEP, Codebook
-from .common import HASH_MUL1, HASH_MUL2, MAX_BLOCK_SIZE, PROBE_STRIDE, GroupEntry, StepScalars, check_group
+from .common import (
+    HASH_MUL1, HASH_MUL2, MAX_BLOCK_SIZE, SAMPLE_STRIDE, GroupEntry, StepScalars, check_group, launch_shape,
+)  # fmt: skip
 
 try:
     import triton
@@ -45,16 +47,6 @@ try:
 except ImportError:  # pragma: no cover - triton is a test dependency
     HAS_TRITON = False
 
-def launch_shape(block_size: int) -> tuple[int, int]:
-    """(blocks per program, warps) for a block size: 8 elements per thread (each thread owns whole
-    packed bytes: the 8 consecutive elements whose bits share a byte of every plane), at least 1024
-    elements per program, so registers stay bounded (no spills at any allowed block size, checked by
-    ``benchmarks/gpu_compile.py``) and a block's absmax stays within one program."""
-    g = max(1, 1024 // block_size)
-    warps = g * block_size // 256
-    return g, warps
-
-
 _TL_DTYPES = {}
 
 if HAS_TRITON:
@@ -62,7 +54,7 @@ if HAS_TRITON:
     # module constants used inside kernels must be constexpr for the real compiler
     _MUL1: tl.constexpr = tl.constexpr(HASH_MUL1)
     _MUL2: tl.constexpr = tl.constexpr(HASH_MUL2)
-    _PROBE: tl.constexpr = tl.constexpr(PROBE_STRIDE)
+    _SAMPLE: tl.constexpr = tl.constexpr(SAMPLE_STRIDE)
 
     @triton.jit
     def _mix32(x):
@@ -74,11 +66,17 @@ if HAS_TRITON:
         return x ^ (x >> 16)
 
     @triton.jit
-    def _uniform(lo, hi, key):
-        # lo / hi: uint32 words of the global element index; the twin's uniform(index, key)
-        h = _mix32(lo ^ key)
-        h = _mix32(h ^ hi)
-        return (h >> 8).to(tl.float32) * (1.0 / 16777216.0)
+    def _uniforms(start, loc, key):
+        # the twin's uniforms(start + loc, key): start int64 (the program's first global index), loc
+        # int32 offsets within the program. The high word is hashed per program (it carries at most
+        # once within a program), so each element costs one mix32 for both moments' numbers.
+        s_lo = start.to(tl.uint32)
+        s_hi = (start >> 32).to(tl.uint32)
+        lo = s_lo + loc.to(tl.uint32)
+        k = key.to(tl.uint32)
+        kh = tl.where(lo < s_lo, _mix32(k ^ (s_hi + 1)), _mix32(k ^ s_hi))
+        h = _mix32(lo ^ kh)
+        return (h >> 16).to(tl.float32) * (1.0 / 65536.0), (h & 0xFFFF).to(tl.float32) * (1.0 / 65536.0)
 
     @triton.jit
     def _cast_rne(x, DTYPE: tl.constexpr):
@@ -123,8 +121,9 @@ if HAS_TRITON:
         return _levels(code.to(tl.float32) - offset, BITS, KIND, SIGNED)
 
     @triton.jit
-    def _encode(x, u, root, BITS: tl.constexpr, KIND: tl.constexpr, SIGNED: tl.constexpr, qmap_ptr, bounds_ptr,
-                STOCHASTIC: tl.constexpr):
+    def _bracket(x, root, BITS: tl.constexpr, KIND: tl.constexpr, SIGNED: tl.constexpr, qmap_ptr, bounds_ptr,
+                 EXACT_ROOT: tl.constexpr):
+        # the levels around x: lo (level index, fp32), q(lo), q(lo + 1)
         if KIND == 2:
             # exact branchless binary search: lo = #{bounds <= x}, bounds sorted, +inf padded
             pos = tl.zeros(x.shape, tl.int32)
@@ -141,7 +140,7 @@ if HAS_TRITON:
                 if KIND == 0:
                     t = x * top
                 else:
-                    if STOCHASTIC:
+                    if EXACT_ROOT:
                         t = tl.sqrt_rn(tl.abs(x)) * top
                     else:
                         t = _approx_sqrt(tl.abs(x), BITS) * top
@@ -156,6 +155,13 @@ if HAS_TRITON:
                 lo = tl.minimum(tl.maximum(tl.floor(t), 0.0), n - 2.0)
             qlo = _levels(lo, BITS, KIND, SIGNED)
             qhi = _levels(lo + 1.0, BITS, KIND, SIGNED)
+        return lo, qlo, qhi
+
+    @triton.jit
+    def _encode(x, u, root, BITS: tl.constexpr, KIND: tl.constexpr, SIGNED: tl.constexpr, qmap_ptr, bounds_ptr,
+                STOCHASTIC: tl.constexpr):
+        # stochastic rounding needs the exact bracket; nearest rounding does not (docs/formats.md)
+        lo, qlo, qhi = _bracket(x, root, BITS, KIND, SIGNED, qmap_ptr, bounds_ptr, STOCHASTIC)
         if STOCHASTIC:
             up = u * (qhi - qlo) < x - qlo  # u < (x - qlo) / (qhi - qlo) without a division
         else:
@@ -217,14 +223,11 @@ if HAS_TRITON:
         return tl.sum(tl.sum(tl.sum(tl.sum(x, axis=3), axis=0), axis=1), axis=0)
 
     @triton.jit
-    def _probe_scale(x, SIGNED: tl.constexpr, SDTYPE: tl.constexpr):
-        # block scale of x as stored in SDTYPE, 1 for an all-zero block; and its reciprocal
-        if SIGNED:
-            s = _cast_rne(_bmax(tl.abs(x)), SDTYPE).to(tl.float32)
-        else:
-            s = _cast_rne(_bmax(x), SDTYPE).to(tl.float32)
-        s = tl.where(s > 0, s, 1.0)
-        return s, tl.div_rn(1.0, s)
+    def _nearest_value(x, BITS: tl.constexpr, KIND: tl.constexpr, qmap_ptr, bounds_ptr):
+        # decode(encode(x)) of a signed codebook with nearest rounding, without the code: the same
+        # level expressions, so the same bits as decoding the code
+        lo, qlo, qhi = _bracket(x, x, BITS, KIND, True, qmap_ptr, bounds_ptr, False)
+        return tl.where((x - qlo) > (qhi - x), qhi, qlo)
 
     @triton.jit
     def _requant(x, inv, root, SIGNED: tl.constexpr, BITS: tl.constexpr, KIND: tl.constexpr, qmap_ptr,
@@ -244,71 +247,57 @@ if HAS_TRITON:
         return tl.sqrt_rn(_decode(code, BITS, KIND, False, qmap_ptr) * s)
 
     @triton.jit
-    def _probe(
-        p_ptr, g_ptr, mc_ptr, ms_ptr, vc_ptr, vs_ptr, mq_ptr, vq_ptr, npartial_ptr, out_row,
+    def _error_sums(
+        partial_ptr, npartial_ptr, out_row, inside,
+        m, v, rv, denom, ref, m_code, v_code, sm, sv, inv_sm, inv_sv, inv_bc2, eps, mq_ptr, vq_ptr,
         q0_ptr, b0_ptr, q1_ptr, b1_ptr, q2_ptr, b2_ptr, q3_ptr, b3_ptr,
-        rem, blk0, beta1, omb1, beta2, omb2, eps, l2, decay, inv_bc2,
-        BLOCK: tl.constexpr, G: tl.constexpr, EVEN: tl.constexpr,
         M_BITS: tl.constexpr, M_KIND: tl.constexpr, V_BITS: tl.constexpr, V_KIND: tl.constexpr,
         N0_BITS: tl.constexpr, N0_KIND: tl.constexpr, N1_BITS: tl.constexpr, N1_KIND: tl.constexpr,
         N2_BITS: tl.constexpr, N2_KIND: tl.constexpr, N3_BITS: tl.constexpr, N3_KIND: tl.constexpr,
     ):
-        # The neighbouring-width probe on the program's sampled blocks only (block index within the
-        # unit a multiple of PROBE_STRIDE): their new moments are recomputed from the old state, with the
-        # step's arithmetic, in tensors of ceil(G / PROBE_STRIDE) blocks. Pointers: the program's first
-        # block; called before anything is stored.
-        PG: tl.constexpr = (G + _PROBE - 1) // _PROBE
-        W: tl.constexpr = BLOCK // 8
-        h = tl.arange(0, 2)[:, None, None, None]
-        r = (_PROBE - (blk0 % _PROBE).to(tl.int32)) % _PROBE + tl.arange(0, PG)[None, :, None, None] * _PROBE
-        w = tl.arange(0, W)[None, None, :, None]
-        i = h * 4 + tl.arange(0, 4)[None, None, None, :]
-        loc4 = r * BLOCK + w * 8 + h * 4
-        loc = loc4 + tl.arange(0, 4)[None, None, None, :]
-        if EVEN:
-            inside = tl.broadcast_to(loc4 < rem, loc.shape)
-        else:
-            inside = loc < rem  # a block past the program (G < PROBE_STRIDE) is past rem too
-        blk_ok = r * BLOCK < rem
-        p = tl.load(p_ptr + loc, mask=inside).to(tl.float32)
-        g = tl.load(g_ptr + loc, mask=inside).to(tl.float32)
-        ms = tl.load(ms_ptr + r, mask=blk_ok, other=0.0).to(tl.float32)
-        vs = tl.load(vs_ptr + r, mask=blk_ok, other=0.0).to(tl.float32)
-        m = _decode(_unpack(mc_ptr, r, w, i, blk_ok, M_BITS, W), M_BITS, M_KIND, True, mq_ptr) * ms
-        v = _decode(_unpack(vc_ptr, r, w, i, blk_ok, V_BITS, W), V_BITS, V_KIND, False, vq_ptr) * vs
-        g = g + p * l2
-        m = m * beta1 + g * omb1
-        v = v * beta2 + (g * g) * omb2
-        rv = tl.sqrt_rn(v)
-        denom = rv * inv_bc2 + eps
-        ref = tl.where(inside, tl.div_rn(m, denom), 0.0)
-        m = tl.where(inside, m, 0.0)
-        v = tl.where(inside, v, 0.0)
-        rv = tl.where(inside, rv, 0.0)
-        sm, inv_m = _probe_scale(m, True, ms_ptr.dtype.element_ty)
-        sv, inv_v = _probe_scale(v, False, vs_ptr.dtype.element_ty)
-        zero = tl.zeros(m.shape, tl.float32)
-        e0 = zero
-        e1 = zero
-        e2 = zero
-        e3 = zero
-        if N0_BITS > 0:
-            mq0 = _decode(_requant(m, inv_m, m, True, N0_BITS, N0_KIND, q0_ptr, b0_ptr), N0_BITS, N0_KIND, True, q0_ptr) * sm
-            e0 = tl.where(inside, tl.div_rn(mq0, denom) - ref, 0.0)
-        if N1_BITS > 0:
-            mq1 = _decode(_requant(m, inv_m, m, True, N1_BITS, N1_KIND, q1_ptr, b1_ptr), N1_BITS, N1_KIND, True, q1_ptr) * sm
-            e1 = tl.where(inside, tl.div_rn(mq1, denom) - ref, 0.0)
-        if N2_BITS > 0:
-            rq2 = _root_dequant(_requant(v, inv_v, rv, False, N2_BITS, N2_KIND, q2_ptr, b2_ptr), sv, N2_BITS, N2_KIND, q2_ptr)
-            e2 = tl.where(inside, tl.div_rn(m, rq2 * inv_bc2 + eps) - ref, 0.0)
-        if N3_BITS > 0:
-            rq3 = _root_dequant(_requant(v, inv_v, rv, False, N3_BITS, N3_KIND, q3_ptr, b3_ptr), sv, N3_BITS, N3_KIND, q3_ptr)
-            e3 = tl.where(inside, tl.div_rn(m, rq3 * inv_bc2 + eps) - ref, 0.0)
-        # the four sums in one reduction (side by side in registers: one exchange between warps);
-        # an absent width sums zeros, as the buffer holds
-        x = tl.join(tl.join(e0 * e0, e1 * e1), tl.join(e2 * e2, e3 * e3))  # [2, PG, W, 4, 2, 2]
-        t = tl.sum(tl.sum(tl.sum(tl.sum(x, axis=3), axis=0), axis=1), axis=0)  # [2, 2]: t[i, j] = sum k = 2 j + i
-        tl.store(npartial_ptr + out_row * 6 + tl.arange(0, 2)[:, None] + tl.arange(0, 2)[None, :] * 2, t)
+        # A sampled program's statistics, from the step's registers: the damage of each moment's
+        # quantization to the update direction ref = m / denom, then (probe step) the same damage at the
+        # neighbouring widths with the same block scales, nearest rounding, nothing stored. m, v, rv are
+        # zero outside the tensor; ref is not. The errors are written without cancellation,
+        # (mq - m) / denom and ref * (denom - dq) / dq, so the GPU's approximate division (2 ulp; not
+        # div_rn: these are sums, compared with the twin's at 1e-5, not bits) keeps them accurate.
+        rden = 1.0 / denom
+        ref = tl.where(inside, ref, 0.0)
+        mq = _decode(m_code, M_BITS, M_KIND, True, mq_ptr) * sm
+        err_m = tl.where(inside, (mq - m) * rden, 0.0)
+        dq = _root_dequant(v_code, sv, V_BITS, V_KIND, vq_ptr) * inv_bc2 + eps
+        err_v = ref * ((denom - dq) / dq)
+        em2 = _total(err_m * err_m)
+        ev2 = _total(err_v * err_v)
+        tl.store(partial_ptr + out_row * 3 + 0, em2)
+        tl.store(partial_ptr + out_row * 3 + 1, ev2)
+        tl.store(partial_ptr + out_row * 3 + 2, _total(ref * ref))
+        if N0_BITS + N1_BITS + N2_BITS + N3_BITS > 0:
+            zero = tl.zeros(m.shape, tl.float32)
+            e0 = zero
+            e1 = zero
+            e2 = zero
+            e3 = zero
+            if N0_BITS > 0:
+                mq0 = _nearest_value(m * inv_sm, N0_BITS, N0_KIND, q0_ptr, b0_ptr) * sm
+                e0 = tl.where(inside, (mq0 - m) * rden, 0.0)
+            if N1_BITS > 0:
+                mq1 = _nearest_value(m * inv_sm, N1_BITS, N1_KIND, q1_ptr, b1_ptr) * sm
+                e1 = tl.where(inside, (mq1 - m) * rden, 0.0)
+            if N2_BITS > 0:
+                dq2 = _root_dequant(_requant(v, inv_sv, rv, False, N2_BITS, N2_KIND, q2_ptr, b2_ptr), sv, N2_BITS, N2_KIND, q2_ptr) * inv_bc2 + eps
+                e2 = ref * ((denom - dq2) / dq2)
+            if N3_BITS > 0:
+                dq3 = _root_dequant(_requant(v, inv_sv, rv, False, N3_BITS, N3_KIND, q3_ptr, b3_ptr), sv, N3_BITS, N3_KIND, q3_ptr) * inv_bc2 + eps
+                e3 = ref * ((denom - dq3) / dq3)
+            # the four sums in one reduction (side by side in registers: one exchange between warps);
+            # an absent width sums zeros, as the buffer holds
+            x = tl.join(tl.join(e0 * e0, e1 * e1), tl.join(e2 * e2, e3 * e3))  # [2, G, W, 4, 2, 2]
+            t = tl.sum(tl.sum(tl.sum(tl.sum(x, axis=3), axis=0), axis=1), axis=0)  # [2, 2]: t[i, j] = sum k = 2 j + i
+            tl.store(npartial_ptr + out_row * 6 + tl.arange(0, 2)[:, None] + tl.arange(0, 2)[None, :] * 2, t)
+            # the current widths on the same sample: the probe's ratios compare like with like
+            tl.store(npartial_ptr + out_row * 6 + 4, em2)
+            tl.store(npartial_ptr + out_row * 6 + 5, ev2)
 
     @triton.jit
     def _step_body(
@@ -316,9 +305,9 @@ if HAS_TRITON:
         mq_ptr, mb_ptr, vq_ptr, vb_ptr,
         partial_ptr, npartial_ptr, out_row,
         q0_ptr, b0_ptr, q1_ptr, b1_ptr, q2_ptr, b2_ptr, q3_ptr, b3_ptr,
-        numel, num_blocks, index_offset, key_m, key_v, lpid,  # lpid: program index within the unit
+        numel, num_blocks, index_offset, key, lpid,  # lpid: program index within the unit
         row,  # grouped launch: this unit's row of addresses (scale addresses are read again to store)
-        beta1, omb1, beta2, omb2, eps, l2, decay, step_size, inv_bc2,
+        beta1, omb1, beta2, omb2, eps, l2, decay, step_size, inv_bc2, phase,
         BLOCK: tl.constexpr, G: tl.constexpr, EVEN: tl.constexpr,
         M_BITS: tl.constexpr, M_KIND: tl.constexpr, V_BITS: tl.constexpr, V_KIND: tl.constexpr,
         STOCHASTIC: tl.constexpr, WITH_STATS: tl.constexpr,
@@ -351,14 +340,6 @@ if HAS_TRITON:
         vs_ptr += blk0
         mc_ptr += blk0 * (M_BITS * (BLOCK // 8))
         vc_ptr += blk0 * (V_BITS * (BLOCK // 8))
-        if WITH_STATS:
-            if N0_BITS + N1_BITS + N2_BITS + N3_BITS > 0:
-                _probe(p_ptr, g_ptr, mc_ptr, ms_ptr, vc_ptr, vs_ptr, mq_ptr, vq_ptr, npartial_ptr, out_row,
-                       q0_ptr, b0_ptr, q1_ptr, b1_ptr, q2_ptr, b2_ptr, q3_ptr, b3_ptr,
-                       rem, blk0, beta1, omb1, beta2, omb2, eps, l2, decay, inv_bc2,
-                       BLOCK, G, EVEN, M_BITS, M_KIND, V_BITS, V_KIND,
-                       N0_BITS, N0_KIND, N1_BITS, N1_KIND, N2_BITS, N2_KIND, N3_BITS, N3_KIND)  # fmt: skip
-                tl.debug_barrier()  # every thread has read the sampled blocks before any is overwritten
 
         # past the end: undefined values, masked out of everything below (moments, stores, sums)
         p = tl.load(p_ptr + loc, mask=inside).to(tl.float32)
@@ -381,14 +362,7 @@ if HAS_TRITON:
         rv = tl.where(inside, rv, 0.0)  # sqrt(v), reused by the pow2 quantizer of v
 
         if STOCHASTIC:
-            # global index = index_offset + base + loc, as two uint32 words (carry from the low word)
-            start = index_offset + base
-            s_lo = start.to(tl.uint32)
-            s_hi = (start >> 32).to(tl.uint32)
-            lo = s_lo + loc.to(tl.uint32)
-            hi = s_hi + (lo < s_lo).to(tl.uint32)
-            um = _uniform(lo, hi, key_m.to(tl.uint32))
-            uv = _uniform(lo, hi, key_v.to(tl.uint32))
+            um, uv = _uniforms(index_offset + base, loc, key)  # global index = index_offset + base + loc
         else:
             um = m
             uv = v
@@ -408,7 +382,8 @@ if HAS_TRITON:
         sm = tl.where(sm > 0, sm, 1.0)
         sv = tl.where(sv > 0, sv, 1.0)
         # normalized by a multiplication with the block's reciprocal scale (one division per block)
-        m_code = _encode(m * tl.div_rn(1.0, sm), um, m, M_BITS, M_KIND, True, mq_ptr, mb_ptr, STOCHASTIC)
+        inv_sm = tl.div_rn(1.0, sm)
+        m_code = _encode(m * inv_sm, um, m, M_BITS, M_KIND, True, mq_ptr, mb_ptr, STOCHASTIC)
         inv_sv = tl.div_rn(1.0, sv)
         v_root = rv
         if V_KIND == 1:  # sqrt of the normalized v times 2**bits: sqrt(v) * (sqrt(1 / scale) * 2**bits)
@@ -418,26 +393,17 @@ if HAS_TRITON:
         _pack(vc_ptr, v_code, r2, w2, blk_ok2, i, V_BITS, W)
 
         if WITH_STATS:
-            mq = _decode(m_code, M_BITS, M_KIND, True, mq_ptr) * sm
-            ref = upd  # m / denom (m masked below only outside the tensor, where the sums are masked too)
-            err_m = tl.div_rn(mq, denom) - ref
-            err_v = tl.div_rn(m, _root_dequant(v_code, sv, V_BITS, V_KIND, vq_ptr) * inv_bc2 + eps) - ref
-            err_m = tl.where(inside, err_m, 0.0)
-            err_v = tl.where(inside, err_v, 0.0)
-            ref = tl.where(inside, ref, 0.0)
-            em2 = err_m * err_m
-            ev2 = err_v * err_v
-            tl.store(partial_ptr + out_row * 3 + 0, _total(em2))
-            tl.store(partial_ptr + out_row * 3 + 1, _total(ev2))
-            tl.store(partial_ptr + out_row * 3 + 2, _total(ref * ref))
-            if N0_BITS + N1_BITS + N2_BITS + N3_BITS > 0:
-                # the current widths on the probe's sample (block index within the unit), as in the twin
-                probe = (((blk0 % _PROBE).to(tl.int32) + r) % _PROBE == 0) & inside
-                tl.store(npartial_ptr + out_row * 6 + 4, _total(tl.where(probe, em2, 0.0)))
-                tl.store(npartial_ptr + out_row * 6 + 5, _total(tl.where(probe, ev2, 0.0)))
+            if ((lpid + phase) & (_SAMPLE - 1)) == 0:  # a sampled program (the others' sums stay 0)
+                _error_sums(
+                    partial_ptr, npartial_ptr, out_row, inside,
+                    m, v, rv, denom, upd, m_code, v_code, sm, sv, inv_sm, inv_sv, inv_bc2, eps, mq_ptr, vq_ptr,
+                    q0_ptr, b0_ptr, q1_ptr, b1_ptr, q2_ptr, b2_ptr, q3_ptr, b3_ptr,
+                    M_BITS, M_KIND, V_BITS, V_KIND,
+                    N0_BITS, N0_KIND, N1_BITS, N1_KIND, N2_BITS, N2_KIND, N3_BITS, N3_KIND,
+                )  # fmt: skip
 
     # Per-step integers are typed and never specialized: one compile per configuration per run.
-    _NOSPEC = ["numel", "num_blocks", "index_offset", "key_m", "key_v"]
+    _NOSPEC = ["numel", "num_blocks", "index_offset", "key", "phase"]
 
     @triton.jit(do_not_specialize=_NOSPEC)
     def _packed_adam_kernel(
@@ -447,8 +413,9 @@ if HAS_TRITON:
         partial_ptr,  # fp32[num_programs, 3] per-program error sums (WITH_STATS)
         npartial_ptr,  # fp32[num_programs, 6] per-program error sums at neighbouring widths, then at b, sampled
         q0_ptr, b0_ptr, q1_ptr, b1_ptr, q2_ptr, b2_ptr, q3_ptr, b3_ptr,  # neighbour codebook tables
-        numel: tl.int64, num_blocks: tl.int64, index_offset: tl.int64, key_m: tl.uint32, key_v: tl.uint32,
+        numel: tl.int64, num_blocks: tl.int64, index_offset: tl.int64, key: tl.uint32,
         beta1, omb1, beta2, omb2, eps, l2, decay, step_size, inv_bc2,
+        phase: tl.int32,  # statistics: programs with (pid + phase) % SAMPLE_STRIDE == 0
         BLOCK: tl.constexpr, G: tl.constexpr, EVEN: tl.constexpr,
         M_BITS: tl.constexpr, M_KIND: tl.constexpr, V_BITS: tl.constexpr, V_KIND: tl.constexpr,
         STOCHASTIC: tl.constexpr, WITH_STATS: tl.constexpr,
@@ -460,21 +427,22 @@ if HAS_TRITON:
         _step_body(
             p_ptr, g_ptr, mc_ptr, ms_ptr, vc_ptr, vs_ptr, mq_ptr, mb_ptr, vq_ptr, vb_ptr,
             partial_ptr, npartial_ptr, pid, q0_ptr, b0_ptr, q1_ptr, b1_ptr, q2_ptr, b2_ptr, q3_ptr, b3_ptr,
-            numel, num_blocks, index_offset, key_m, key_v, pid, None,
-            beta1, omb1, beta2, omb2, eps, l2, decay, step_size, inv_bc2,
+            numel, num_blocks, index_offset, key, pid, None,
+            beta1, omb1, beta2, omb2, eps, l2, decay, step_size, inv_bc2, phase,
             BLOCK, G, EVEN, M_BITS, M_KIND, V_BITS, V_KIND, STOCHASTIC, WITH_STATS,
             N0_BITS, N0_KIND, N1_BITS, N1_KIND, N2_BITS, N2_KIND, N3_BITS, N3_KIND,
         )  # fmt: skip
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["phase"])
     def _packed_adam_group_kernel(
-        meta_ptr,  # int64[E, META]: addresses p, g, mc, ms, vc, vs; numel, num_blocks, index_offset,
-        #            key_m, key_v, first program
+        meta_ptr,  # int64[E, 11]: addresses p, g, mc, ms, vc, vs; numel, num_blocks, index_offset, key,
+        #            first program
         hyper_ptr,  # fp32[E, 9]: StepScalars of each entry
         prog_ptr,  # int32[num_programs]: entry of each program
         mq_ptr, mb_ptr, vq_ptr, vb_ptr,
         partial_ptr, npartial_ptr,
         q0_ptr, b0_ptr, q1_ptr, b1_ptr, q2_ptr, b2_ptr, q3_ptr, b3_ptr,
+        phase: tl.int32,  # statistics: programs with (program within the entry + phase) % SAMPLE_STRIDE == 0
         P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
         ALIGNED: tl.constexpr,  # every param and grad address is a multiple of 16 bytes: vector loads
         BLOCK: tl.constexpr, G: tl.constexpr, EVEN: tl.constexpr,
@@ -485,7 +453,7 @@ if HAS_TRITON:
     ):
         pid = tl.program_id(0)
         ent = tl.load(prog_ptr + pid).to(tl.int64)
-        row = meta_ptr + ent * 12
+        row = meta_ptr + ent * 11
         hy = hyper_ptr + ent * 9
         p_ptr = tl.load(row + 0).to(tl.pointer_type(P_DTYPE))
         g_ptr = tl.load(row + 1).to(tl.pointer_type(G_DTYPE))
@@ -498,10 +466,10 @@ if HAS_TRITON:
             tl.load(row + 4).to(tl.pointer_type(tl.uint8)), tl.load(row + 5).to(tl.pointer_type(S_DTYPE)),
             mq_ptr, mb_ptr, vq_ptr, vb_ptr,
             partial_ptr, npartial_ptr, pid, q0_ptr, b0_ptr, q1_ptr, b1_ptr, q2_ptr, b2_ptr, q3_ptr, b3_ptr,
-            tl.load(row + 6), tl.load(row + 7), tl.load(row + 8), tl.load(row + 9), tl.load(row + 10),
-            pid - tl.load(row + 11).to(tl.int32), row,
+            tl.load(row + 6), tl.load(row + 7), tl.load(row + 8), tl.load(row + 9),
+            pid - tl.load(row + 10).to(tl.int32), row,
             tl.load(hy + 0), tl.load(hy + 1), tl.load(hy + 2), tl.load(hy + 3), tl.load(hy + 4),
-            tl.load(hy + 5), tl.load(hy + 6), tl.load(hy + 7), tl.load(hy + 8),
+            tl.load(hy + 5), tl.load(hy + 6), tl.load(hy + 7), tl.load(hy + 8), phase,
             BLOCK, G, EVEN, M_BITS, M_KIND, V_BITS, V_KIND, STOCHASTIC, WITH_STATS,
             N0_BITS, N0_KIND, N1_BITS, N1_KIND, N2_BITS, N2_KIND, N3_BITS, N3_KIND,
         )  # fmt: skip
@@ -535,11 +503,12 @@ def triton_packed_adam_step(
     *,
     block_size: int,
     stochastic: bool = False,
-    rng_keys: tuple[int, int] = (0, 0),
+    rng_key: int = 0,
     index_offset: int = 0,
     stats: torch.Tensor | None = None,
     neighbor_codebooks: tuple | None = None,
     neighbor_stats: torch.Tensor | None = None,
+    sample_phase: int = 0,
     compile: bool | None = False,
 ) -> None:
     """Same contract as ``torch_packed_adam_step`` (``compile`` is ignored)."""
@@ -557,7 +526,7 @@ def triton_packed_adam_step(
     if grid[0] == 0:
         return
     with_stats = stats is not None
-    partial = torch.empty((grid[0], 3) if with_stats else (1, 3), dtype=torch.float32, device=param.device)
+    partial = torch.zeros((grid[0], 3) if with_stats else (1, 3), dtype=torch.float32, device=param.device)
     nbrs = neighbor_codebooks if (with_stats and neighbor_stats is not None) else (None,) * 4
     npartial = torch.zeros((grid[0], 6) if any(cb is not None for cb in nbrs) else (1, 6),
                            dtype=torch.float32, device=param.device)  # fmt: skip
@@ -565,7 +534,7 @@ def triton_packed_adam_step(
     _packed_adam_kernel[grid](
         param, grad, exp_avg_codes, exp_avg_scale, exp_avg_sq_codes, exp_avg_sq_scale,
         mcb.qmap, mcb.bounds, vcb.qmap, vcb.bounds, partial, npartial, *tables,
-        numel, nblocks, index_offset, rng_keys[0], rng_keys[1], *scalars,
+        numel, nblocks, index_offset, rng_key, *scalars, sample_phase % SAMPLE_STRIDE,
         BLOCK=block_size, G=G, EVEN=numel % 4 == 0,
         M_BITS=mcb.bits, M_KIND=KINDS.index(mcb.kind), V_BITS=vcb.bits, V_KIND=KINDS.index(vcb.kind),
         STOCHASTIC=stochastic, WITH_STATS=with_stats, **consts, **opts,
@@ -590,6 +559,7 @@ def triton_packed_adam_group_step(
     stats: torch.Tensor | None = None,
     neighbor_codebooks: tuple | None = None,
     neighbor_stats: torch.Tensor | None = None,
+    sample_phase: int = 0,
     compile: bool | None = False,
 ) -> None:
     """Same contract as ``torch_packed_adam_group_step``: one launch for the whole group."""
@@ -611,7 +581,7 @@ def triton_packed_adam_group_step(
         meta.append([
             _addr(en.param), _addr(en.grad), _addr(en.exp_avg_codes), _addr(en.exp_avg_scale),
             _addr(en.exp_avg_sq_codes), _addr(en.exp_avg_sq_scale), en.param.numel(), nb, en.index_offset,
-            en.rng_keys[0], en.rng_keys[1], first,
+            en.rng_key, first,
         ])  # fmt: skip
         hyper.append(list(en.scalars))
         progs.append(torch.full((n_prog,), i, dtype=torch.int32))
@@ -634,6 +604,7 @@ def triton_packed_adam_group_step(
     e0 = entries[0]
     _packed_adam_group_kernel[(first,)](
         meta_t, hyper_t, prog_t, mcb.qmap, mcb.bounds, vcb.qmap, vcb.bounds, partial, npartial, *tables,
+        sample_phase % SAMPLE_STRIDE,
         P_DTYPE=_TL_DTYPES[e0.param.dtype], G_DTYPE=_TL_DTYPES[e0.grad.dtype], S_DTYPE=_TL_DTYPES[e0.exp_avg_scale.dtype],
         ALIGNED=all(row[0] % 16 == 0 and row[1] % 16 == 0 for row in meta),
         BLOCK=block_size, G=G, EVEN=all(row[6] % 4 == 0 for row in meta),  # every numel a multiple of 4

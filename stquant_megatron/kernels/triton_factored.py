@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..formats.codebooks import KINDS, Codebook
-from .common import MAX_BLOCK_SIZE, StepScalars
+from .common import MAX_BLOCK_SIZE, SAMPLE_STRIDE, StepScalars
 from .torch_adam import factored_moment_update
 from .triton_adam import HAS_TRITON, _launch_opts, _neighbor_args
 
@@ -23,9 +23,11 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .triton_adam import _PROBE, _bmax, _cast_rne, _decode, _encode, _pack, _total, _uniform, _unpack
+    from .triton_adam import (
+        _SAMPLE, _bmax, _cast_rne, _decode, _encode, _nearest_value, _pack, _total, _uniforms, _unpack,
+    )  # fmt: skip
 
-    @triton.jit(do_not_specialize=["numel", "num_blocks", "cols", "index_offset", "key_m"])
+    @triton.jit(do_not_specialize=["numel", "num_blocks", "cols", "index_offset", "key", "phase"])
     def _factored_adam_kernel(
         p_ptr, g_ptr,  # param (fp32/bf16/fp16) and grad, numel elements, contiguous
         mc_ptr, ms_ptr,  # exp_avg codes uint8[num_blocks, bits, BLOCK/8] and scales [num_blocks]
@@ -34,8 +36,9 @@ if HAS_TRITON:
         partial_ptr,  # fp32[num_programs, 3] per-program error sums (WITH_STATS)
         npartial_ptr,  # fp32[num_programs, 6] per-program probe sums (exp_avg b-1, b+1; 0, 0; b; 0)
         q0_ptr, b0_ptr, q1_ptr, b1_ptr,  # exp_avg's neighbour codebook tables
-        numel: tl.int64, num_blocks: tl.int64, cols: tl.int64, index_offset: tl.int64, key_m: tl.uint32,
+        numel: tl.int64, num_blocks: tl.int64, cols: tl.int64, index_offset: tl.int64, key: tl.uint32,
         beta1, omb1, eps, l2, decay, step_size, inv_bc2,
+        phase: tl.int32,  # statistics: programs with (pid + phase) % SAMPLE_STRIDE == 0
         BLOCK: tl.constexpr, G: tl.constexpr, EVEN: tl.constexpr,
         M_BITS: tl.constexpr, M_KIND: tl.constexpr, STOCHASTIC: tl.constexpr, WITH_STATS: tl.constexpr,
         N0_BITS: tl.constexpr, N0_KIND: tl.constexpr, N1_BITS: tl.constexpr, N1_KIND: tl.constexpr,
@@ -89,11 +92,7 @@ if HAS_TRITON:
         m = tl.where(inside, m, 0.0)
 
         if STOCHASTIC:
-            s_lo = base.to(tl.uint32)
-            s_hi = (base >> 32).to(tl.uint32)
-            lo = s_lo + loc.to(tl.uint32)
-            hi = s_hi + (lo < s_lo).to(tl.uint32)
-            um = _uniform(lo, hi, key_m.to(tl.uint32))
+            um, _ = _uniforms(start, loc, key)  # index in the matrix, as the twin
         else:
             um = m
         m_scale = _cast_rne(_bmax(tl.abs(m)), ms_ptr.dtype.element_ty)
@@ -103,31 +102,28 @@ if HAS_TRITON:
         inv_sm = tl.div_rn(1.0, sm)
         m_code = _encode(m * inv_sm, um, m, M_BITS, M_KIND, True, mq_ptr, mb_ptr, STOCHASTIC)
 
-        if WITH_STATS:
-            mq = _decode(m_code, M_BITS, M_KIND, True, mq_ptr) * sm
-            err_m = tl.where(inside, tl.div_rn(mq, denom) - upd, 0.0)
-            ref = tl.where(inside, upd, 0.0)
-            em2 = err_m * err_m
-            tl.store(partial_ptr + pid * 3 + 0, _total(em2))
-            tl.store(partial_ptr + pid * 3 + 1, 0.0)
-            tl.store(partial_ptr + pid * 3 + 2, _total(ref * ref))
-            if N0_BITS + N1_BITS > 0:
-                # neighbouring widths of exp_avg on the probe's sample (block index within the unit a
-                # multiple of PROBE_STRIDE), with this block's scale, nearest rounding, nothing stored
-                probe = (((blk0 % _PROBE).to(tl.int32) + r) % _PROBE == 0) & inside
-                x = m * inv_sm
-                if N0_BITS > 0:
-                    q0 = _decode(_encode(x, m, m, N0_BITS, N0_KIND, True, q0_ptr, b0_ptr, False), N0_BITS, N0_KIND,
-                                 True, q0_ptr) * sm  # fmt: skip
-                    e0 = tl.where(probe, tl.div_rn(q0, denom) - upd, 0.0)
-                    tl.store(npartial_ptr + pid * 6 + 0, _total(e0 * e0))
-                if N1_BITS > 0:
-                    q1 = _decode(_encode(x, m, m, N1_BITS, N1_KIND, True, q1_ptr, b1_ptr, False), N1_BITS, N1_KIND,
-                                 True, q1_ptr) * sm  # fmt: skip
-                    e1 = tl.where(probe, tl.div_rn(q1, denom) - upd, 0.0)
-                    tl.store(npartial_ptr + pid * 6 + 1, _total(e1 * e1))
-                tl.store(npartial_ptr + pid * 6 + 4, _total(tl.where(probe, em2, 0.0)))
         _pack(mc_ptr, m_code, r2, w2, blk_ok2, i, M_BITS, W)
+
+        if WITH_STATS:
+            if ((pid + phase) & (_SAMPLE - 1)) == 0:  # a sampled program (the others' sums stay 0)
+                # as in triton_adam._error_sums: no cancellation, the GPU's approximate division
+                rden = 1.0 / denom
+                mq = _decode(m_code, M_BITS, M_KIND, True, mq_ptr) * sm
+                err_m = tl.where(inside, (mq - m) * rden, 0.0)
+                ref = tl.where(inside, upd, 0.0)
+                em2 = _total(err_m * err_m)
+                tl.store(partial_ptr + pid * 3 + 0, em2)
+                tl.store(partial_ptr + pid * 3 + 2, _total(ref * ref))
+                if N0_BITS + N1_BITS > 0:
+                    # neighbouring widths of exp_avg with this block's scale, nearest rounding, nothing stored
+                    x = m * inv_sm
+                    if N0_BITS > 0:
+                        e0 = tl.where(inside, (_nearest_value(x, N0_BITS, N0_KIND, q0_ptr, b0_ptr) * sm - m) * rden, 0.0)
+                        tl.store(npartial_ptr + pid * 6 + 0, _total(e0 * e0))
+                    if N1_BITS > 0:
+                        e1 = tl.where(inside, (_nearest_value(x, N1_BITS, N1_KIND, q1_ptr, b1_ptr) * sm - m) * rden, 0.0)
+                        tl.store(npartial_ptr + pid * 6 + 1, _total(e1 * e1))
+                    tl.store(npartial_ptr + pid * 6 + 4, em2)
 
 
 def triton_factored_adam_step(
@@ -149,6 +145,7 @@ def triton_factored_adam_step(
     compile: bool | None = False,
     inv_mean: torch.Tensor | None = None,
     index_offset: int = 0,
+    sample_phase: int = 0,
 ) -> None:
     """Same contract as ``torch_factored_adam_step`` (``compile`` is ignored)."""
     if not HAS_TRITON:
@@ -170,7 +167,7 @@ def triton_factored_adam_step(
         return
     dev = param.device
     with_stats = stats is not None
-    partial = torch.empty((grid[0], 3) if with_stats else (1, 3), dtype=torch.float32, device=dev)
+    partial = torch.zeros((grid[0], 3) if with_stats else (1, 3), dtype=torch.float32, device=dev)
     nbrs = neighbor_codebooks[:2] if (with_stats and neighbor_stats is not None) else (None, None)
     npartial = torch.zeros((grid[0], 6) if any(cb is not None for cb in nbrs) else (1, 6), dtype=torch.float32,
                            device=dev)  # fmt: skip
@@ -180,6 +177,7 @@ def triton_factored_adam_step(
         param, grad, exp_avg_codes, exp_avg_scale, row, col, inv_mean, mcb.qmap, mcb.bounds, partial, npartial,
         *tables, numel, nblocks, col.numel(), index_offset, rng_key,
         s.beta1, s.one_minus_beta1, s.eps, s.l2, s.decay, s.step_size, s.inv_bias_correction2_sqrt,
+        sample_phase % SAMPLE_STRIDE,
         BLOCK=block_size, G=G, EVEN=numel % 4 == 0, M_BITS=mcb.bits, M_KIND=KINDS.index(mcb.kind),
         STOCHASTIC=stochastic, WITH_STATS=with_stats, **consts, **opts,
     )  # fmt: skip
