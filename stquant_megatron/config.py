@@ -89,7 +89,8 @@ class STQuantConfig:
     """Starting width of every unit; None = the most even widths the budget allows. A set value
     must fit the budget (``warmup_bits`` + scale bits <= ``avg_bits``): the budget bounds the peak."""
     stats_steps: int = 4
-    """Steps before each decision whose errors are measured (the rest run without statistics)."""
+    """Steps before each decision whose errors are measured (the rest run without statistics). Each
+    measures a rotating quarter of every unit (``SAMPLE_STRIDE`` = 4 programs): 4 steps measure it all."""
     max_move: int = 2
     """Most levels a unit moves per decision after the first one."""
     hysteresis: float = 0.02

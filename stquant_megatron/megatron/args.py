@@ -52,7 +52,8 @@ def add_stquant_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     g.add_argument("--stquant-warmup-bits", type=int, default=d.warmup_bits,
                    help="starting width of every unit, must fit the budget (default: the most even widths it allows)")
     g.add_argument("--stquant-stats-steps", type=int, default=d.stats_steps,
-                   help="steps before each decision that measure errors (<= --stquant-interval)")
+                   help="steps before each decision that measure errors, a rotating quarter of each tensor per step; "
+                        "4 cover it all (<= --stquant-interval)")
     g.add_argument("--stquant-max-move", type=int, default=d.max_move,
                    help="most levels a unit moves per decision, after the first one")
     g.add_argument("--stquant-hysteresis", type=float, default=d.hysteresis,
