@@ -217,7 +217,7 @@ class PrecisionScheduler:
         return self.warmup_steps + k * self.interval
 
     def sample_phase(self, step: int) -> int:
-        """Which programs of each unit measure the step's statistics (``kernels.common.sampled_rows``):
+        """Which programs of each unit measure the step's statistics (``kernels.common.sampled_programs``):
         the phase counts down to 0 at the decision step, so ``SAMPLE_STRIDE`` consecutive statistics
         steps measure every program once, and the probe step (the decision step) measures every unit's
         first program."""

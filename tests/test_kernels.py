@@ -687,3 +687,19 @@ def test_auto_compile_policy_and_fallback(monkeypatch, recwarn):
     assert ta._COMPILE_FAILED and any("running eager" in str(w.message) for w in recwarn.list)
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):  # compile=True does not hide the failure
         case.run(ta.torch_packed_adam_step, compile=True)
+
+
+def test_sampled_rows_follow_the_program_definition():
+    """The twin's sampled rows of a chunk (blocks of programs k with (k + phase) % SAMPLE_STRIDE == 0,
+    G blocks per program) against the definition written out block by block."""
+    from stquant_megatron.kernels.common import SAMPLE_STRIDE, launch_shape
+    from stquant_megatron.kernels.torch_adam import _rows
+
+    for block in (32, 64, 128, 1024, 2048):
+        g = launch_shape(block)[0]
+        for b0, b1 in ((0, 1), (0, 5), (0, 77), (g * 8, g * 11 + 1), (256, 1000)):
+            for phase in range(SAMPLE_STRIDE):
+                want = [b - b0 for b in range(b0, b1) if (b // g + phase) % SAMPLE_STRIDE == 0]
+                got = _rows(torch.zeros(3), b0, b1, block, phase, "cpu")
+                assert ([] if got is None else got.tolist()) == want, (block, b0, b1, phase)
+    assert _rows(None, 0, 100, 128, 0, "cpu") is None  # no statistics: no rows

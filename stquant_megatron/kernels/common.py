@@ -37,11 +37,13 @@ def launch_shape(block_size: int) -> tuple[int, int]:
     return g, warps
 
 
-def sampled_rows(b0: int, b1: int, block_size: int, phase: int) -> list[int]:
-    """Blocks ``b0 .. b1 - 1`` of a unit (offsets from ``b0``) that its statistics sample this step:
-    those of programs ``k`` (blocks ``k * G .. k * G + G - 1``) with ``(k + phase) % SAMPLE_STRIDE == 0``."""
+def sampled_programs(b0: int, b1: int, block_size: int, phase: int) -> range:
+    """The programs over blocks ``b0 .. b1 - 1`` of a unit whose statistics are measured this step:
+    program ``k`` (blocks ``k * G .. k * G + G - 1``, ``G`` from ``launch_shape``) is sampled when
+    ``(k + phase) % SAMPLE_STRIDE == 0``."""
     g = launch_shape(block_size)[0]
-    return [b - b0 for b in range(b0, b1) if (b // g + phase) % SAMPLE_STRIDE == 0]
+    k0, k1 = b0 // g, -(-b1 // g)
+    return range(k0 + (-(k0 + phase)) % SAMPLE_STRIDE, k1, SAMPLE_STRIDE)
 
 
 def f32(x: float) -> float:

@@ -23,7 +23,9 @@ import torch
 
 from ..formats.packing import pack_codes, unpack_codes
 from ..formats.codebooks import Codebook, level_values
-from .common import HASH_MUL1, HASH_MUL2, MASK32, GroupEntry, StepScalars, check_group, sampled_rows
+from .common import (
+    HASH_MUL1, HASH_MUL2, MASK32, GroupEntry, StepScalars, check_group, launch_shape, sampled_programs,
+)  # fmt: skip
 
 CHUNK_ELEMENTS = 1 << 18  # 256K elements: fp32 temporaries of 1 MiB, cache friendly on CPU
 ROW_CHUNK_ELEMENTS = 1 << 18
@@ -317,11 +319,15 @@ def _run_chunk(fn, compiled: bool, auto: bool, *args):
 
 
 def _rows(stats, b0: int, b1: int, block_size: int, phase: int, dev) -> torch.Tensor | None:
-    """The rows of chunk ``b0 .. b1`` that the statistics sample (None: no statistics, or none sampled)."""
-    if stats is None:
+    """The rows (blocks, from ``b0``) of chunk ``b0 .. b1`` in sampled programs (``sampled_programs``);
+    None without statistics or without a sampled program."""
+    progs = sampled_programs(b0, b1, block_size, phase) if stats is not None else range(0)
+    if not progs:
         return None
-    rows = sampled_rows(b0, b1, block_size, phase)
-    return torch.tensor(rows, dtype=torch.int64, device=dev) if rows else None
+    g = launch_shape(block_size)[0]
+    first = torch.arange(len(progs), dtype=torch.int64) * (progs.step * g) + (progs.start * g - b0)
+    rows = (first[:, None] + torch.arange(g, dtype=torch.int64)[None, :]).view(-1)
+    return rows[(rows >= 0) & (rows < b1 - b0)].to(dev)
 
 
 def _block_chunks(flat_p: torch.Tensor, flat_g: torch.Tensor, nblocks: int, block_size: int):
