@@ -689,6 +689,34 @@ def test_auto_compile_policy_and_fallback(monkeypatch, recwarn):
         case.run(ta.torch_packed_adam_step, compile=True)
 
 
+
+def test_recompile_limit_runs_that_variant_eager_and_keeps_compiling(monkeypatch, recwarn):
+    """A variant past dynamo's recompile limit (scheduled runs meet many widths) runs eager, gives the
+    eager result, and does not switch compilation off for the variants already compiled."""
+    import torch._dynamo.exc as dynamo_exc
+
+    import stquant_megatron.kernels.torch_adam as ta
+
+    case = Case(mb=4, vb=3, numel=3000, steps=2)
+    want = case.run(ta.torch_packed_adam_step)
+    calls = []
+
+    def limited(fn):
+        def run(*args):
+            calls.append(1)
+            raise dynamo_exc.FailOnRecompileLimitHit("recompile_limit reached")
+
+        return run
+
+    monkeypatch.setattr(ta, "_compiled", limited)
+    monkeypatch.setattr(ta, "CHUNK_ELEMENTS", 1024)
+    monkeypatch.setattr(ta, "_COMPILE_FAILED", [])
+    got = case.run(ta.torch_packed_adam_step, compile=None)
+    assert_same(want, got)
+    assert len(calls) == 6  # 3 chunks x 2 steps: each went to the compiled path first
+    assert not ta._COMPILE_FAILED and not any("running eager" in str(w.message) for w in recwarn.list)
+    assert ta.use_compile(None, ta.CHUNK_ELEMENTS, torch.device("cpu"))
+
 def test_sampled_rows_follow_the_program_definition():
     """The twin's sampled rows of a chunk (blocks of programs k with (k + phase) % SAMPLE_STRIDE == 0,
     G blocks per program) against the definition written out block by block."""

@@ -310,6 +310,10 @@ def _run_chunk(fn, compiled: bool, auto: bool, *args):
     try:
         return _compiled(fn)(*args)
     except Exception as e:  # no C++ toolchain, an unsupported torch, ...: auto mode falls back to eager
+        if type(e).__name__ == "FailOnRecompileLimitHit":
+            # one variant (widths, tail, statistics) more than dynamo keeps per function: this one runs
+            # eager, the compiled ones stay in use
+            return fn(*args)
         if not auto:
             raise
         _COMPILE_FAILED.append(f"{type(e).__name__}: {e}"[:300])
