@@ -371,6 +371,19 @@ def frontier_block(path: str) -> str:
                      + (f"**met** by {best['label']} ({best['peak_state_bytes_per_param']:.3f} B/param, "
                         f"{best['ratio_mean']:.4f}, mean of {full} seeds)" if best
                         else f"**not met** by any configuration with {full} seeds in this table"))
+    resampled = os.path.join(os.path.dirname(path), "frontier_sampled.json")
+    if os.path.exists(resampled):  # the default re-run after the statistics became sampled
+        with open(resampled) as f:
+            rdata = json.load(f)
+        commits = sorted({r.get("commit", "?") for r in rdata["meta"]["results"] if r["key"] != "adamw"})
+        for r in rdata["rows"]:
+            if r["family"] == "stq":
+                lines.append(
+                    f"- {r['label']} again on the code where the statistics sample a rotating quarter of each unit "
+                    f"(commit {', '.join(commits)}; fp32 AdamW runs of the table reused; `{rdata['meta']['command']}`): "
+                    f"peak {r['peak_state_bytes_per_param']:.3f} B/param, {r['ratio_mean']:.4f} ± {r['ratio_std']:.4f} "
+                    f"(seeds {', '.join(f'{x:.4f}' for x in r['ratios'])})"
+                )  # fmt: skip
     gpt = os.path.join(os.path.dirname(path), "frontier_gpt.json")
     if os.path.exists(gpt):
         gdata, gmeta = load(gpt)
