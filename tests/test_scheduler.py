@@ -383,3 +383,29 @@ def test_staged_transition_equals_direct_and_keeps_peak_within_budget(monkeypatc
     _train(model, opt, 24)
     assert opt.scheduler.decisions == 4 and sum(d.moved for d in opt.scheduler.history) > 0
     assert opt.peak_state_bytes() <= budget, (opt.peak_state_bytes(), budget)
+
+
+def test_statistics_sample_rotates_and_covers_each_unit_in_a_window():
+    """The optimizer's statistics steps pass sample phases 3, 2, 1, 0 (0 on the decision step, which
+    probes): a window of SAMPLE_STRIDE steps measures every program of a unit once (that the four
+    phases partition a unit is test_kernels.py::test_sampled_statistics_agree_with_full_unit_measurement)."""
+    from stquant_megatron.kernels.common import SAMPLE_STRIDE
+
+    cfg = STQuantConfig(**{**SCHED, "interval": 8, "warmup_steps": 8, "stats_steps": 4})
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(256, 256, bias=False)
+    opt = STQuantAdamW(layer.named_parameters(), lr=1e-3, config=cfg)
+    seen = []
+    gen = torch.Generator().manual_seed(3)
+    for step in range(1, 17):
+        x = torch.randn(16, 256, generator=gen)
+        layer(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        seen.append((step, opt.collect_stats, opt.probe_neighbors, opt.sample_phase if opt.collect_stats else None))
+    window = [(s, ph, pr) for s, st, pr, ph in seen if st]
+    assert window == [(5, 3, False), (6, 2, False), (7, 1, False), (8, 0, True),
+                      (13, 3, False), (14, 2, False), (15, 1, False), (16, 0, True)]  # fmt: skip
+    assert {ph for _, ph, _ in window} == set(range(SAMPLE_STRIDE))
+    sched = opt.scheduler
+    assert all(sched.sample_phase(s) == (sched.next_decision(s) - s) % SAMPLE_STRIDE for s in range(1, 40))
