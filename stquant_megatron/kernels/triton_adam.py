@@ -25,6 +25,10 @@ run compiles each configuration once. FMA contraction is off at launch (``enable
 the twin rounds every product and sum, and so does the GPU. ``benchmarks/gpu_compile.py`` compiles
 every specialization ahead of time for sm_80 and sm_90 and checks all of this.
 
+On a statistics step every ``SAMPLE_STRIDE``-th program (the step's ``phase`` rotates which) also
+measures the scheduler's error sums, the probe's included, from its registers (``_error_sums``);
+the others step and leave.
+
 Two launch paths share one body: ``triton_packed_adam_step`` (one unit) and
 ``triton_packed_adam_group_step`` (one launch over a table of units sharing widths, codebooks,
 dtypes and rounding; no host sync).
