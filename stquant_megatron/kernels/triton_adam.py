@@ -234,13 +234,13 @@ if HAS_TRITON:
         return tl.where((x - qlo) > (qhi - x), qhi, qlo)
 
     @triton.jit
-    def _requant(x, inv, root, SIGNED: tl.constexpr, BITS: tl.constexpr, KIND: tl.constexpr, qmap_ptr,
-                 bounds_ptr):
-        # codes of x quantized (nearest) at another width with the block's reciprocal scale inv: the
-        # neighbouring-width probe. The scale does not depend on the width: one per moment.
-        if KIND == 1 and not SIGNED:
-            root = root * (tl.sqrt_rn(inv) * 2**BITS)
-        return _encode(x * inv, x, root, BITS, KIND, SIGNED, qmap_ptr, bounds_ptr, False)
+    def _requant_v(v, inv, rv, BITS: tl.constexpr, KIND: tl.constexpr, qmap_ptr, bounds_ptr):
+        # codes of exp_avg_sq quantized (nearest) at another width with the block's reciprocal scale
+        # inv: the neighbouring-width probe (rv: sqrt(v), the pow2 root). The scale does not depend on
+        # the width: one per moment. (exp_avg's neighbours: _nearest_value, without codes.)
+        if KIND == 1:
+            rv = rv * (tl.sqrt_rn(inv) * 2**BITS)
+        return _encode(v * inv, v, rv, BITS, KIND, False, qmap_ptr, bounds_ptr, False)
 
     @triton.jit
     def _root_dequant(code, s, BITS: tl.constexpr, KIND: tl.constexpr, qmap_ptr):
@@ -289,10 +289,10 @@ if HAS_TRITON:
                 mq1 = _nearest_value(m * inv_sm, N1_BITS, N1_KIND, q1_ptr, b1_ptr) * sm
                 e1 = tl.where(inside, (mq1 - m) * rden, 0.0)
             if N2_BITS > 0:
-                dq2 = _root_dequant(_requant(v, inv_sv, rv, False, N2_BITS, N2_KIND, q2_ptr, b2_ptr), sv, N2_BITS, N2_KIND, q2_ptr) * inv_bc2 + eps
+                dq2 = _root_dequant(_requant_v(v, inv_sv, rv, N2_BITS, N2_KIND, q2_ptr, b2_ptr), sv, N2_BITS, N2_KIND, q2_ptr) * inv_bc2 + eps
                 e2 = ref * ((denom - dq2) / dq2)
             if N3_BITS > 0:
-                dq3 = _root_dequant(_requant(v, inv_sv, rv, False, N3_BITS, N3_KIND, q3_ptr, b3_ptr), sv, N3_BITS, N3_KIND, q3_ptr) * inv_bc2 + eps
+                dq3 = _root_dequant(_requant_v(v, inv_sv, rv, N3_BITS, N3_KIND, q3_ptr, b3_ptr), sv, N3_BITS, N3_KIND, q3_ptr) * inv_bc2 + eps
                 e3 = ref * ((denom - dq3) / dq3)
             # the four sums in one reduction (side by side in registers: one exchange between warps);
             # an absent width sums zeros, as the buffer holds
