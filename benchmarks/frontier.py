@@ -107,6 +107,8 @@ def specs(steps: int) -> list[Spec]:
     lean = dict(scale_dtype="bf16", block_size=256, **packed)  # 1/16 scale bit per element instead of 1/4
     out = [
         Spec("adamw", "fp32 AdamW", "torch"),
+        # exactly what STQuantConfig() / --stquant alone give (scheduler warm-up and interval at their defaults)
+        Spec("default", "ours default, STQuantConfig()", "stq", {}),
         # is the reference tuned? fp32 AdamW at half and 1.5x the set-up's learning rate (ratios still to "adamw")
         Spec("adamw-lr0.5x", "fp32 AdamW, lr x0.5", "torch", default=False, lr=0.5),
         Spec("adamw-lr1.5x", "fp32 AdamW, lr x1.5", "torch", default=False, lr=1.5),
@@ -369,7 +371,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small model, 60 steps, 2 seeds (smoke run)")
     ap.add_argument("--steps", type=int, help="training steps (default 1000)")
-    ap.add_argument("--seeds", type=int, help="seeds per configuration (default 3)")
+    ap.add_argument("--seeds", type=int, help="seeds per configuration: 0..N-1 (default 3)")
+    ap.add_argument("--seed-list", type=int, nargs="+", metavar="SEED",
+                    help="these seeds instead of 0..N-1 (e.g. confirmation seeds 3 4 5)")
     ap.add_argument("--only", nargs="+", metavar="KEY", help="subset of configurations (adamw always runs)")
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel, one torch thread each (default 1)")
     ap.add_argument("--json", metavar="PATH", help="write rows and meta (set-up, per-seed results, command, times)")
@@ -389,6 +393,12 @@ def main(argv=None) -> int:
         if args.seeds < 1:
             ap.error(f"--seeds must be at least 1; got {args.seeds}")
         s.seeds = tuple(range(args.seeds))
+    if args.seed_list:
+        if args.seeds:
+            ap.error("give --seeds N or --seed-list SEED ..., not both")
+        if len(set(args.seed_list)) != len(args.seed_list) or min(args.seed_list) < 0:
+            ap.error(f"--seed-list needs distinct non-negative seeds; got {args.seed_list}")
+        s.seeds = tuple(args.seed_list)
     spec_list = specs(s.steps)
     if args.list:
         for sp in spec_list:
