@@ -27,7 +27,9 @@ Pareto plot (peak bytes/param vs ratio, error bars = one standard deviation over
 shows them); fp32 AdamW always runs: it is every ratio's reference.
 
 Every finished (configuration, seed) run is appended to ``<json stem>.runs.jsonl`` with its
-configuration, set-up, the git commit its process started from, and the time it finished. ``--resume`` reuses the runs there whose configuration
+configuration, set-up, the git commit its process started from, the hash of the code it measured
+(``benchmarks/provenance.py``: a fp32 AdamW or peer run does not depend on our optimizer's code) and the
+time it finished. ``--resume`` reuses the runs there whose configuration
 and set-up match (a long benchmark survives an interruption; a configuration added later runs alone);
 the meta records which results were reused and when each was produced.
 """
@@ -59,14 +61,13 @@ from quality import (  # noqa: E402  (benchmarks/ is a script folder, not a pack
     PeakMeter,
     _mean_std,
     _progress,
-    hardware,
     lr_at,
     make_optimizer,
     record_decisions,
     set_lr,
     state_bytes,
-    versions,
 )
+from provenance import STARTED, hardware, provenance  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------- set-up
@@ -255,22 +256,9 @@ def _cfg_key(sp: Spec) -> str:
     return _norm(sp.family, sp.config)
 
 
-def _git_commit() -> str | None:
-    """The checkout's commit when this process started (``+dirty`` with uncommitted changes)."""
-    import subprocess
-
-    try:
-        run = lambda *a: subprocess.run(["git", "-C", ROOT, *a], capture_output=True, text=True, check=True).stdout  # noqa: E731
-        return run("rev-parse", "--short", "HEAD").strip() + ("+dirty" if run("status", "--porcelain", "-uno").strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-_COMMIT = _git_commit()
-
-
-def _commit() -> str | None:
-    return _COMMIT
+def run_deps(family: str) -> str:
+    """The dependency set (``provenance.DEPS``) whose code a run of ``family`` measures."""
+    return "frontier" if family == "stq" else "frontier-peers"
 
 
 def append_run(path: str | None, sp: Spec, s: Setup, r: dict) -> None:
@@ -278,7 +266,8 @@ def append_run(path: str | None, sp: Spec, s: Setup, r: dict) -> None:
     if not path:
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    r.update(commit=_commit(), finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+    dep = run_deps(sp.family)
+    r.update(commit=STARTED["commit"], code={dep: STARTED["code"][dep]}, finished=time.strftime("%Y-%m-%d %H:%M:%S"))
     line = json.dumps(dict(r, family=sp.family, config=sp.config, lr=sp.peak_lr(s), setup=asdict(s))) + "\n"
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
@@ -468,11 +457,10 @@ def main(argv=None) -> int:
              + (" (--quick)" if args.quick else ""))  # fmt: skip
     print(f"\n{title}; wall time {wall:.0f} s ({wall / 60:.1f} min, {args.jobs} job(s))")
     if args.json:
+        prov = provenance(__file__, argv)  # each run in ``results`` records its own commit and code hash
         meta = dict(setup=asdict(s), nparams=nparams, title=title, wall_seconds=wall, jobs=args.jobs, quick=args.quick,
-                    betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, clip=CLIP, hardware=hardware(),
-                    versions=versions(), results=results,
-                    command="python " + " ".join([os.path.relpath(__file__, ROOT),
-                                                  *(argv if argv is not None else sys.argv[1:])]))  # fmt: skip
+                    betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, clip=CLIP, hardware=prov["hardware"],
+                    versions=prov["versions"], results=results, command=prov["command"], provenance=prov)  # fmt: skip
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "meta": meta}, f, indent=1, default=str)

@@ -78,7 +78,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 import warnings
@@ -90,6 +89,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from provenance import hardware, provenance, versions  # noqa: E402,F401  (benchmarks/ is a script folder)
 
 BETAS, EPS, WEIGHT_DECAY, CLIP = (0.9, 0.95), 1e-8, 0.1, 1.0
 
@@ -700,36 +702,6 @@ def json_path(path: str, task: str, several: bool) -> str:
     return f"{stem}_{task}{ext or '.json'}"
 
 
-def hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    mem = ""
-    try:
-        mem = f", {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM"
-    except (ValueError, OSError, AttributeError):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores{mem}, no GPU; {platform.system()} {platform.release()}"
-
-
-def versions() -> dict:
-    from importlib import metadata
-
-    out = {"python": platform.python_version()}
-    for dist in ("torch", "megatron-core", "bitsandbytes", "torchao", "scikit-learn", "stquant-megatron"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
-
-
 def write_json(path: str, task: str, rows: list[dict], meta: dict) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
@@ -864,8 +836,9 @@ def main(argv=None) -> int:
             print(f"\n== digits: {setup.steps} steps x {setup.seeds} seed(s), {len(specs)} optimizers ==", flush=True)
             rows, meta = run_digits(specs, setup, progress)
         wall = time.perf_counter() - t0
-        meta.update(hardware=hardware(), versions=versions(), wall_seconds=wall, quick=args.quick,
-                    command="python " + " ".join([os.path.relpath(__file__, ROOT), *(argv if argv is not None else sys.argv[1:])]))  # fmt: skip
+        prov = provenance(__file__, argv, deps=("quality",))
+        meta.update(hardware=prov["hardware"], versions=prov["versions"], wall_seconds=wall, quick=args.quick,
+                    command=prov["command"], provenance=prov)  # fmt: skip
         print_table(task, rows)
         for n in meta["notes"]:
             print(f"  note: {n}")
