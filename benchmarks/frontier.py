@@ -276,8 +276,9 @@ def append_run(path: str | None, sp: Spec, s: Setup, r: dict) -> None:
         os.close(fd)
 
 
-def load_runs(path: str, s: Setup) -> dict:
-    """Runs of ``path`` with the same set-up, keyed by (key, seed, configuration)."""
+def load_runs(path: str, s: Setup, fresh_only: bool = False) -> dict:
+    """Runs of ``path`` with the same set-up, keyed by (key, seed, configuration); the last line of a
+    key wins. ``fresh_only``: only runs whose recorded code hash equals the current code's."""
     out = {}
     if not os.path.exists(path):
         return out
@@ -285,6 +286,8 @@ def load_runs(path: str, s: Setup) -> dict:
     with open(path) as f:
         for line in f:
             r = json.loads(line)
+            if fresh_only and (r.get("code") or {}).get(run_deps(r["family"])) != STARTED["code"][run_deps(r["family"])]:
+                continue
             if {k: v for k, v in (r.get("setup") or {}).items() if k != "seeds"} == want:
                 out[(r["key"], r["seed"], _norm(r["family"], r["config"]))] = dict(r, reused=True)
     return out
@@ -369,6 +372,9 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", metavar="PATH", help="write the Pareto plot (PNG)")
     ap.add_argument("--resume", action="store_true",
                     help="reuse matching runs from <json stem>.runs.jsonl (needs --json)")
+    ap.add_argument("--fresh-only", action="store_true",
+                    help="with --resume: reuse only runs measured on the current code (their code hash equals "
+                         "today's, benchmarks/provenance.py); stale ones run again")
     ap.add_argument("--from-log", action="store_true",
                     help="run nothing: the table, JSON and plot from the runs in <json stem>.runs.jsonl (rows show "
                          "how many seeds they have)")
@@ -407,7 +413,7 @@ def main(argv=None) -> int:
     if args.from_log:
         args.resume = True
     log_path = os.path.splitext(args.json)[0] + ".runs.jsonl" if args.json else None
-    cached = load_runs(log_path, s) if args.resume else {}
+    cached = load_runs(log_path, s, args.fresh_only) if args.resume else {}
     results = [cached[(sp.key, sd, _cfg_key(sp))] for sd in s.seeds for sp in spec_list if (sp.key, sd, _cfg_key(sp)) in cached]
     jobs = [(sp, sd) for sd in s.seeds for sp in spec_list if (sp.key, sd, _cfg_key(sp)) not in cached]
     if results:
@@ -421,7 +427,7 @@ def main(argv=None) -> int:
     if args.jobs == 1:
         for sp, sd in sorted(jobs, key=lambda j: j[0].key == "adamw"):  # the reference last: another
             if args.resume:  # process writing the same log may have run it meanwhile
-                done = load_runs(log_path, s).get((sp.key, sd, _cfg_key(sp)))
+                done = load_runs(log_path, s, args.fresh_only).get((sp.key, sd, _cfg_key(sp)))
                 if done is not None:
                     results.append(done)
                     print(f"  {sp.label} seed {sd}: reused (finished {done.get('finished')})", flush=True)

@@ -25,12 +25,21 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from provenance import DEPS, freshness  # noqa: E402  (benchmarks/ is a script folder, not a package)
+
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 DEFAULT_FILES = [os.path.join("benchmarks", "results", f"quality_{t}.json") for t in ("gpt", "digits")]
 STEP_START, STEP_END = "<!-- step:start -->", "<!-- step:end -->"
 STEP_FILE = os.path.join("benchmarks", "results", "step.json")
 FRONTIER_START, FRONTIER_END = "<!-- frontier:start -->", "<!-- frontier:end -->"
 FRONTIER_FILE = os.path.join("benchmarks", "results", "frontier.json")
+CONFIRM_FILE = os.path.join("benchmarks", "results", "frontier_confirm.json")
+MLM_START, MLM_END = "<!-- megatron_lm:start -->", "<!-- megatron_lm:end -->"
+MLM_FILE = os.path.join("benchmarks", "results", "megatron_lm.json")
+COST_START, COST_END = "<!-- scheduler_cost:start -->", "<!-- scheduler_cost:end -->"
+COST_FILE = os.path.join("benchmarks", "results", "scheduler_cost.json")
+COST_DOC = os.path.join("docs", "scheduler.md")
 FRONTIER_TARGETS = ((0.75, 1.004), (0.60, 1.01))  # (peak B/param at most, mean val-loss ratio at most)
 TITLES = {
     "gpt": "Megatron-core GPT on Python standard-library sources (byte-level)",
@@ -53,6 +62,34 @@ def load(path: str) -> tuple[dict, dict]:
         with open(meta_path) as f:
             meta = json.load(f)
     return data, meta
+
+
+# ----------------------------------------------------------------------------------- provenance
+def _deps_text(deps) -> str:
+    return ", ".join(f"`{d}`" for d in deps)
+
+
+def provenance_line(prov: dict | None, deps: tuple[str, ...], fallback_command: str | None = None) -> str:
+    """Where a block's numbers come from and whether the code they depend on has changed since,
+    judged from the code hashes the results file recorded (``benchmarks/provenance.py``)."""
+    prov = prov or {}
+    fresh, sets = freshness(prov.get("code"), deps)
+    where = (f"measured at commit `{prov['commit']}` on {prov.get('date', '?')}" if prov.get("commit")
+             else "measured at a commit the results file does not record")  # fmt: skip
+    cmd = prov.get("command") or fallback_command
+    if fresh is True:
+        state = f"the code it depends on ({_deps_text(deps)} in `benchmarks/provenance.py`) is unchanged since"
+    elif fresh is False:
+        state = (f"**stale**: the code it depends on has changed since ({_deps_text(sets)} in "
+                 "`benchmarks/provenance.py`); re-measure before relying on these numbers")  # fmt: skip
+    else:
+        state = ("**not known to describe the current code**: the results file was written before code hashes "
+                 "were recorded; re-measure before relying on these numbers")  # fmt: skip
+    return (f"- Provenance: {where}" + (f" by `{cmd}`" if cmd else "") + f"; {state}.")
+
+
+def _run_fresh(run: dict, deps: str) -> bool | None:
+    return freshness(run.get("code"), (deps,))[0]
 
 
 def _fmt_acc(a) -> str:
@@ -219,6 +256,7 @@ def block(paths: list[str]) -> str:
         if meta.get("wall_seconds") is not None:
             lines.append(f"- Wall time of this task: {meta['wall_seconds'] / 60:.1f} min"
                          + (" (`--quick` run)" if meta.get("quick") else "") + ".")  # fmt: skip
+        lines.append(provenance_line(meta.get("provenance"), ("quality",), meta.get("command")))
         lines.append("")
         if meta.get("command"):
             commands.append(meta["command"])
@@ -271,8 +309,10 @@ def step_block(path: str) -> str:
     for r in data["rows"]:
         ours = r["optimizer"].startswith("STQuant")
         name = f"**{r['optimizer']}**" if ours else r["optimizer"]
+        graphs = r.get("first_step_graphs_compiled")
+        first = f"{r['first_step_ms']:.0f}" + (f" ({graphs} graphs compiled)" if graphs else "")
         lines.append(f"| {name} | {r['bits']} | {r['state_bytes_per_param']:.3f} | {r['step_ms_median']:.0f} | "
-                     f"{r['step_time_vs_adamw']:.1f}x | {r['first_step_ms']:.0f} | {r['gpu_bytes_per_param_model']:.1f} |")
+                     f"{r['step_time_vs_adamw']:.1f}x | {first} | {r['gpu_bytes_per_param_model']:.1f} |")
     lines.append("")
     shapes = meta.get("shapes", {})
     lines.append(f"- Command: `{meta.get('command', 'python benchmarks/step.py --json ' + STEP_FILE)}`; "
@@ -287,9 +327,14 @@ def step_block(path: str) -> str:
     lines.append("- STQuantAdamW rows: the default config (`compile=None`: on the CPU, units of at least 2**18 "
                  "elements run through `torch.compile`, one compile per width combination, in the first step); "
                  "*eager*: `compile=False`; *+compile*: `compile=True` (every unit); *+sr*: stochastic rounding.")
-    lines.append("- Ratios are to `torch.optim.AdamW(fused=True)` in the same run; first step = state allocation (and "
-                 "`torch.compile` where a row compiles). GPU column: the bytes-moved model of a memory-bound step, "
-                 "not a timing.")
+    counted = any("first_step_graphs_compiled" in r for r in data["rows"])
+    lines.append("- Ratios are to `torch.optim.AdamW(fused=True)` in the same run; first step = state allocation"
+                 + (", plus `torch.compile` where the row built graphs (how many, from dynamo's own counter, in "
+                    "brackets; a row without brackets reused the graphs an earlier row of the same process built: "
+                    "*+compile* runs first of ours, so it pays for the 4-bit graphs)" if counted else
+                    " (whether a row's first step includes a compile is not recorded in this file)")
+                 + ". GPU column: the bytes-moved model of a memory-bound step, not a timing.")  # fmt: skip
+    lines.append(provenance_line(meta.get("provenance"), ("step",), meta.get("command")))
     lines.append(STEP_END)
     return "\n".join(lines)
 
@@ -311,24 +356,50 @@ def _lr_sweep(log: str, setup: dict) -> dict:
     return {lr: (sum(v.values()) / len(v), len(v)) for lr, v in by.items()}
 
 
+def _row_fresh(r: dict, runs: list[dict]) -> bool | None:
+    """Whether every run behind a frontier row measured the current code (None: a run without a hash)."""
+    dep = "frontier" if r["family"] == "stq" else "frontier-peers"
+    states = [_run_fresh(x, dep) for x in runs if x["key"] == r["key"] and x["seed"] in r["seeds"]]
+    return True if states and all(v is True for v in states) else (False if False in states else None)
+
+
+def frontier_table(rows: list[dict], runs: list[dict]) -> list[str]:
+    lines = ["| configuration | seeds | peak B/param | final B/param | val loss (mean) | val loss / fp32 AdamW | per seed |",
+             "|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    for r in sorted(rows, key=lambda r: -r["peak_state_bytes_per_param"]):
+        ours = r["family"] == "stq"
+        std = f" ± {r['ratio_std']:.4f}" if r.get("ratio_std") is not None else ""
+        name = (f"**{r['label']}**" if ours else r["label"]) + ("" if _row_fresh(r, runs) else " †")
+        seeds = ",".join(str(x) for x in r["seeds"])
+        lines.append(f"| {name} | {seeds} | {r['peak_state_bytes_per_param']:.3f} | {r['state_bytes_per_param']:.3f} | "
+                     f"{r['val_loss_mean']:.4f} | {r['ratio_mean']:.4f}{std} | "
+                     f"{', '.join(f'{x:.4f}' for x in r['ratios'])} |")
+    return lines
+
+
+def _stale_note(rows: list[dict], runs: list[dict]) -> str:
+    stale = [r for r in rows if not _row_fresh(r, runs)]
+    if not stale:
+        return ("- Every row was measured on the current code (the runs' code hashes, `frontier` and "
+                "`frontier-peers` in `benchmarks/provenance.py`, equal today's).")
+    commits = sorted({x.get("commit") or "?" for r in stale for x in runs if x["key"] == r["key"] and x["seed"] in r["seeds"]})
+    return (f"- † {len(stale)} of {len(rows)} rows were measured on code that has changed since (commits "
+            f"{', '.join(commits)}; each run's code hash, `frontier` or `frontier-peers` in "
+            "`benchmarks/provenance.py`, differs from today's): they describe that code and are stale until "
+            "re-measured (`--resume` re-runs nothing whose configuration matches, so delete their lines from the "
+            "run log or use a new one). Rows without † were measured on the current code.")
+
+
 def frontier_block(path: str) -> str:
     """The frontier table (benchmarks/frontier.py): peak and final state bytes against the paired loss ratio."""
     with open(path) as f:
         data = json.load(f)
     meta, rows = data["meta"], data["rows"]
     s = meta["setup"]
+    runs = meta.get("results", [])
     lines = [FRONTIER_START, f"<!-- generated by benchmarks/results_table.py from {os.path.relpath(path, ROOT)}; "
-             "do not edit by hand -->", "",
-             "| configuration | seeds | peak B/param | final B/param | val loss (mean) | val loss / fp32 AdamW | per seed |",
-             "|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
-    for r in sorted(rows, key=lambda r: -r["peak_state_bytes_per_param"]):
-        ours = r["family"] == "stq"
-        std = f" ± {r['ratio_std']:.4f}" if r.get("ratio_std") is not None else ""
-        name = f"**{r['label']}**" if ours else r["label"]
-        lines.append(f"| {name} | {len(r['seeds'])} | {r['peak_state_bytes_per_param']:.3f} | {r['state_bytes_per_param']:.3f} | "
-                     f"{r['val_loss_mean']:.4f} | {r['ratio_mean']:.4f}{std} | "
-                     f"{', '.join(f'{x:.4f}' for x in r['ratios'])} |")
-    results = meta.get("results", [])
+             "do not edit by hand -->", ""] + frontier_table(rows, runs)  # fmt: skip
+    results = runs
     train_min = sum(x.get("train_seconds", 0.0) for x in results) / 60
     reused = sum(1 for x in results if x.get("reused"))
     lines += ["", f"![frontier](docs/frontier.png)", "",
@@ -371,19 +442,16 @@ def frontier_block(path: str) -> str:
                      + (f"**met** by {best['label']} ({best['peak_state_bytes_per_param']:.3f} B/param, "
                         f"{best['ratio_mean']:.4f}, mean of {full} seeds)" if best
                         else f"**not met** by any configuration with {full} seeds in this table"))
-    resampled = os.path.join(os.path.dirname(path), "frontier_sampled.json")
-    if os.path.exists(resampled):  # the default re-run after the statistics became sampled
-        with open(resampled) as f:
-            rdata = json.load(f)
-        commits = sorted({r.get("commit", "?") for r in rdata["meta"]["results"] if r["key"] != "adamw"})
-        for r in rdata["rows"]:
-            if r["family"] == "stq":
-                lines.append(
-                    f"- {r['label']} again on the code where the statistics sample a rotating quarter of each unit "
-                    f"(commit {', '.join(commits)}; fp32 AdamW runs of the table reused; `{rdata['meta']['command']}`): "
-                    f"peak {r['peak_state_bytes_per_param']:.3f} B/param, {r['ratio_mean']:.4f} ± {r['ratio_std']:.4f} "
-                    f"(seeds {', '.join(f'{x:.4f}' for x in r['ratios'])})"
-                )  # fmt: skip
+    lines.append(_stale_note(rows, runs))
+    confirm = os.path.join(os.path.dirname(path), os.path.basename(CONFIRM_FILE))
+    if os.path.exists(confirm):  # the default was chosen on the seeds above; confirmed on others
+        with open(confirm) as f:
+            cdata = json.load(f)
+        cruns = cdata["meta"].get("results", [])
+        cseeds = sorted({x for r in cdata["rows"] for x in r["seeds"]})
+        lines += ["", f"Confirmation on seeds {', '.join(map(str, cseeds))}, which played no part in choosing the "
+                  f"default (chosen on seeds {', '.join(map(str, s['seeds']))} above; `{cdata['meta']['command']}`):",
+                  ""] + frontier_table(cdata["rows"], cruns) + ["", _stale_note(cdata["rows"], cruns)]  # fmt: skip
     gpt = os.path.join(os.path.dirname(path), "frontier_gpt.json")
     if os.path.exists(gpt):
         gdata, gmeta = load(gpt)
@@ -391,15 +459,120 @@ def frontier_block(path: str) -> str:
                   "`DistributedOptimizer`, 2 gloo ranks, data-parallel shards; "
                   f"`{gmeta.get('command', 'python benchmarks/quality.py --task gpt ...')}`, "
                   f"{gmeta.get('description', '')}):", ""] + task_table(gdata)  # fmt: skip
+        lines += ["", provenance_line(gmeta.get("provenance"), ("quality",), gmeta.get("command"))]
     digits = os.path.join(os.path.dirname(path), "frontier_digits.json")
     if os.path.exists(digits):
         ddata, dmeta = load(digits)
         lines += ["", "The same configurations on the digits ViT (standalone; "
                   f"`{dmeta.get('command', 'python benchmarks/quality.py --task digits ...')}`, "
                   f"{dmeta.get('description', '')}):", ""] + task_table(ddata)  # fmt: skip
-        lines.append("- On digits compare accuracy: the test loss swings by tens of percent between runs (Results section).")
+        lines += ["", "- On digits compare accuracy: the test loss swings by tens of percent between runs (Results section).",
+                  provenance_line(dmeta.get("provenance"), ("quality",), dmeta.get("command"))]  # fmt: skip
     lines.append(FRONTIER_END)
     return "\n".join(lines)
+
+
+def megatron_lm_block(path: str) -> str:
+    """Megatron-LM's own pretrain_*.py runs, as tests/test_megatron_lm.py recorded them after its checks passed."""
+    with open(path) as f:
+        data = json.load(f)
+    lines = [MLM_START, f"<!-- generated by benchmarks/results_table.py from {os.path.relpath(path, ROOT)}; "
+             "do not edit by hand -->", "",
+             "| run | route | B/param | loss it 1 → last | checked (and passed) |", "|---|---|---:|---|---|"]  # fmt: skip
+    for r in data["rows"]:
+        bpp = "" if r.get("bytes_per_param") is None else f"{r['bytes_per_param']:.3f}"
+        losses = r.get("losses") or []
+        loss = f"{losses[0]:.4f} → {losses[-1]:.4f}" if losses else ""
+        lines.append(f"| {r['run']} | {r['route']} | {bpp} | {loss} | {r.get('checked', '')} |")
+    prov = data.get("provenance") or {}
+    lines += ["", f"- {len(data['rows'])} rows from {data.get('tests', '?')} passing tests "
+              f"({data.get('wall_seconds', 0) / 60:.1f} min); each row is written by its test after the test's "
+              "assertions passed (`STQUANT_RECORD_MEGATRON_LM=<file>`), so *checked* is what was asserted.",
+              f"- Machine: {prov.get('hardware', '?')}; "
+              + ", ".join(f"{k} {v}" for k, v in (prov.get("versions") or {}).items() if v) + ".",
+              provenance_line(prov, ("megatron_lm",)), MLM_END]  # fmt: skip
+    return "\n".join(lines)
+
+
+def scheduler_cost_block(path: str) -> str:
+    """docs/scheduler.md's cost table (benchmarks/scheduler_cost.py --json)."""
+    with open(path) as f:
+        d = json.load(f)
+    w, c, cfg = d["measured"]["wall"], d["measured"].get("cpu"), d["config"]
+
+    def pct(x):
+        return f"{100 * x:.2f} %"
+
+    def cell(key, rel=False):
+        out = f"{w[key]:.1f} ms"
+        if rel:
+            out += f" ({(w[key] - w['plain_ms']) / w['plain_ms']:+.0%})"
+        return out + (f" / {c[key]:.1f} ms" if c else "")
+
+    moved_first = ", ".join(map(str, d["first_moved"]))
+    moved_later = ", ".join(map(str, d["later_moved"]))
+    ok = lambda x: "met" if x < d["target"] else "**missed**"  # noqa: E731
+    lines = [COST_START, f"<!-- generated by benchmarks/results_table.py from {os.path.relpath(path, ROOT)}; "
+             "do not edit by hand -->", "",
+             f"{d['params']:,} parameters in {d['shapes']['tensors']} tensors, {d['units']} scheduled units; "
+             f"avg_bits {cfg['avg_bits']}, interval {cfg['interval']}, stats_steps {cfg['stats_steps']}, "
+             f"max_move {cfg['max_move']}, hysteresis {cfg['hysteresis']}; {d['threads']} torch thread(s); medians, "
+             "wall-clock / process CPU time:", "",
+             "| | time |", "|---|---:|",
+             f"| (a) plain step | {cell('plain_ms')} |",
+             f"| (b) statistics step ({cfg['stats_steps'] - 1} of the {cfg['stats_steps']}) | {cell('stats_ms', True)} |",
+             f"| (b') last statistics step, with the sampled neighbour probe | {cell('probe_ms', True)} |",
+             f"| (c) first decision: units moved {moved_first} (of {d['units']}; every unit may move any number of "
+             f"levels) | {cell('first_decision_ms')} |",
+             f"| (c) later decisions: units moved {moved_later} | {cell('later_decision_ms')} |",
+             f"| **amortised overhead, measured later decisions** | **{pct(w['overhead_later'])}** (target < "
+             f"{pct(d['target'])}: {ok(w['overhead_later'])}) |",
+             f"| **worst case: every decision as costly as the first** | **{pct(w['overhead_first'])}** ({ok(w['overhead_first'])}) |",
+             "",
+             f"- Statistics alone: {pct(w['overhead_statistics'])} of a plain step; the rest is the decision. The "
+             "later decisions of this benchmark see fixed synthetic gradients and move few units; the worst-case "
+             "line charges every decision the first one's cost, which re-codes most units.",
+             f"- Command: `{d['provenance']['command']}`; wall time {d['wall_seconds']:.0f} s; 1-minute load "
+             f"average {d['load_average_end'][0]:.1f} at the end; {d['provenance']['hardware']}.",
+             provenance_line(d.get("provenance"), ("scheduler_cost",)), COST_END]  # fmt: skip
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------- all blocks
+# (start marker, end marker, document, results file, renderer): every generated block of the docs
+BLOCKS = [
+    (START, END, "README.md", None, None),  # quality: several files, see generated_blocks()
+    (STEP_START, STEP_END, "README.md", STEP_FILE, step_block),
+    (FRONTIER_START, FRONTIER_END, "README.md", FRONTIER_FILE, frontier_block),
+    (MLM_START, MLM_END, "README.md", MLM_FILE, megatron_lm_block),
+    (COST_START, COST_END, COST_DOC, COST_FILE, scheduler_cost_block),
+]
+
+
+def generated_blocks(root: str = ROOT) -> list[tuple[str, str, str, str]]:
+    """(document, start, end, text) of every block whose results files exist."""
+    out = []
+    for start, end, doc, path, render in BLOCKS:
+        if render is None:
+            files = [os.path.join(root, f) for f in DEFAULT_FILES]
+            if all(os.path.exists(f) for f in files):
+                out.append((doc, start, end, block(files)))
+        elif os.path.exists(os.path.join(root, path)):
+            out.append((doc, start, end, render(os.path.join(root, path))))
+    return out
+
+
+def check(root: str = ROOT) -> list[str]:
+    """The blocks whose text in their document differs from what their results files generate now
+    (a block missing from its document counts as differing)."""
+    bad = []
+    for doc, start, end, text in generated_blocks(root):
+        with open(os.path.join(root, doc)) as f:
+            current = f.read()
+        i, j = current.find(start), current.find(end)
+        if i < 0 or j < i or current[i:j + len(end)] != text:
+            bad.append(f"{doc}: {start}")
+    return bad
 
 
 def _replace(readme: str, start: str, end: str, text: str) -> str | None:
@@ -409,41 +582,46 @@ def _replace(readme: str, start: str, end: str, text: str) -> str | None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("files", nargs="*", help=f"quality_<task>.json files (default: {' '.join(DEFAULT_FILES)})")
-    ap.add_argument("--readme", default=os.path.join(ROOT, "README.md"), help="README to rewrite (default: repo README.md)")
-    ap.add_argument("--print", dest="print_only", action="store_true", help="print the block, do not touch the README")
+    ap.add_argument("files", nargs="*", help=f"quality_<task>.json files to print (default: {' '.join(DEFAULT_FILES)})")
+    ap.add_argument("--print", dest="print_only", action="store_true", help="print the quality block, touch nothing")
+    ap.add_argument("--check", action="store_true",
+                    help="exit 1 if a generated block differs from what its results file generates (CI)")
     args = ap.parse_args(argv)
-    files = args.files or [os.path.join(ROOT, f) for f in DEFAULT_FILES]
-    missing = [f for f in files if not os.path.exists(f)]
-    if missing:
-        print(f"missing result files: {missing}; run benchmarks/quality.py --json ... first", file=sys.stderr)
-        return 2
-    text = block(files)
-    if args.print_only:
-        print(text)
+    if args.files or args.print_only:
+        files = args.files or [os.path.join(ROOT, f) for f in DEFAULT_FILES]
+        missing = [f for f in files if not os.path.exists(f)]
+        if missing:
+            print(f"missing result files: {missing}; run benchmarks/quality.py --json ... first", file=sys.stderr)
+            return 2
+        print(block(files))
         return 0
-    readme = ""
-    if os.path.exists(args.readme):
-        with open(args.readme) as f:
-            readme = f.read()
-    new = _replace(readme, START, END, text)
-    if new is None:
-        print(text)
-        print(f"\n(no '{START}' ... '{END}' markers in {args.readme}: printed the block above instead, "
-              "README not changed)", file=sys.stderr)  # fmt: skip
-        return 0
-    step_file = os.path.join(ROOT, STEP_FILE)
-    if not args.files and os.path.exists(step_file):
-        new = _replace(new, STEP_START, STEP_END, step_block(step_file)) or new
-    frontier_file = os.path.join(ROOT, FRONTIER_FILE)
-    if not args.files and os.path.exists(frontier_file):
-        new = _replace(new, FRONTIER_START, FRONTIER_END, frontier_block(frontier_file)) or new
-    if new != readme:
-        with open(args.readme, "w") as f:
-            f.write(new)
-        print(f"rewrote the results block of {args.readme}")
-    else:
-        print(f"{args.readme}: results block already up to date")
+    if args.check:
+        bad = check()
+        for b in bad:
+            print(f"out of date: {b} (run `python benchmarks/results_table.py`: it regenerates the blocks from "
+                  "their results files, staleness notes included, without measuring anything)", file=sys.stderr)
+        print("generated blocks: " + ("all match their results files" if not bad else f"{len(bad)} out of date"))
+        return 1 if bad else 0
+    docs: dict[str, str] = {}
+    for doc, start, end, text in generated_blocks():
+        if doc not in docs:
+            with open(os.path.join(ROOT, doc)) as f:
+                docs[doc] = f.read()
+        new = _replace(docs[doc], start, end, text)
+        if new is None:
+            print(f"{doc}: no '{start}' ... '{end}' markers; block not written", file=sys.stderr)
+            continue
+        docs[doc] = new
+    for doc, text in docs.items():
+        path = os.path.join(ROOT, doc)
+        with open(path) as f:
+            old = f.read()
+        if old != text:
+            with open(path, "w") as f:
+                f.write(text)
+            print(f"rewrote the generated blocks of {doc}")
+        else:
+            print(f"{doc}: generated blocks already up to date")
     return 0
 
 

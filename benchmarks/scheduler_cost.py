@@ -37,13 +37,15 @@ decision the cost of the first one. Target: < 2%.
 
     python benchmarks/scheduler_cost.py --quick
     python benchmarks/scheduler_cost.py                  # ~23M parameters
-    python benchmarks/scheduler_cost.py --params 50e6 --avg-bits 3.5 --threads 2
+    python benchmarks/scheduler_cost.py --params 50e6 --avg-bits 4.0 --threads 2
+    python benchmarks/scheduler_cost.py --quick --json benchmarks/results/scheduler_cost.json   # docs/scheduler.md's table
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import os
 import statistics
@@ -54,10 +56,12 @@ import torch
 
 from stquant_megatron import STQuantAdamW, STQuantConfig
 from stquant_megatron.allocation import MAX_BITS, MIN_BITS, allocate
+from stquant_megatron.config import DEFAULT_AVG_BITS
 
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-3, (0.9, 0.999), 1e-8, 0.01
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from provenance import provenance  # noqa: E402
 from step import pick_sizes, transformer_shapes  # noqa: E402  (benchmarks/step.py: the same parameter set)
 
 
@@ -161,10 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (default 1: on a shared machine, multi-threaded ops stall on "
                          "preempted threads and the timings scatter)")  # fmt: skip
-    ap.add_argument("--avg-bits", type=float, default=4.0, help="scheduler budget (default 4.0)")
+    ap.add_argument("--avg-bits", type=float, default=DEFAULT_AVG_BITS,
+                    help=f"scheduler budget (default {DEFAULT_AVG_BITS}: STQuantConfig()'s)")
     ap.add_argument("--interval", type=int, default=100, help="steps between decisions (default 100)")
     ap.add_argument("--stats-steps", type=int, default=STQuantConfig().stats_steps, help="default: STQuantConfig's")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", metavar="PATH", help="write the measurements, the result and the provenance "
+                    "(commit, command, machine, code hash); docs/scheduler.md's table is generated from it")
     args = ap.parse_args(argv)
 
     t_start = time.perf_counter()
@@ -263,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(scale bits incl.); later decisions: units moved {later_moved}")  # fmt: skip
     print(f"allocation alone ({len(sched.names)} units): median {med(alloc_ms):.3f} ms")
     print("overhead = ((b - a) * (stats_steps - 1) + (b' - a) + c) / interval / a")
-    headline = None
+    headline, measured = None, {}
     for clock, label in (("wall", "wall-clock"), ("cpu", "process CPU time")):
         a, bp = med(plain.get(clock)), med(probe.get(clock))
         b = med(stats.get(clock)) if len(stats) else a
@@ -293,13 +300,29 @@ def main(argv: list[str] | None = None) -> int:
             f"stats_steps={s_}, interval={i}: {overhead(c_later, s_, i):.2%} / {overhead(c_first, s_, i):.2%}"
             for s_, i in ((1, 100), (2, 100), (4, 200), (8, 100))
         ))  # fmt: skip
+        measured[clock] = dict(plain_ms=a * 1e3, stats_ms=b * 1e3, probe_ms=bp * 1e3, first_decision_ms=c_first * 1e3,
+                               later_decision_ms=c_later * 1e3, overhead_later=o_later, overhead_first=o_first,
+                               overhead_statistics=((b - a) * (n_st - 1) + (bp - a)) / n_int / a)  # fmt: skip
         if headline is None:
             headline = (o_later, o_first)
     verdict = ["PASS" if o < 0.02 else "FAIL" for o in headline]
     print(f"\nRESULT (wall-clock medians, interval={n_int}, stats_steps={n_st}), target < 2% of a plain step:\n"
           f"  with the measured later decisions (units moved {later_moved}): {headline[0]:.2%} {verdict[0]}\n"
           f"  bound, every decision as costly as the first (units moved {first_moved}): {headline[1]:.2%} {verdict[1]}")  # fmt: skip
-    print(f"total wall time {time.perf_counter() - t_start:.1f}s")
+    wall = time.perf_counter() - t_start
+    print(f"total wall time {wall:.1f}s")
+    if args.json:
+        out = dict(measured=measured, target=0.02, first_moved=first_moved, later_moved=later_moved, units=n_units,
+                   params=n_params, shapes=dict(vocab=vocab, hidden=hidden, layers=layers, tensors=len(shapes)),
+                   config=dict(avg_bits=cfg.avg_bits, interval=cfg.interval, stats_steps=cfg.stats_steps,
+                               max_move=cfg.max_move, hysteresis=cfg.hysteresis),
+                   widths_after_first=hist, allocation_ms=med(alloc_ms), threads=torch.get_num_threads(),
+                   rounds=rounds, reps=reps, wall_seconds=wall, load_average_end=list(os.getloadavg()),
+                   provenance=provenance(__file__, argv, deps=("scheduler_cost",)))  # fmt: skip
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+        print(f"wrote {args.json}")
     return 0
 
 
