@@ -78,8 +78,8 @@ def test_budget_bounds_peak_state_memory_from_step_one():
     assert max(now for now, _ in seen) <= budget  # between transitions: within the budget itself
     # the documented CPU slack: one moved unit's new codes and scales (the largest), not the widest unit
     numel = {k: p.numel() for k, p in model.named_parameters()}
-    slack = max(num_blocks(numel[u.rsplit(".", 1)[0]], 128) * (b * 128 // 8 + 4)
-                for a, c in zip(widths, widths[1:]) for u, b in c.items() if a[u] != b), default=0)  # fmt: skip
+    slack = max((num_blocks(numel[u.rsplit(".", 1)[0]], 128) * (b * 128 // 8 + 4)
+                 for a, c in zip(widths, widths[1:]) for u, b in c.items() if a[u] != b), default=0)  # fmt: skip
     assert slack < widest / 4, (slack, widest)  # (tests/test_state_memory.py measures runs that move units)
     assert opt.peak_state_bytes() <= budget + slack, (opt.peak_state_bytes(), budget, slack)
     assert opt.peak_state_bytes() >= max(now for now, _ in seen)
