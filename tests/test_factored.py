@@ -206,8 +206,9 @@ def test_factored_checkpoints_resume_and_interoperate():
     fact.load_state_dict(stock.state_dict())
     dense = stock.state[model[0].weight]["exp_avg_sq"]
     st = fact.state[model[0].weight]["exp_avg_sq"]
-    torch.testing.assert_close(st.row, dense.mean(1))
-    torch.testing.assert_close(st.col, dense.mean(0))
+    # relative only: second moments are ~1e-5 here, below assert_close's default atol
+    torch.testing.assert_close(st.row, dense.mean(1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(st.col, dense.mean(0), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("bad", ["shape", "negative", "dtype"])
