@@ -558,6 +558,10 @@ class STQuantAdamW(torch.optim.Optimizer):
                 group["step"] = int(max(float(s) for s in steps))
         if self.collect_stats:
             self.last_stats = local_stats
+        # The launch entries hold every unit's codes and scales: drop them before a transition
+        # re-codes units, or each re-coded unit's old codes stay alive until step() returns.
+        launches.clear()
+        items = entry0 = entry = None  # noqa: F841
         if sched is not None:
             if self.collect_stats:
                 sched.accumulate(local_stats)

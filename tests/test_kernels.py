@@ -225,37 +225,90 @@ def test_compiled_twin_equals_eager():
 # ------------------------------------------------------------------ the twin against a plain reference
 
 
+def _plain_levels(kind: str, bits: int, signed: bool, top: bool = False) -> torch.Tensor:
+    """The documented levels (docs/formats.md, "Codebooks"), sorted, fp32, in code order. ``top``:
+    also the signed top code 2^b - 1 (never produced; decoded by the same formula, k = L + 1)."""
+    if signed:
+        L = 2 ** (bits - 1) - 1
+        s = torch.arange(-L, L + 1 + int(top), dtype=torch.float32) * (1.0 / L)
+        return s if kind == "linear" else s * s.abs()
+    n = 2**bits
+    q = (torch.arange(n, dtype=torch.float32) + 1) * (1.0 / n)
+    return q if kind == "linear" else q * q
+
+
+def _plain_unpack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 [nb, bits, block/8] -> int64 [nb, block]: plane j holds bit j; element e in byte e // 8, bit e % 8."""
+    nb, _, nbytes = codes.shape
+    bit = (codes.long()[..., None] >> torch.arange(8)) & 1  # [nb, bits, block/8, 8]: element 8 * byte + k
+    planes = bit.reshape(nb, bits, nbytes * 8)
+    return (planes << torch.arange(bits)[None, :, None]).sum(1)
+
+
+def _plain_mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 on int64 holding 32-bit words."""
+    m = 0xFFFFFFFF
+    x = x & m
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & m
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & m
+    return x ^ (x >> 16)
+
+
+def _plain_quantize(x: torch.Tensor, levels: torch.Tensor, signed: bool, u: torch.Tensor | None):
+    """fp32 [nb, block] -> (int64 codes, fp32 absmax scale) by the documented rule: x * (1/scale), the
+    bracketing levels q(lo) <= x < q(lo+1) (clamped into the codebook), then nearest (ties low) or
+    stochastic ``u * (q(lo+1) - q(lo)) < x - q(lo)``."""
+    scale = x.abs().amax(1) if signed else x.amax(1)
+    inv = torch.ones_like(scale) / torch.where(scale > 0, scale, torch.ones_like(scale))
+    y = x * inv[:, None]
+    lo = (torch.searchsorted(levels, y.contiguous(), right=True) - 1).clamp(0, levels.numel() - 2)
+    qlo, qhi = levels[lo], levels[lo + 1]
+    up = (y - qlo > qhi - y) if u is None else (u * (qhi - qlo) < y - qlo)
+    return lo + up.long(), scale
+
+
+@pytest.mark.parametrize("kinds", [("linear", "linear"), ("pow2", "pow2")])
 @pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
 @pytest.mark.parametrize("adamw", [True, False], ids=["adamw", "adam_l2"])
-def test_torch_step_matches_plain_reference(stochastic, adamw):
-    """One step = dequantize the old state, fp32 Adam/AdamW, quantize the new moments blockwise
-    (padding holds zero moments), written here without the fused code."""
-    numel, block, lr, wd = 1000, 128, 1e-2, 0.1
-    case = Case(mb=5, vb=3, numel=numel, block=block, random_state=True, stochastic=stochastic, adamw=adamw)
+def test_torch_step_matches_plain_reference(stochastic, adamw, kinds):
+    """One step = decode the old state, fp32 Adam/AdamW, quantize the new moments blockwise (padding
+    holds zero moments), written here in plain torch from docs/formats.md (levels, bit planes, the
+    rounding rule, the lowbias32 counter hash): no code of the package builds the expectation."""
+    numel, block, lr, wd, mb, vb = 1000, 128, 1e-2, 0.1, 5, 3
+    case = Case(mb=mb, vb=vb, mk=kinds[0], vk=kinds[1], numel=numel, block=block, random_state=True,
+                stochastic=stochastic, adamw=adamw)  # fmt: skip
     p, m, v = case.init()
-    grads = list(case.grads())
-    for step, g in enumerate(grads, start=1):
+    mlev, vlev = _plain_levels(kinds[0], mb, True), _plain_levels(kinds[1], vb, False)
+    mdec = _plain_levels(kinds[0], mb, True, top=True)  # the random state holds top codes too
+    nb = num_blocks(numel, block)
+    pad = nb * block - numel
+    for step, g in enumerate(case.grads(), start=1):
         sc = step_scalars(lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=wd, step=step, adamw=adamw)
         key = rng_key(3, step, 5)
-        # reference
-        nb = num_blocks(numel, block)
-        pad = nb * block - numel
-        m0, v0 = m.dequantize(), v.dequantize()
+        m0 = (mdec[_plain_unpack(m.codes, mb)] * m.scale[:, None]).view(-1)[:numel]
+        v0 = (vlev[_plain_unpack(v.codes, vb)] * v.scale[:, None]).view(-1)[:numel]
         gg = g.float() + p * sc.l2
         m1 = m0 * sc.beta1 + gg * sc.one_minus_beta1
         v1 = v0 * sc.beta2 + (gg * gg) * sc.one_minus_beta2
         denom = torch.sqrt(v1.double()).float() * sc.inv_bias_correction2_sqrt + sc.eps
         p_ref = p * sc.decay - (m1 / denom) * sc.step_size
-        index = torch.arange(nb * block, dtype=torch.int64).view(nb, block)
-        um, uv = uniforms(index, torch.tensor(key)) if stochastic else (None, None)
-        mc, ms = quantize_blocks(torch.nn.functional.pad(m1, (0, pad)).view(nb, block), m.codebook, torch.float32, um)
-        vc, vs = quantize_blocks(torch.nn.functional.pad(v1, (0, pad)).view(nb, block), v.codebook, torch.float32, uv)
+        um = uv = None
+        if stochastic:
+            i = torch.arange(nb * block, dtype=torch.int64).view(nb, block)
+            h = _plain_mix32((i & 0xFFFFFFFF) ^ _plain_mix32(key ^ (i >> 32)))
+            um, uv = (h >> 16).float() / 65536, (h & 0xFFFF).float() / 65536
+        mc, ms = _plain_quantize(torch.nn.functional.pad(m1, (0, pad)).view(nb, block), mlev, True, um)
+        vc, vs = _plain_quantize(torch.nn.functional.pad(v1, (0, pad)).view(nb, block), vlev, False, uv)
         # fused step
         torch_packed_adam_step(p, g, m.codes, m.scale, v.codes, v.scale, m.codebook, v.codebook, sc,
                                block_size=block, stochastic=stochastic, rng_key=key)  # fmt: skip
         assert torch.equal(p, p_ref)
-        assert torch.equal(m.codes, pack_codes(mc, 5)) and torch.equal(m.scale, ms)
-        assert torch.equal(v.codes, pack_codes(vc, 3)) and torch.equal(v.scale, vs)
+        assert torch.equal(m.scale, ms) and torch.equal(v.scale, vs)
+        assert torch.equal(_plain_unpack(m.codes, mb), mc), int((_plain_unpack(m.codes, mb) != mc).sum())
+        assert torch.equal(_plain_unpack(v.codes, vb), vc), int((_plain_unpack(v.codes, vb) != vc).sum())
+        assert int(mc.unique().numel()) > 2 and int(vc.unique().numel()) > 2  # not a degenerate case
 
 
 def test_first_step_is_exact_adam():

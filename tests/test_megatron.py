@@ -173,14 +173,21 @@ def _assemble(ranks):
 
 
 def _requant_bound(ref, qmap, block):
-    """Largest error of re-quantizing ``ref`` with absmax blocks of ``block`` elements (starting at
-    the shard's first element) onto the normalized codebook ``qmap``: the widest gap between
-    adjacent codebook values (0 included) times the block's absmax, element by element."""
-    levels = torch.unique(torch.cat([qmap, torch.zeros(1)]))
-    gap = float((levels[1:] - levels[:-1]).max())
+    """Per element, the largest error of re-quantizing ``ref`` (nearest rounding) with absmax blocks
+    of ``block`` elements (starting at the shard's first element) onto the normalized codebook
+    ``qmap``: with the new block's scale ``s`` (its absmax: the scale changes with the layout) and
+    ``x = ref / s``, half the gap between the two levels around ``x``, or, below a zero-free
+    codebook's smallest level (where values round up to it), the distance to that level; times
+    ``s``, plus fp32 rounding of the normalization and the decode (2**-20 of ``s``)."""
+    levels = torch.unique(qmap.float())  # sorted; the repeated top signed code counts once
     pad = (-ref.numel()) % block
     absmax = torch.nn.functional.pad(ref.abs(), (0, pad)).view(-1, block).amax(1)
-    return gap * absmax.repeat_interleave(block)[: ref.numel()]
+    s = absmax.repeat_interleave(block)[: ref.numel()]
+    x = ref / torch.where(s > 0, s, torch.ones_like(s))
+    hi = torch.searchsorted(levels, x.contiguous()).clamp(1, levels.numel() - 1)
+    half = (levels[hi] - levels[hi - 1]) / 2
+    below = x < levels[0]
+    return s * torch.where(below, levels[0] - x, half) + s * 2.0**-20
 
 
 def _check_loaded_against_saved(saved_ranks, loaded_ranks):
@@ -314,11 +321,17 @@ def test_reshard_dp2_to_dp1_and_stock_interop(tmp_path):
 
 def test_fully_reshardable_changes_tp(tmp_path):
     ck = str(tmp_path / "tp2")
-    saved = run_distributed(_run, 2, dict(tp=2, config=dict(bits=4, **PACKED), steps=3, save=ck, fmt="fully_reshardable"), timeout=400)
+    saved = run_distributed(_run, 2, dict(tp=2, config=dict(bits=4, **PACKED), steps=3, save=ck, fmt="fully_reshardable",
+                                          more=2), timeout=400)  # fmt: skip
     r = run_distributed(_run, 1, dict(tp=1, config=dict(bits=4, **PACKED), steps=0, load=ck, fmt="fully_reshardable", start=3, more=2), timeout=400)[0]
-    # TP shards concatenated along their partition dim, re-packed at TP=1: within one step
+    # TP shards concatenated along their partition dim, re-packed at TP=1: within half a level per element
     assert _check_loaded_against_saved([x["saved_dense"] for x in saved], [r["loaded_dense"]]) > 0
-    assert all(x == x and x < 10 for x in r["continued"])
+    # the same data (DP=1 both): the first resumed loss is the saving job's continuation on the same
+    # params, up to bf16 TP reductions in another order (0.2 %); the next follows one update from the
+    # re-packed moments and those reductions (1 %)
+    got, ref = r["continued"], saved[0]["continued"]
+    assert len(got) == 2 and _close(got[:1], ref[:1], 2e-3), (got, ref)
+    assert _close(got[1:], ref[1:], 1e-2), (got, ref)
 
 
 FACT = dict(bits=8, exp_avg_sq_format="factored")  # exp_avg packed at 8 bits, matrices' exp_avg_sq factored
@@ -368,7 +381,7 @@ def test_factored_checkpoint_reshards_and_loads_into_stock(tmp_path):
     exp_avg_sq each loads equals what the saving run held (stock: exactly; factored: to rounding, the
     statistics of a rank-one matrix are its row and column means)."""
     ck = str(tmp_path / "dp2")
-    saved = run_distributed(_run, 2, dict(config=FACT, steps=3, save=ck), timeout=400)
+    saved = run_distributed(_run, 2, dict(config=FACT, steps=3, save=ck, more=1), timeout=400)
     full = _assemble([r["saved_dense"] for r in saved])
     for cfg in (FACT, None):
         r = run_distributed(_run, 1, dict(config=cfg, steps=0, load=ck, start=3, more=1, mbs=4), timeout=400)[0]
@@ -376,15 +389,19 @@ def test_factored_checkpoint_reshards_and_loads_into_stock(tmp_path):
         for e in r["loaded_dense"]:
             for k, got in e["tensors"].items():
                 want = full[e["name"]][k][e["start"] : e["start"] + got.numel()]
-                if cfg is not None and k == "exp_avg":
-                    continue  # re-packed at another layout (test_reshard_dp2_to_dp1_and_stock_interop)
-                if cfg is not None and k == "exp_avg_sq":
+                if cfg is not None and k == "exp_avg" and k in e["packing"]:  # re-packed at 8 bits, other blocks
+                    bound = _requant_bound(want, *e["packing"][k])
+                    assert bool(((got - want).abs() <= bound).all()), (e["name"], float(((got - want).abs() - bound).max()))
+                    n += float(want.abs().max()) > 0
+                elif cfg is not None and k == "exp_avg_sq":
                     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-30, msg=f"{e['name']}.{k}")
                     n += float(want.abs().max()) > 0
                 else:
                     assert torch.equal(got, want), (e["name"], k)
         assert (n > 0) == (cfg is not None)
-        assert all(x == x for x in r["continued"])
+        # the loaded run continues as the saving job did (DP=1 with the DP=2 global batch: the same
+        # data; the first resumed loss on the same params, 1e-6 as in the packed reshard test)
+        assert _close(r["continued_local"][:1], saved[0]["continued"][:1], 1e-6), (r["continued_local"], saved[0]["continued"])
 
 
 def test_scheduler_agrees_across_tp_dp_ranks():
