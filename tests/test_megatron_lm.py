@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -44,6 +45,42 @@ SCHED = ["--stquant-avg-bits", "4.0", "--stquant-warmup-steps", "2", "--stquant-
 TOL_FACTORED_RESUME = 1e-5
 
 _STOCK: dict = {}
+
+# ---------------------------------------------------------------------- the README's Megatron-LM table
+# Each test appends its runs after its assertions passed; with STQUANT_RECORD_MEGATRON_LM=<json> the
+# module writes them there with their provenance (benchmarks/results_table.py renders the README table).
+_ROWS: list = []
+_T0 = time.perf_counter()
+
+
+def _flags_text(flags) -> str:
+    if list(flags) == SCHED:
+        return "`--stquant-avg-bits 4.0`"
+    kept = [f for f in flags if f not in PACKED]
+    return f"`{' '.join(kept)}`" if kept else "stock"
+
+
+def _record(run: str, route: str, result, checked: str, losses=None) -> None:
+    _ROWS.append(dict(run=run, route=route, checked=checked, test=os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0],
+                      bytes_per_param=None if result is None else result.bytes_per_param(),
+                      losses=list(losses if losses is not None else result.losses())))  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_records():
+    yield
+    out = os.environ.get("STQUANT_RECORD_MEGATRON_LM")
+    if not out or not _ROWS:
+        return
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from provenance import provenance
+
+    prov = provenance(__file__, ["-m", "megatron_lm", "(pytest, STQUANT_RECORD_MEGATRON_LM set)"], deps=("megatron_lm",))
+    prov["command"] = (f"STQUANT_RECORD_MEGATRON_LM={os.path.relpath(out)} PYTHONPATH=$STQUANT_MCORE_019 "
+                       "python -m pytest -m megatron_lm tests/test_megatron_lm.py")
+    with open(out, "w") as f:
+        json.dump(dict(rows=_ROWS, tests=len({r["test"] for r in _ROWS}),
+                       wall_seconds=time.perf_counter() - _T0, iterations=ITERS, provenance=prov), f, indent=1)
 
 
 def _stock(tmp_path_factory, **ga):
@@ -96,6 +133,9 @@ def test_gpt_dp2_stquant8_launch_tracks_stock(precision, tmp_path, tmp_path_fact
     assert _rel_close(ours.losses(), stock.losses(), TOL_8BIT), (ours.losses(), stock.losses())
     assert _rel_close(ours.grad_norms(), stock.grad_norms(), 2e-2), (ours.grad_norms(), stock.grad_norms())
     _check_local_losses(ours)
+    _record(f"GPT DP=2 {precision}, stock", "script", stock, "")
+    _record(f"GPT DP=2 {precision}, `--stquant-bits 8`", "launch", ours,
+            "every iteration within 1e-3 of stock; grad norms within 2e-2; each rank's own loss")
     print(f"{precision}: stock {stock.bytes_per_param():.3f} B/param, --stquant-bits 8 {bpp:.3f} B/param; "
           f"losses stock {stock.losses()} ours {ours.losses()}; wall {ours.wall_s:.1f} s")  # fmt: skip
 
@@ -148,6 +188,10 @@ def test_gpt_save_resume_is_exact(name, precision, route, flags, tmp_path, tmp_p
         with open(os.path.join(ck, "stquant_history.jsonl")) as f:  # a header line, then one line per decision
             lines = [json.loads(line) for line in f]
         assert set(lines[0]["names"]) == set(sched) and len(lines) - 1 >= 2
+    _record(f"GPT DP=2 {precision}, {_flags_text(flags)}, torch_dist save/resume", route, straight,
+            (f"resumed iterations 4-6 within {TOL_FACTORED_RESUME:g}" if name == "factored" else
+             "resumed iterations 4-6 identical (losses, grad norms, each rank's loss, widths)")
+            + f"; within {TOL_4BIT:g} of stock" + ("; both ranks' widths equal" if name.startswith("sched") else ""))
     print(f"{name} {precision} via {route}: {bpp:.3f} B/param, losses {straight.losses()}; "
           f"wall straight {straight.wall_s:.1f} s, resumed {resumed.wall_s:.1f} s")  # fmt: skip
 
@@ -188,6 +232,10 @@ def test_gpt_model_parallel_tracks_stock(name, ga, route, flags, tol, bpp_range,
         assert owned[0] and owned[1] and not owned[0] & owned[1]  # the stages' units differ
         for r in ours.records:
             assert all(sched[0][u] == b for u, b in r["optimizers"][0]["bits"].items() if b != 32)
+    shape = {"tp2-rope": "TP=2 bf16 RoPE (`--no-rope-fusion`)", "pp2-sched": "PP=2 bf16",
+             "tp2-factored": "TP=2 bf16"}[name]  # fmt: skip
+    _record(f"GPT {shape}, {_flags_text(flags)}", route, ours,
+            f"within {tol:g} of stock" + ("; stages agree on widths" if ga.get("pp") else ""))
     print(f"{name}: {bpp:.3f} B/param (stock {stock.bytes_per_param():.3f}); losses stock {stock.losses()} "
           f"ours {ours.losses()}; wall {ours.wall_s:.1f} s")  # fmt: skip
 
@@ -217,6 +265,9 @@ def test_gpt_checkpoints_interchange_with_stock(tmp_path):
         assert _rel_close(resumed.losses(), ref, TOL_8BIT), (resumed.losses(), ref)
         for r in range(2):  # each rank's own loss, before the all-reduce
             assert _rel_close(resumed.records[r]["local_losses"], saver.records[r]["local_losses"][3:], TOL_8BIT)
+    _record("GPT DP=2 bf16, stock checkpoint → `--stquant-bits 8` job, and back", "launch / script", None,
+            f"each resumed job within {TOL_8BIT:g} of the saving job (first loss within 1e-6)",
+            losses=into_ours.losses())
     print(f"stock -> 8-bit: {into_ours.losses()} vs {runs['stock'].losses()[3:]}; "
           f"8-bit -> stock: {into_stock.losses()} vs {runs['st8'].losses()[3:]}")  # fmt: skip
 
@@ -264,6 +315,8 @@ def test_moe_ep2_dense_and_expert_optimizers_pack_agree_and_resume(tmp_path):
     assert resumed.grad_norms() == straight.grad_norms()[3:]
     assert [o["scheduler_bits"] for r in resumed.records for o in r["optimizers"]] == \
         [o["scheduler_bits"] for r in straight.records for o in r["optimizers"]]  # fmt: skip
+    _record("GPT MoE 4 experts top-2, EP=2, `--stquant-avg-bits 4.0`", "launch", straight,
+            "dense + expert optimizers packed, ranks agree; resume identical")
     print(f"MoE EP=2: {straight.bytes_per_param():.3f} B/param, losses {straight.losses()}; "
           f"wall straight {straight.wall_s:.1f} s, resumed {resumed.wall_s:.1f} s")  # fmt: skip
 
@@ -311,6 +364,8 @@ def test_vlm_trains_packed_with_units_in_vision_projector_and_language(tmp_path)
                           "--out", str(png)], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert out.returncode == 0 and png.stat().st_size > 1000, out.stdout + out.stderr
     assert "vision_projection" in out.stdout and "vision_model" in out.stdout, out.stdout
+    _record("VLM DP=2 bf16, `--stquant-avg-bits 4.0`, legacy torch save/resume", "launch", straight,
+            "units in vision, projector and language; ranks agree; resume identical")
     print(f"VLM: {bpp:.3f} B/param, losses {straight.losses()}; wall straight {straight.wall_s:.1f} s, "
           f"resumed {resumed.wall_s:.1f} s\n{out.stdout}")  # fmt: skip
 
