@@ -1,8 +1,24 @@
 #!/usr/bin/env bash
 # The whole test suite, set-up included: megatron-core 0.16.1 (pip) and 0.19.2 (sources).
+# bash tests/run_tests.sh --gpu [pytest args]: on a CUDA machine, the compiled kernels vs the twin (see below).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+if [[ "${1:-}" == "--gpu" ]]; then
+  # On a CUDA machine: the compiled Triton kernels on the GPU against the PyTorch twin on the CPU, bit for
+  # bit (tests/test_gpu_parity.py, full matrix). No set-up: the GPU image may have no network, so the
+  # current python must already import torch (CUDA build), triton and pytest (benchmarks/gpu_day.sh
+  # brings pytest as a wheel). The CPU suite is the plain `bash tests/run_tests.sh`.
+  shift
+  if ! python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "[tests] --gpu runs the compiled kernels on a CUDA GPU, but torch.cuda.is_available() is False here" \
+         "(or torch does not import). On a CPU machine run: bash tests/run_tests.sh" >&2
+    exit 2
+  fi
+  echo "[tests] GPU parity: compiled kernels on $(python -c 'import torch; print(torch.cuda.get_device_name())') vs the CPU twin"
+  exec env -u TRITON_INTERPRET STQUANT_REQUIRE_COMPILED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" \
+    python -m pytest -q -p no:cacheprovider tests/test_gpu_parity.py "$@"
+fi
 source tests/setup_env.sh
 export TRITON_INTERPRET=1
 echo "[tests] megatron-core $(python -c 'import megatron.core as m; print(m.__version__)') + core tests"
