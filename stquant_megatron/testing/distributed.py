@@ -369,13 +369,14 @@ def _record(status, rank, payload, results, failures):
 
 
 def init_megatron_parallel(tp: int = 1, pp: int = 1, *, vpp: int | None = None, seed: int = 1234,
-                           **kwargs) -> dict:
+                           cpu_shim: bool = True, **kwargs) -> dict:
     """Initialise megatron-core model parallelism + RNG on the current (gloo) world.
 
     Wraps ``parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
     pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp, **kwargs)`` and
     ``tensor_parallel.model_parallel_cuda_manual_seed(seed)`` (which needs the CPU shim: the
-    "CUDA" RNG is the CPU generator).  Re-initialises if already initialised.  Returns a dict
+    "CUDA" RNG is the CPU generator; ``cpu_shim=False`` on a real CUDA device, e.g. ``benchmarks/gpu_day.py``).
+    Re-initialises if already initialised.  Returns a dict
     with the ranks/sizes of this process (``tp_rank, tp_size, pp_rank, pp_size, dp_rank, dp_size``).
     """
     import torch
@@ -384,7 +385,8 @@ def init_megatron_parallel(tp: int = 1, pp: int = 1, *, vpp: int | None = None, 
 
     from .cpu_shim import install_cpu_shim
 
-    install_cpu_shim()
+    if cpu_shim:
+        install_cpu_shim()
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,

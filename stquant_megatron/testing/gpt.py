@@ -126,7 +126,7 @@ def make_transformer_config(*, num_layers: int = 2, hidden_size: int = 64, num_a
 
 def build_gpt_model(config=None, *, seq_length: int = 32, vocab_size: int = 256,
                     share_embeddings: bool = True, position_embedding_type: str = "rope",
-                    ddp_overrides: dict | None = None, **config_kwargs):
+                    ddp_overrides: dict | None = None, layer_spec=None, cuda: bool = False, **config_kwargs):
     """Build the GPT model chunks for this rank, wrapped like Megatron-LM does.
 
     Returns a list of megatron ``DistributedDataParallel`` model chunks (one per virtual pipeline
@@ -136,6 +136,9 @@ def build_gpt_model(config=None, *, seq_length: int = 32, vocab_size: int = 256,
     ``megatron.training.training``.
     ``ddp_overrides`` update the ``DistributedDataParallelConfig`` (default:
     ``use_distributed_optimizer=True, grad_reduce_in_fp32=True``).
+    ``layer_spec``: the transformer layer spec (default: ``get_gpt_layer_local_spec()``; e.g. the
+    Transformer Engine spec on a GPU). ``cuda``: move each ``GPTModel`` to the current CUDA device
+    before wrapping it, as ``megatron.training.get_model`` does (real GPUs, not the CPU shim).
     """
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import (
@@ -160,7 +163,7 @@ def build_gpt_model(config=None, *, seq_length: int = 32, vocab_size: int = 256,
         stage = dict(ignore_virtual=False, vp_stage=vp_stage) if vpp else {}
         model = GPTModel(
             config=config,
-            transformer_layer_spec=get_gpt_layer_local_spec(),
+            transformer_layer_spec=layer_spec if layer_spec is not None else get_gpt_layer_local_spec(),
             vocab_size=vocab_size,
             max_sequence_length=seq_length,
             pre_process=ps.is_pipeline_first_stage(**stage),
@@ -169,6 +172,8 @@ def build_gpt_model(config=None, *, seq_length: int = 32, vocab_size: int = 256,
             position_embedding_type=position_embedding_type,
             vp_stage=vp_stage if vpp else None,
         )
+        if cuda:
+            model.cuda(torch.cuda.current_device())
         if config.fp16 or config.bf16:
             model = Float16Module(config, model)
         chunks.append(model)
