@@ -16,12 +16,12 @@ from .kernels.common import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
 AUTO_CODEBOOK = {moment: {bits: "pow2" for bits in range(MIN_BITS, MAX_BITS + 1)} for moment in ("exp_avg", "exp_avg_sq")}
 MOMENTS = ("exp_avg", "exp_avg_sq")
 DEFAULT_AVG_BITS = 3.5
-"""The budget of ``STQuantConfig()`` (no ``bits``, no ``avg_bits``; both moments packed), chosen from the
-frontier benchmark (``benchmarks/results/frontier.json``, README "Frontier": fp32 AdamW at its best
-learning rate, 3 seeds) as the least peak memory whose mean validation loss is within 0.4 % of fp32
-AdamW's: scheduled 3.5 bits, 0.929 B/param peak at 1.0021 +- 0.0047 (per seed 0.9986, 1.0002, 1.0074).
-Fixed 4-bit: 1.073 B/param at 1.0022; scheduled 4.0: 1.067 at 1.0045; scheduled 3.0: 0.804 at 1.042. Factoring the matrices' exp_avg_sq (``exp_avg_sq_format="auto"``) halves the memory,
-0.564-0.575 B/param, at 1.009 (every seed 1.005-1.012)."""
+"""The budget of ``STQuantConfig()`` (no ``bits``, no ``avg_bits``; both moments packed), chosen on
+seeds 0-2 of the frontier benchmark (``benchmarks/frontier.py``; fp32 AdamW at its best learning
+rate) as the least peak memory among the scheduled packed budgets (4.0, 3.5, 3.0, 2.5) whose mean
+validation loss is within 0.4 % of fp32 AdamW's, and confirmed on seeds 3-5 that played no part in
+the choice. The numbers, with the commit they were measured at and whether the code changed since:
+README "Frontier" (generated from ``benchmarks/results/frontier.json`` and ``frontier_confirm.json``)."""
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
