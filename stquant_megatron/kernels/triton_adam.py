@@ -526,10 +526,23 @@ def _neighbor_args(mcb, nbrs):
     return tables, consts
 
 
+def _reflect_ftz_option() -> dict:
+    # libdevice without flush-to-zero (tl.floor: cvt.rmi.f32.f32, not .ftz), where this Triton has the option
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except Exception:  # pragma: no cover - no CUDA backend
+        return {}
+    return {"enable_reflect_ftz": False} if "enable_reflect_ftz" in getattr(CUDAOptions, "__dataclass_fields__", {}) else {}
+
+
+_FTZ_OPTS = _reflect_ftz_option() if HAS_TRITON else {}
+
+
 def _launch_opts(block_size: int) -> tuple[int, dict]:
     g, warps = launch_shape(block_size)
-    # no FMA contraction: the twin rounds every product and sum (bit-identity on GPUs)
-    return g, dict(num_warps=warps, enable_fp_fusion=False)
+    # no FMA contraction: the twin rounds every product and sum (bit-identity on GPUs); no flush to zero
+    # of subnormals in libdevice (the twin keeps them; benchmarks/gpu_compile.py checks for .ftz)
+    return g, dict(num_warps=warps, enable_fp_fusion=False, **_FTZ_OPTS)
 
 
 def triton_packed_adam_step(
