@@ -32,8 +32,9 @@ rounding, three units, shards with offsets past 2**32) through both launchers an
 compiles per configuration (a configuration = everything but per-step values: widths, kinds,
 rounding, statistics, dtypes, block size).
 
-Exits non-zero on any compile error, spill, local memory, fp64 instruction, FMA contraction or more
-than one compile per configuration.
+Exits non-zero on any compile error, spill, local memory, fp64 instruction, FMA contraction, flush-to-zero
+instruction (``.ftz`` in the PTX; NVIDIA's expansion of ``div.rn``/``sqrt.rn`` in the SASS excepted: see
+``ftz_instructions``) or more than one compile per configuration.
 """
 
 from __future__ import annotations
@@ -346,6 +347,75 @@ def occupancy(regs: int, warps: int, shared: int) -> float:
     return ctas * 32 * warps / 2048
 
 
+# ---------------------------------------------------------------------------- flush-to-zero check
+
+# An instruction that flushes subnormal inputs or results to zero: ``.ftz`` in the PTX, ``.FTZ`` in the
+# SASS. The kernels' arithmetic must not flush (the twin on the CPU does not): Triton's default
+# ``enable_reflect_ftz=True`` makes libdevice's ``floor`` (``tl.floor``) a ``cvt.rmi.ftz.f32.f32``, so the
+# launch passes ``enable_reflect_ftz=False``. The check fails on any ``.ftz`` in the PTX: there every
+# instruction is the kernel's own (IEEE division and square root are single non-ftz instructions,
+# ``div.rn.f32`` / ``sqrt.rn.f32``). Excepted, by construction: NVIDIA's expansion of those two in
+# ptxas, which exists only in the SASS: predicated inline ``FMUL.FTZ``/``FADD.FTZ`` on operands it has
+# pre-scaled (by 2**32 and the like) around ``MUFU.RSQ``/``MUFU.RCP``, and the out-of-line subroutines
+# ``$__internal_<n>_$__cuda_sm3x_div_rn_noftz_f32_slowpath`` / ``..._sqrt_rn_f32_slowpath`` (recognised by
+# those labels); they implement a correctly rounded, non-flushing operation. ``ftz_sass`` lists the
+# SASS ``.FTZ`` outside those subroutines for the record (``ftz_sass`` in the results; not a failure).
+_PTX_FTZ = re.compile(r"^\s*(?:@!?%p\d+\s+)?([a-z]+(?:\.[a-z0-9]+)*\.ftz(?:\.[a-z0-9]+)*)\b", re.M)
+_SLOW_PATH = re.compile(r"^\$__internal_\d+_\$__cuda_sm\d+x_(?:div_rn|sqrt_rn|rcp_rn)\w*_slowpath:$")
+_PTX_LAST: dict = {}
+
+
+def ftz_instructions(ptx: str) -> list[str]:
+    """The PTX instructions with ``.ftz`` (the PTX has no slow-path subroutines: all of it is the kernel's)."""
+    return _PTX_FTZ.findall(ptx)
+
+
+def ftz_sass(cubin: bytes) -> list[str]:
+    """SASS instructions with ``.FTZ`` outside NVIDIA's division/square-root slow paths."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        text = subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", path], capture_output=True, text=True,
+                              check=True).stdout  # fmt: skip
+    finally:
+        os.remove(path)
+    out, in_slow = [], False
+    for line in text.splitlines():
+        s = line.strip()
+        if s.startswith("$__internal") and s.endswith(":"):
+            in_slow = bool(_SLOW_PATH.match(s))  # any other internal subroutine is checked like the kernel
+        elif s.startswith(".text.") or (s.endswith(":") and not s.startswith(".L_x_") and not s.startswith("$")):
+            in_slow = False
+        m = _INSN.match(line)
+        if m and not in_slow and ".FTZ" in m.group(1):
+            out.append(m.group(1))
+    return out
+
+
+def check_ftz(out: dict, ptx: str, cubin: bytes) -> None:
+    """Adds the flush-to-zero findings of one compile to its result (``problems`` reports them)."""
+    out["ftz_ptx"] = ftz_instructions(ptx)
+    out["ftz_sass"] = ftz_sass(cubin)  # inline parts of div.rn / sqrt.rn (see above): recorded, not failed
+    out["ftz"] = len(out["ftz_ptx"])
+
+
+def last_ptx(kernel, args, kwargs, arch: int) -> str:
+    """The PTX of ``compile_call(kernel, args, kwargs, arch)`` (compiled if not yet)."""
+    compile_call(kernel, args, kwargs, arch)
+    return _PTX_LAST[(arch, bind(kernel, args, kwargs, arch)[5])]
+
+
+def ftz_self_check(arch: int) -> tuple[bool, str]:
+    """The detector can fail: the default configuration compiled with Triton's default
+    ``enable_reflect_ftz=True`` (``tl.floor`` -> ``cvt.rmi.ftz.f32.f32``) must be caught."""
+    kernel, a, kw = launch(Spec(m_kind="linear", v_kind="linear"))
+    r = compile_call(kernel, a, dict(kw, enable_reflect_ftz=True), arch)
+    if not r["ok"] or "flush to zero (.ftz)" not in problems(r):
+        return False, "self-check: enable_reflect_ftz=True (cvt.rmi.ftz from tl.floor) went undetected"
+    return True, f"self-check: enable_reflect_ftz=True is detected ({', '.join(sorted(set(r['ftz_ptx'])))} in the PTX)"
+
+
 _COMPILED: dict = {}
 
 
@@ -381,6 +451,8 @@ def compile_call(kernel, args, kwargs, arch: int) -> dict:
         local_memory=ptx.count(".local"), shared=ck.metadata.shared,
         fma=len(re.findall(r"\bfma\.rn(?:\.ftz)?\.f32\b", ptx)), fp64=len(_F64.findall(ptx)),
     )  # fmt: skip
+    check_ftz(out, ptx, ck.asm["cubin"])
+    _PTX_LAST[ck_key] = ptx
     out["with_stats"] = bool(constexprs[(kernel.arg_names.index("WITH_STATS"),)])
     out.update(count_sass(ck.asm["cubin"], out["with_stats"]))
     G = constexprs[(kernel.arg_names.index("G"),)]
@@ -407,6 +479,8 @@ def problems(r: dict) -> list[str]:
         bad.append("fp64")
     if r["fma"]:
         bad.append("FMA contraction")
+    if r.get("ftz"):
+        bad.append("flush to zero (.ftz)")
     if r["with_stats"] and not r["sass_sampled"]:  # the count's split point is where it must be
         bad.append("statistics without a sampled-program EXIT")
     return bad
@@ -587,6 +661,10 @@ def main(argv=None) -> int:
         failures.append("self-check: FMA contraction with enable_fp_fusion=True went undetected")
     else:
         print(f"self-check: enable_fp_fusion=True is detected ({fused['fma']} fma.rn.f32 in the PTX)")
+    ok, msg = ftz_self_check(archs[-1])
+    print(msg)
+    if not ok:
+        failures.append(msg)
     replays = []
     for arch in archs:
         rows = replay(args.replay_steps, arch)
@@ -609,7 +687,7 @@ def main(argv=None) -> int:
     if failures:
         print(f"FAILED ({len(failures)}):\n  " + "\n  ".join(failures))
         return 1
-    print("OK: every specialization compiles without spills, local memory, fp64 or FMA contraction; "
+    print("OK: every specialization compiles without spills, local memory, fp64, FMA contraction or .ftz; "
           "one compile per configuration")
     return 0
 

@@ -26,6 +26,16 @@ SAMPLE_STRIDE = 4  # a power of two (the kernels test the phase with a mask)
 # sm_90 without spills by benchmarks/gpu_compile.py (the launch scales warps with the block).
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 32, 2048  # 4096 is not compiled by the check (it spilled with the probe at 32 warps)
 
+# Edge values (docs/gpu_semantics.md), the same constants in the kernel and the twin:
+FP32_MAX = 3.4028234663852886e38  # largest finite fp32: an infinite exp_avg_sq is stored as this
+SQRT_FP32_MAX = 1.8446742974197924e19  # sqrt_rn(FP32_MAX), the fp32 square root of it
+BF16_MAX = 3.3895313892515355e38  # largest finite bf16 (0x7F7F): bf16 scales saturate here
+FP16_MAX = 65504.0
+# A block scale s outside [PRESCALE_LOW, PRESCALE_HIGH) normalizes its elements as
+# (x * pre) * (1 / (s * pre)), pre = PRESCALE_HIGH below and PRESCALE_LOW above: 1 / s alone is +inf
+# below 2**-128 (then 0 * inf = NaN) and subnormal (imprecise) above 2**126.
+PRESCALE_LOW, PRESCALE_HIGH = 2.0**-64, 2.0**64
+
 
 def launch_shape(block_size: int) -> tuple[int, int]:
     """(blocks per program, warps) for a block size: 8 elements per thread (each thread owns whole

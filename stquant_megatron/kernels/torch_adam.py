@@ -24,7 +24,8 @@ import torch
 from ..formats.packing import pack_codes, unpack_codes
 from ..formats.codebooks import Codebook, level_values
 from .common import (
-    HASH_MUL1, HASH_MUL2, MASK32, GroupEntry, StepScalars, check_group, launch_shape, sampled_programs,
+    BF16_MAX, FP16_MAX, FP32_MAX, HASH_MUL1, HASH_MUL2, MASK32, PRESCALE_HIGH, PRESCALE_LOW, SQRT_FP32_MAX,
+    GroupEntry, StepScalars, check_group, launch_shape, sampled_programs,
 )  # fmt: skip
 
 CHUNK_ELEMENTS = 1 << 18  # 256K elements: fp32 temporaries of 1 MiB, cache friendly on CPU
@@ -59,6 +60,55 @@ def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cpu":
         return torch.sqrt(x.to(torch.float64)).to(torch.float32)
     return torch.sqrt(x)
+
+
+def scale_to_dtype(absmax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A block's fp32 absmax (finite, >= 0) -> its stored scale: rounded to nearest even, saturated at
+    the dtype's largest finite value (the kernel's ``_scale_cast``). bf16 is rounded on the fp32 bits,
+    subnormals included (not by ``Tensor.to``, whose vectorized CPU path need not keep them)."""
+    if dtype == torch.float32:
+        return absmax
+    if dtype == torch.bfloat16:
+        b = absmax.clamp_max(BF16_MAX).view(torch.int32)
+        r = (b + (0x7FFF + ((b >> 16) & 1))) >> 16
+        return r.to(torch.int16).view(torch.bfloat16)
+    return absmax.clamp_max(FP16_MAX if dtype == torch.float16 else torch.finfo(dtype).max).to(dtype)
+
+
+def scale_to_fp32(scale: torch.Tensor) -> torch.Tensor:
+    """Stored scales -> fp32, exactly (bf16: its bits shifted into the top half of an fp32, subnormals
+    included; the kernel's ``.to(tl.float32)`` compiles to the exact ``cvt.f32.bf16``)."""
+    if scale.dtype == torch.bfloat16:
+        return (scale.view(torch.int16).to(torch.int32) << 16).view(torch.float32)
+    return scale.to(torch.float32)
+
+
+def prescale(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block powers of two (pre, sqrt(pre)) for fp32 scales ``s`` > 0 (the kernel's ``_prescale``):
+    2**64 below 2**-64, 2**-64 from 2**64, else 1. The block's elements are normalized as
+    ``(x * pre) * (1 / (s * pre))``: both scalings are exact, ``1 / (s * pre)`` is a normal fp32 number
+    (``1 / s`` alone is +inf below 2**-128, and 0 * inf = NaN), and with pre = 1 every bit is as
+    ``x * (1 / s)``."""
+    low, high = s < PRESCALE_LOW, s >= PRESCALE_HIGH
+    one = torch.ones_like(s)
+    pre = torch.where(low, PRESCALE_HIGH, torch.where(high, PRESCALE_LOW, one))
+    rpre = torch.where(low, 2.0**32, torch.where(high, 2.0**-32, one))
+    return pre, rpre
+
+
+def finite_moments(m, v, rv, inside=None):
+    """The moments as stored (the kernel does the same after the parameter update, which keeps
+    whatever NaN/inf it produced): exp_avg NaN or +-inf -> 0; exp_avg_sq NaN -> 0, +inf -> FP32_MAX
+    (and ``rv``, its square root, -> sqrt_rn(FP32_MAX)); ``inside`` False -> 0 (padding). So no
+    scale is NaN or inf and no NaN reaches the encoder."""
+    ok_m = m.abs() <= FP32_MAX
+    ok_v = v == v
+    if inside is not None:
+        ok_m, ok_v = ok_m & inside, ok_v & inside
+    m = torch.where(ok_m, m, 0.0)
+    v = torch.where(ok_v, v.clamp_max(FP32_MAX), 0.0)
+    rv = torch.where(ok_v, rv.clamp_max(SQRT_FP32_MAX), 0.0) if rv is not None else None
+    return m, v, rv
 
 
 def approx_sqrt(a: torch.Tensor, bits: int) -> torch.Tensor:
@@ -128,25 +178,28 @@ def quantize_blocks(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 ``[nb, block]`` -> (uint8 codes ``[nb, block]``, absmax scale ``[nb]``).
 
-    ``x`` is normalized by a multiplication with the fp32 reciprocal of its block's scale; the
+    ``x`` (finite: ``finite_moments``) is normalized by a multiplication with the fp32 reciprocal of its
+    block's scale, after an exact power-of-two ``prescale`` where the scale is tiny or huge; the
     unsigned ``pow2`` kind brackets ``sqrt(x)`` as ``sqrt(x_raw) * (sqrt(1 / scale) * 2**bits)`` (``root``:
-    ``sqrt_rn`` of the raw ``x`` if the caller has it, as the step does from its denominator)."""
+    ``sqrt_rn`` of the raw ``x`` if the caller has it, as the step does from its denominator). The
+    scale saturates at the scale dtype's largest finite value (``scale_to_dtype``)."""
     absmax = x.abs().amax(1) if cb.signed else x.amax(1)
-    scale = absmax.to(scale_dtype)
-    s = scale.to(torch.float32)
+    scale = scale_to_dtype(absmax, scale_dtype)
+    s = scale_to_fp32(scale)
     s = torch.where(s > 0, s, torch.ones_like(s))
+    pre, rpre = prescale(s)
     one = torch.ones_like(s)
-    inv = one / s  # one division per block; the kernel multiplies by the same fp32 reciprocal
+    inv = one / (s * pre)  # one division per block; the kernel multiplies by the same fp32 reciprocal
     if cb.kind == "pow2" and not cb.signed:
-        root = (sqrt_rn(x) if root is None else root) * (sqrt_rn(inv) * float(2**cb.bits))[:, None]
+        root = ((sqrt_rn(x) if root is None else root) * rpre[:, None]) * (sqrt_rn(inv) * float(2**cb.bits))[:, None]
     else:
         root = None
-    return encode(x * inv[:, None], cb, u, root), scale
+    return encode((x * pre[:, None]) * inv[:, None], cb, u, root), scale
 
 
 def dequantize_blocks(codes: torch.Tensor, scale: torch.Tensor, cb: Codebook) -> torch.Tensor:
     """uint8 codes ``[nb, block]`` and scale ``[nb]`` -> fp32 ``[nb, block]``."""
-    return decode(codes, cb) * scale.to(torch.float32)[:, None]
+    return decode(codes, cb) * scale_to_fp32(scale)[:, None]
 
 
 def root_dequantize_blocks(codes: torch.Tensor, scale: torch.Tensor, cb: Codebook) -> torch.Tensor:
@@ -154,7 +207,7 @@ def root_dequantize_blocks(codes: torch.Tensor, scale: torch.Tensor, cb: Codeboo
     the level's root ``(i + 1) / N`` times ``sqrt(scale)``, no square root per element (the kernel's
     ``_root_dequant``); otherwise the correctly rounded root of the dequantized value."""
     if cb.kind == "pow2" and not cb.signed:
-        return ((codes.to(torch.float32) + 1.0) * (1.0 / 2**cb.bits)) * sqrt_rn(scale.to(torch.float32))[:, None]
+        return ((codes.to(torch.float32) + 1.0) * (1.0 / 2**cb.bits)) * sqrt_rn(scale_to_fp32(scale))[:, None]
     return sqrt_rn(dequantize_blocks(codes, scale, cb))
 
 
@@ -188,11 +241,8 @@ def _adam_chunk(
     denom = rv * inv_bc2 + eps
     p = p - (m / denom) * step_size
     offset = torch.arange(p.numel(), device=p.device).view(p.shape) if has_tail or stochastic else None
-    if has_tail:  # padding past the tensor's end holds zero moments, so it never sets a scale
-        inside = offset < valid
-        m = torch.where(inside, m, 0.0)
-        v = torch.where(inside, v, 0.0)
-        rv = torch.where(inside, rv, 0.0)
+    # padding past the tensor's end holds zero moments, so it never sets a scale; NaN/inf are stored finite
+    m, v, rv = finite_moments(m, v, rv, (offset < valid) if has_tail else None)
     if stochastic:
         index = first_index + offset
         um, uv = uniforms(index, key)
@@ -263,8 +313,7 @@ def _factored_chunk(
     p = p * decay
     denom = sqrt_rn(v) * inv_bc2 + eps
     p = p - (m / denom) * step_size
-    if has_tail:
-        m = torch.where(offset < valid, m, 0.0)
+    m = finite_moments(m, v, None, (offset < valid) if has_tail else None)[0]
     um = uniforms(matrix_index + offset, key)[0] if stochastic else None
     m_codes, m_scale = quantize_blocks(m, mcb, ms.dtype, um)
     zero = torch.zeros((), dtype=torch.float32, device=p.device)

@@ -40,7 +40,8 @@ import torch
 
 from ..formats.codebooks import KINDS, LOG_STEP, Codebook
 from .common import (
-    HASH_MUL1, HASH_MUL2, MAX_BLOCK_SIZE, SAMPLE_STRIDE, GroupEntry, StepScalars, check_group, launch_shape,
+    BF16_MAX, FP16_MAX, FP32_MAX, HASH_MUL1, HASH_MUL2, MAX_BLOCK_SIZE, PRESCALE_HIGH, PRESCALE_LOW, SAMPLE_STRIDE,
+    SQRT_FP32_MAX, GroupEntry, StepScalars, check_group, launch_shape,
 )  # fmt: skip
 
 try:
@@ -59,6 +60,13 @@ if HAS_TRITON:
     _MUL1: tl.constexpr = tl.constexpr(HASH_MUL1)
     _MUL2: tl.constexpr = tl.constexpr(HASH_MUL2)
     _SAMPLE: tl.constexpr = tl.constexpr(SAMPLE_STRIDE)
+    # edge values (twin: torch_adam.finite_moments / prescale / scale_to_dtype; docs/gpu_semantics.md)
+    _FMAX: tl.constexpr = tl.constexpr(FP32_MAX)
+    _SQRT_FMAX: tl.constexpr = tl.constexpr(SQRT_FP32_MAX)
+    _BF16_MAX: tl.constexpr = tl.constexpr(BF16_MAX)
+    _FP16_MAX: tl.constexpr = tl.constexpr(FP16_MAX)
+    _PRE_LO: tl.constexpr = tl.constexpr(PRESCALE_LOW)
+    _PRE_HI: tl.constexpr = tl.constexpr(PRESCALE_HIGH)
 
     @triton.jit
     def _mix32(x):
@@ -94,6 +102,26 @@ if HAS_TRITON:
             r = tl.where(x != x, 0x7FC0, r)  # NaN stays (a quiet) NaN
             return r.to(tl.int16).to(tl.bfloat16, bitcast=True)
         return x.to(DTYPE)
+
+    @triton.jit
+    def _scale_cast(amax, DTYPE: tl.constexpr):
+        # a block's absmax (finite, >= 0) -> its stored scale, saturated at the dtype's largest finite
+        # value (a bf16/fp16 scale never rounds to inf; twin: scale_to_dtype)
+        if DTYPE == tl.bfloat16:
+            amax = tl.minimum(amax, _BF16_MAX)
+        elif DTYPE == tl.float16:
+            amax = tl.minimum(amax, _FP16_MAX)
+        return _cast_rne(amax, DTYPE)
+
+    @triton.jit
+    def _prescale(s):
+        # per-block power of two pre (and its square root) that keeps 1 / (s * pre) a normal fp32 number:
+        # 2**64 below 2**-64, 2**-64 from 2**64, else 1 (then every bit is as without it). Elements are
+        # normalized as (x * pre) * div_rn(1, s * pre): exact scalings, one rounding as for normal scales
+        # (twin: prescale)
+        pre = tl.where(s < _PRE_LO, _PRE_HI, tl.where(s >= _PRE_HI, _PRE_LO, 1.0))
+        rpre = tl.where(s < _PRE_LO, 4294967296.0, tl.where(s >= _PRE_HI, 1.0 / 4294967296.0, 1.0))
+        return pre, rpre
 
     @triton.jit
     def _approx_sqrt(a, BITS: tl.constexpr):
@@ -253,7 +281,7 @@ if HAS_TRITON:
     @triton.jit
     def _error_sums(
         partial_ptr, npartial_ptr, out_row, inside,
-        m, v, rv, denom, ref, m_code, v_code, sm, sv, inv_sm, inv_sv, inv_bc2, eps, mq_ptr, vq_ptr,
+        m, xm, vp, rvp, denom, ref, m_code, v_code, sm, sv, inv_sv, inv_bc2, eps, mq_ptr, vq_ptr,
         q0_ptr, b0_ptr, q1_ptr, b1_ptr, q2_ptr, b2_ptr, q3_ptr, b3_ptr,
         M_BITS: tl.constexpr, M_KIND: tl.constexpr, V_BITS: tl.constexpr, V_KIND: tl.constexpr,
         N0_BITS: tl.constexpr, N0_KIND: tl.constexpr, N1_BITS: tl.constexpr, N1_KIND: tl.constexpr,
@@ -261,8 +289,9 @@ if HAS_TRITON:
     ):
         # A sampled program's statistics, from the step's registers: the damage of each moment's
         # quantization to the update direction ref = m / denom, then (probe step) the same damage at the
-        # neighbouring widths with the same block scales, nearest rounding, nothing stored. m, v, rv are
-        # zero outside the tensor; ref is not. The errors are written without cancellation,
+        # neighbouring widths with the same block scales, nearest rounding, nothing stored. m, xm (m
+        # normalized), vp, rvp (v and sqrt(v) times the block's prescale) are zero outside the tensor;
+        # ref is not. The errors are written without cancellation,
         # (mq - m) / denom and ref * (denom - dq) / dq, so the GPU's approximate division (2 ulp; not
         # div_rn: these are sums, compared with the twin's at 1e-5, not bits) keeps them accurate.
         rden = 1.0 / denom
@@ -283,16 +312,16 @@ if HAS_TRITON:
             e2 = zero
             e3 = zero
             if N0_BITS > 0:
-                mq0 = _nearest_value(m * inv_sm, N0_BITS, N0_KIND, q0_ptr, b0_ptr) * sm
+                mq0 = _nearest_value(xm, N0_BITS, N0_KIND, q0_ptr, b0_ptr) * sm
                 e0 = tl.where(inside, (mq0 - m) * rden, 0.0)
             if N1_BITS > 0:
-                mq1 = _nearest_value(m * inv_sm, N1_BITS, N1_KIND, q1_ptr, b1_ptr) * sm
+                mq1 = _nearest_value(xm, N1_BITS, N1_KIND, q1_ptr, b1_ptr) * sm
                 e1 = tl.where(inside, (mq1 - m) * rden, 0.0)
             if N2_BITS > 0:
-                dq2 = _root_dequant(_requant_v(v, inv_sv, rv, N2_BITS, N2_KIND, q2_ptr, b2_ptr), sv, N2_BITS, N2_KIND, q2_ptr) * inv_bc2 + eps
+                dq2 = _root_dequant(_requant_v(vp, inv_sv, rvp, N2_BITS, N2_KIND, q2_ptr, b2_ptr), sv, N2_BITS, N2_KIND, q2_ptr) * inv_bc2 + eps
                 e2 = ref * ((denom - dq2) / dq2)
             if N3_BITS > 0:
-                dq3 = _root_dequant(_requant_v(v, inv_sv, rv, N3_BITS, N3_KIND, q3_ptr, b3_ptr), sv, N3_BITS, N3_KIND, q3_ptr) * inv_bc2 + eps
+                dq3 = _root_dequant(_requant_v(vp, inv_sv, rvp, N3_BITS, N3_KIND, q3_ptr, b3_ptr), sv, N3_BITS, N3_KIND, q3_ptr) * inv_bc2 + eps
                 e3 = ref * ((denom - dq3) / dq3)
             # the four sums in one reduction (side by side in registers: one exchange between warps);
             # an absent width sums zeros, as the buffer holds
@@ -361,17 +390,20 @@ if HAS_TRITON:
         upd = tl.div_rn(m, denom)
         p = p * decay - upd * step_size
         tl.store(p_ptr + loc, _cast_rne(p, p_ptr.dtype.element_ty), mask=inside)
-        m = tl.where(inside, m, 0.0)
-        v = tl.where(inside, v, 0.0)
-        rv = tl.where(inside, rv, 0.0)  # sqrt(v), reused by the pow2 quantizer of v
+        # stored moments are finite (twin: finite_moments): exp_avg NaN/inf -> 0; exp_avg_sq NaN -> 0,
+        # inf -> the largest fp32. The parameter above keeps whatever NaN/inf the step produced.
+        m = tl.where(inside & (tl.abs(m) <= _FMAX), m, 0.0)
+        okv = inside & (v == v)
+        v = tl.where(okv, tl.minimum(v, _FMAX), 0.0)
+        rv = tl.where(okv, tl.minimum(rv, _SQRT_FMAX), 0.0)  # sqrt(v), reused by the pow2 quantizer of v
 
         if STOCHASTIC:
             um, uv = _uniforms(index_offset + base, loc, key)  # global index = index_offset + base + loc
         else:
             um = m
             uv = v
-        m_scale = _cast_rne(_bmax(tl.abs(m)), ms_ptr.dtype.element_ty)  # [1, G, 1, 1]
-        v_scale = _cast_rne(_bmax(v), vs_ptr.dtype.element_ty)
+        m_scale = _scale_cast(_bmax(tl.abs(m)), ms_ptr.dtype.element_ty)  # [1, G, 1, 1]
+        v_scale = _scale_cast(_bmax(v), vs_ptr.dtype.element_ty)
         if row is None:
             ms_st = ms_ptr
             vs_st = vs_ptr
@@ -385,14 +417,20 @@ if HAS_TRITON:
         sv = v_scale.to(tl.float32)
         sm = tl.where(sm > 0, sm, 1.0)
         sv = tl.where(sv > 0, sv, 1.0)
-        # normalized by a multiplication with the block's reciprocal scale (one division per block)
-        inv_sm = tl.div_rn(1.0, sm)
-        m_code = _encode(m * inv_sm, um, m, M_BITS, M_KIND, True, mq_ptr, mb_ptr, STOCHASTIC)
-        inv_sv = tl.div_rn(1.0, sv)
+        # normalized by a multiplication with the block's reciprocal scale (one division per block),
+        # prescaled by a power of two where the scale is tiny or huge (_prescale)
+        pm, _ = _prescale(sm)
+        pv, rpv = _prescale(sv)
+        inv_sm = tl.div_rn(1.0, sm * pm)
+        xm = (m * pm) * inv_sm
+        m_code = _encode(xm, um, m, M_BITS, M_KIND, True, mq_ptr, mb_ptr, STOCHASTIC)
+        inv_sv = tl.div_rn(1.0, sv * pv)
+        vp = v * pv
+        rvp = rv * rpv  # sqrt(v * pv), exactly (used by pow2 quantizers only)
         v_root = rv
         if V_KIND == 1:  # sqrt of the normalized v times 2**bits: sqrt(v) * (sqrt(1 / scale) * 2**bits)
-            v_root = rv * (tl.sqrt_rn(inv_sv) * 2**V_BITS)
-        v_code = _encode(v * inv_sv, uv, v_root, V_BITS, V_KIND, False, vq_ptr, vb_ptr, STOCHASTIC)
+            v_root = rvp * (tl.sqrt_rn(inv_sv) * 2**V_BITS)
+        v_code = _encode(vp * inv_sv, uv, v_root, V_BITS, V_KIND, False, vq_ptr, vb_ptr, STOCHASTIC)
         _pack(mc_ptr, m_code, r2, w2, blk_ok2, i, M_BITS, W)
         _pack(vc_ptr, v_code, r2, w2, blk_ok2, i, V_BITS, W)
 
@@ -400,7 +438,7 @@ if HAS_TRITON:
             if ((lpid + phase) & (_SAMPLE - 1)) == 0:  # a sampled program (the others' sums stay 0)
                 _error_sums(
                     partial_ptr, npartial_ptr, out_row, inside,
-                    m, v, rv, denom, upd, m_code, v_code, sm, sv, inv_sm, inv_sv, inv_bc2, eps, mq_ptr, vq_ptr,
+                    m, xm, vp, rvp, denom, upd, m_code, v_code, sm, sv, inv_sv, inv_bc2, eps, mq_ptr, vq_ptr,
                     q0_ptr, b0_ptr, q1_ptr, b1_ptr, q2_ptr, b2_ptr, q3_ptr, b3_ptr,
                     M_BITS, M_KIND, V_BITS, V_KIND,
                     N0_BITS, N0_KIND, N1_BITS, N1_KIND, N2_BITS, N2_KIND, N3_BITS, N3_KIND,
@@ -488,10 +526,23 @@ def _neighbor_args(mcb, nbrs):
     return tables, consts
 
 
+def _reflect_ftz_option() -> dict:
+    # libdevice without flush-to-zero (tl.floor: cvt.rmi.f32.f32, not .ftz), where this Triton has the option
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except Exception:  # pragma: no cover - no CUDA backend
+        return {}
+    return {"enable_reflect_ftz": False} if "enable_reflect_ftz" in getattr(CUDAOptions, "__dataclass_fields__", {}) else {}
+
+
+_FTZ_OPTS = _reflect_ftz_option() if HAS_TRITON else {}
+
+
 def _launch_opts(block_size: int) -> tuple[int, dict]:
     g, warps = launch_shape(block_size)
-    # no FMA contraction: the twin rounds every product and sum (bit-identity on GPUs)
-    return g, dict(num_warps=warps, enable_fp_fusion=False)
+    # no FMA contraction: the twin rounds every product and sum (bit-identity on GPUs); no flush to zero
+    # of subnormals in libdevice (the twin keeps them; benchmarks/gpu_compile.py checks for .ftz)
+    return g, dict(num_warps=warps, enable_fp_fusion=False, **_FTZ_OPTS)
 
 
 def triton_packed_adam_step(

@@ -24,7 +24,8 @@ if HAS_TRITON:
     import triton.language as tl
 
     from .triton_adam import (
-        _SAMPLE, _bmax, _cast_rne, _decode, _encode, _nearest_value, _pack, _total, _uniforms, _unpack,
+        _FMAX, _SAMPLE, _bmax, _cast_rne, _decode, _encode, _nearest_value, _pack, _prescale, _scale_cast, _total,
+        _uniforms, _unpack,
     )  # fmt: skip
 
     @triton.jit(do_not_specialize=["numel", "num_blocks", "cols", "index_offset", "key", "phase"])
@@ -89,18 +90,20 @@ if HAS_TRITON:
         upd = tl.div_rn(m, denom)
         p = p - upd * step_size
         tl.store(p_ptr + loc, _cast_rne(p, p_ptr.dtype.element_ty), mask=inside)
-        m = tl.where(inside, m, 0.0)
+        m = tl.where(inside & (tl.abs(m) <= _FMAX), m, 0.0)  # stored exp_avg finite: NaN/inf -> 0
 
         if STOCHASTIC:
             um, _ = _uniforms(start, loc, key)  # index in the matrix, as the twin
         else:
             um = m
-        m_scale = _cast_rne(_bmax(tl.abs(m)), ms_ptr.dtype.element_ty)
+        m_scale = _scale_cast(_bmax(tl.abs(m)), ms_ptr.dtype.element_ty)
         tl.store(ms_ptr + r, m_scale, mask=blk_ok)
         sm = m_scale.to(tl.float32)
         sm = tl.where(sm > 0, sm, 1.0)
-        inv_sm = tl.div_rn(1.0, sm)
-        m_code = _encode(m * inv_sm, um, m, M_BITS, M_KIND, True, mq_ptr, mb_ptr, STOCHASTIC)
+        pm, _ = _prescale(sm)
+        inv_sm = tl.div_rn(1.0, sm * pm)
+        x = (m * pm) * inv_sm
+        m_code = _encode(x, um, m, M_BITS, M_KIND, True, mq_ptr, mb_ptr, STOCHASTIC)
 
         _pack(mc_ptr, m_code, r2, w2, blk_ok2, i, M_BITS, W)
 
@@ -116,7 +119,6 @@ if HAS_TRITON:
                 tl.store(partial_ptr + pid * 3 + 2, _total(ref * ref))
                 if N0_BITS + N1_BITS > 0:
                     # neighbouring widths of exp_avg with this block's scale, nearest rounding, nothing stored
-                    x = m * inv_sm
                     if N0_BITS > 0:
                         e0 = tl.where(inside, (_nearest_value(x, N0_BITS, N0_KIND, q0_ptr, b0_ptr) * sm - m) * rden, 0.0)
                         tl.store(npartial_ptr + pid * 6 + 0, _total(e0 * e0))
