@@ -27,9 +27,14 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The optimizer itself: everything under stquant_megatron/ except the Megatron seams, the test-only
-# harness and the command-line front ends (which change no number of a standalone run).
+# harness and the command-line front ends (which change no number of a standalone run), and the Triton
+# kernels: every benchmark here except gpu_compile/gpu_step/gpu_day measures on the CPU, where the step
+# is the PyTorch twin (kernels/torch_adam.py; the kernels are bit-identical to it, tests/test_kernels.py
+# and tests/test_gpu_parity.py) and the Triton files never run.
+_TRITON = ["!stquant_megatron/kernels/triton_adam.py", "!stquant_megatron/kernels/triton_factored.py"]
 _OPTIMIZER = ["stquant_megatron/**", "!stquant_megatron/megatron/**", "!stquant_megatron/testing/**",
-              "!stquant_megatron/cli.py", "!stquant_megatron/report.py", "!stquant_megatron/launch.py"]  # fmt: skip
+              "!stquant_megatron/cli.py", "!stquant_megatron/report.py", "!stquant_megatron/launch.py",
+              *_TRITON]  # fmt: skip
 DEPS: dict[str, list[str]] = {
     "optimizer": _OPTIMIZER,
     # the step benchmark: the optimizer and the script
@@ -40,9 +45,10 @@ DEPS: dict[str, list[str]] = {
     "frontier": _OPTIMIZER + ["benchmarks/frontier.py", "benchmarks/quality.py", "stquant_megatron/testing/data.py"],
     # the quality benchmark (Megatron GPT through the seams, digits ViT standalone)
     "quality": ["stquant_megatron/**", "!stquant_megatron/cli.py", "!stquant_megatron/report.py",
-                "benchmarks/quality.py"],  # fmt: skip
+                "benchmarks/quality.py", *_TRITON],  # fmt: skip
     # Megatron-LM's own pretrain_*.py under the patch (tests/test_megatron_lm.py writes the rows)
-    "megatron_lm": ["stquant_megatron/**", "!stquant_megatron/report.py", "patches/**", "tests/test_megatron_lm.py"],
+    "megatron_lm": ["stquant_megatron/**", "!stquant_megatron/report.py", "patches/**", "tests/test_megatron_lm.py",
+                    *_TRITON],  # fmt: skip
     # the scheduler's cost benchmark
     "scheduler_cost": _OPTIMIZER + ["benchmarks/scheduler_cost.py"],
     # the ahead-of-time compile matrix of the Triton kernels
