@@ -73,8 +73,13 @@ def provenance_line(prov: dict | None, deps: tuple[str, ...], fallback_command: 
     judged from the code hashes the results file recorded (``benchmarks/provenance.py``)."""
     prov = prov or {}
     fresh, sets = freshness(prov.get("code"), deps)
-    where = (f"measured at commit `{prov['commit']}` on {prov.get('date', '?')}" if prov.get("commit")
-             else "measured at a commit the results file does not record")  # fmt: skip
+    if prov.get("commit"):
+        where = f"measured at commit `{prov['commit']}` on {prov.get('date', '?')}"
+    elif prov.get("committed_in"):
+        where = (f"committed in `{prov['committed_in']}` ({prov.get('committed_on', '?')}; the file does not record "
+                 "the commit it was measured at)")  # fmt: skip
+    else:
+        where = "measured at a commit the results file does not record"
     cmd = prov.get("command") or fallback_command
     if fresh is True:
         state = f"the code it depends on ({_deps_text(deps)} in `benchmarks/provenance.py`) is unchanged since"
@@ -390,11 +395,11 @@ def _stale_note(rows: list[dict], runs: list[dict]) -> str:
         return ("- Every row was measured on the current code (the runs' code hashes, `frontier` and "
                 "`frontier-peers` in `benchmarks/provenance.py`, equal today's).")
     commits = sorted({x.get("commit") or "?" for r in stale for x in runs if x["key"] == r["key"] and x["seed"] in r["seeds"]})
-    return (f"- † {len(stale)} of {len(rows)} rows were measured on code that has changed since (commits "
-            f"{', '.join(commits)}; each run's code hash, `frontier` or `frontier-peers` in "
-            "`benchmarks/provenance.py`, differs from today's): they describe that code and are stale until "
-            "re-measured (`--resume` re-runs nothing whose configuration matches, so delete their lines from the "
-            "run log or use a new one). Rows without † were measured on the current code.")
+    return (f"- † {len(stale)} of {len(rows)} rows were measured on other code than today's (commits "
+            f"{', '.join(commits)}: a run's code hash, `frontier` or `frontier-peers` in `benchmarks/provenance.py`, "
+            "differs from today's, or the run predates code hashes): they describe that code and are stale until "
+            "re-measured (`benchmarks/frontier.py --resume --fresh-only` re-runs them). Rows without † were "
+            "measured on the current code.")
 
 
 def confirmation_rows(log: str, setup: dict, rows: list[dict]) -> tuple[list[dict], list[dict]]:
