@@ -392,10 +392,12 @@ if HAS_TRITON:
         tl.store(p_ptr + loc, _cast_rne(p, p_ptr.dtype.element_ty), mask=inside)
         # stored moments are finite (twin: finite_moments): exp_avg NaN/inf -> 0; exp_avg_sq NaN -> 0,
         # inf -> the largest fp32. The parameter above keeps whatever NaN/inf the step produced.
+        # v = +inf is clamped in its block's scale only (below): its code is the top one either way
+        # (docs/gpu_semantics.md, "Non-finite values"), so no per-element minimum.
         m = tl.where(inside & (tl.abs(m) <= _FMAX), m, 0.0)
         okv = inside & (v == v)
-        v = tl.where(okv, tl.minimum(v, _FMAX), 0.0)
-        rv = tl.where(okv, tl.minimum(rv, _SQRT_FMAX), 0.0)  # sqrt(v), reused by the pow2 quantizer of v
+        v = tl.where(okv, v, 0.0)
+        rv = tl.where(okv, rv, 0.0)  # sqrt(v), reused by the pow2 quantizer of v
 
         if STOCHASTIC:
             um, uv = _uniforms(index_offset + base, loc, key)  # global index = index_offset + base + loc
@@ -403,7 +405,7 @@ if HAS_TRITON:
             um = m
             uv = v
         m_scale = _scale_cast(_bmax(tl.abs(m)), ms_ptr.dtype.element_ty)  # [1, G, 1, 1]
-        v_scale = _scale_cast(_bmax(v), vs_ptr.dtype.element_ty)
+        v_scale = _scale_cast(tl.minimum(_bmax(v), _FMAX), vs_ptr.dtype.element_ty)  # +inf -> the largest fp32
         if row is None:
             ms_st = ms_ptr
             vs_st = vs_ptr
@@ -426,10 +428,12 @@ if HAS_TRITON:
         m_code = _encode(xm, um, m, M_BITS, M_KIND, True, mq_ptr, mb_ptr, STOCHASTIC)
         inv_sv = tl.div_rn(1.0, sv * pv)
         vp = v * pv
-        rvp = rv * rpv  # sqrt(v * pv), exactly (used by pow2 quantizers only)
+        rvp = rv * rpv  # sqrt(v * pv), exactly (used by the probe's pow2 quantizers only)
         v_root = rv
         if V_KIND == 1:  # sqrt of the normalized v times 2**bits: sqrt(v) * (sqrt(1 / scale) * 2**bits)
-            v_root = rvp * (tl.sqrt_rn(inv_sv) * 2**V_BITS)
+            # = (rv * rpv) * k of the twin: rv * rpv and rpv * k are exact (powers of two on normal
+            # numbers: rv >= 2**-75, rpv * k in [2**-62, 2**83]), one per-block product instead of one per element
+            v_root = rv * (rpv * (tl.sqrt_rn(inv_sv) * 2**V_BITS))
         v_code = _encode(vp * inv_sv, uv, v_root, V_BITS, V_KIND, False, vq_ptr, vb_ptr, STOCHASTIC)
         _pack(mc_ptr, m_code, r2, w2, blk_ok2, i, M_BITS, W)
         _pack(vc_ptr, v_code, r2, w2, blk_ok2, i, V_BITS, W)
