@@ -58,6 +58,8 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the launch sets enable
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from provenance import provenance  # noqa: E402  (commit, machine, code hash at the start of the run)
 
 import triton  # noqa: E402
 from triton import knobs  # noqa: E402
@@ -679,7 +681,8 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"command": cmd, "triton": triton.__version__, "wall_s": round(wall, 1), "results": results,
-                       "replay": replays, "failures": failures}, f, indent=1)  # fmt: skip
+                       "replay": replays, "failures": failures,
+                       "provenance": provenance(__file__, argv, deps=("gpu_compile",))}, f, indent=1)  # fmt: skip
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(markdown(results, replays, cmd))

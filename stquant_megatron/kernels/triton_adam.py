@@ -41,7 +41,7 @@ import torch
 from ..formats.codebooks import KINDS, LOG_STEP, Codebook
 from .common import (
     BF16_MAX, FP16_MAX, FP32_MAX, HASH_MUL1, HASH_MUL2, MAX_BLOCK_SIZE, PRESCALE_HIGH, PRESCALE_LOW, SAMPLE_STRIDE,
-    SQRT_FP32_MAX, GroupEntry, StepScalars, check_group, launch_shape,
+    GroupEntry, StepScalars, check_group, launch_shape,
 )  # fmt: skip
 
 try:
@@ -62,7 +62,6 @@ if HAS_TRITON:
     _SAMPLE: tl.constexpr = tl.constexpr(SAMPLE_STRIDE)
     # edge values (twin: torch_adam.finite_moments / prescale / scale_to_dtype; docs/gpu_semantics.md)
     _FMAX: tl.constexpr = tl.constexpr(FP32_MAX)
-    _SQRT_FMAX: tl.constexpr = tl.constexpr(SQRT_FP32_MAX)
     _BF16_MAX: tl.constexpr = tl.constexpr(BF16_MAX)
     _FP16_MAX: tl.constexpr = tl.constexpr(FP16_MAX)
     _PRE_LO: tl.constexpr = tl.constexpr(PRESCALE_LOW)
