@@ -356,8 +356,8 @@ def step_block(path: str) -> str:
 
 
 def _lr_sweep(log: str, setup: dict) -> dict:
-    """{peak lr: (mean final val loss, runs)} of fp32 AdamW runs in the frontier run log whose set-up
-    equals ``setup`` apart from the learning rate and the seed list."""
+    """{peak lr: {seed: final val loss}} of the fp32 AdamW runs in the frontier run log whose set-up
+    equals ``setup`` apart from the learning rate and the seed list (the last run of a seed wins)."""
     if not os.path.exists(log):
         return {}
     same = {k: v for k, v in setup.items() if k not in ("lr", "seeds")}
@@ -368,8 +368,32 @@ def _lr_sweep(log: str, setup: dict) -> dict:
             st = r.get("setup") or {}
             if r.get("family") != "torch" or {k: v for k, v in st.items() if k not in ("lr", "seeds")} != same:
                 continue
-            by.setdefault(round(r.get("lr", st.get("lr")), 10), {})[r["seed"]] = r["final_val"]  # one per seed
-    return {lr: (sum(v.values()) / len(v), len(v)) for lr, v in by.items()}
+            by.setdefault(round(r.get("lr", st.get("lr")), 10), {})[r["seed"]] = r["final_val"]
+    return by
+
+
+def _vs_best_adamw(sweep: dict, setup: dict, rows: list[dict], runs: list[dict]) -> list[str]:
+    """Our rows against fp32 AdamW at the sweep's best learning rate (paired by seed, the seeds both have)."""
+    means = {lr: sum(v.values()) / len(v) for lr, v in sweep.items()}
+    best = min(means, key=means.get)
+    if best == round(setup["lr"], 10):
+        return []
+    out = []
+    for r in rows:
+        if r["family"] != "stq":
+            continue
+        mine = {x["seed"]: x["final_val"] for x in runs if x["key"] == r["key"] and x["seed"] in r["seeds"]}
+        common = sorted(set(mine) & set(sweep[best]))
+        if len(common) < 2:
+            continue
+        ratios = [mine[k] / sweep[best][k] for k in common]
+        m = sum(ratios) / len(ratios)
+        sd = (sum((x - m) ** 2 for x in ratios) / (len(ratios) - 1)) ** 0.5
+        out.append(f"{r['label']} {m:.4f} ± {sd:.4f} (seeds {','.join(map(str, common))})")
+    if not out:
+        return []
+    return [f"- Against fp32 AdamW at the best learning rate of that sweep ({best:g}, paired by seed; ours ran at "
+            f"the set-up's {setup['lr']:g}): " + "; ".join(out) + "."]
 
 
 def _row_fresh(r: dict, runs: list[dict]) -> bool | None:
@@ -469,12 +493,14 @@ def frontier_block(path: str) -> str:
               "and new codes); on accelerators the old codes are staged in host memory."]  # fmt: skip
     sweep = _lr_sweep(os.path.splitext(path)[0] + ".runs.jsonl", s)
     if sweep:
+        means = {lr: (sum(v.values()) / len(v), sorted(v)) for lr, v in sweep.items()}
+        best = min(means, key=lambda lr: means[lr][0])
         lines.append("- fp32 AdamW's final validation loss by peak learning rate (every fp32 AdamW run in the run log with "
-                     "this model and step count): " + ", ".join(f"{lr:g}: {m:.4f} ({n} seed{'s' * (n > 1)})"
-                                                                for lr, (m, n) in sorted(sweep.items()))
-                     + (f"; the set-up's {s['lr']:g} is the best of these."
-                        if min(sweep, key=lambda lr: sweep[lr][0]) == round(s["lr"], 10)
-                        else f"; the best of these is {min(sweep, key=lambda lr: sweep[lr][0]):g}, not the set-up's {s['lr']:g}."))  # fmt: skip
+                     "this model and step count, mean over the seeds listed): "
+                     + ", ".join(f"{lr:g}: {m:.4f} (seeds {','.join(map(str, sd))})" for lr, (m, sd) in sorted(means.items()))
+                     + (f"; the set-up's {s['lr']:g} is the best of these." if best == round(s["lr"], 10)
+                        else f"; the best of these is {best:g}, not the set-up's {s['lr']:g}."))  # fmt: skip
+        lines += _vs_best_adamw(sweep, s, rows, runs)
     others = [r for r in rows if r["key"] not in ("adamw",) and not r["key"].startswith("adamw-lr")]
     below = [r for r in others if r["ratio_mean"] < 1.0]
     if len(below) > len(others) // 2:
