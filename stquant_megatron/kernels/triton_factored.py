@@ -14,7 +14,9 @@ import torch
 from ..formats.codebooks import KINDS, Codebook
 from .common import MAX_BLOCK_SIZE, SAMPLE_STRIDE, StepScalars
 from .torch_adam import factored_moment_update
-from .triton_adam import HAS_TRITON, _launch_opts, _neighbor_args
+from .triton_adam import HAS_TRITON, _launch_opts, _maxnreg_option, _neighbor_args
+
+_MAXNREG = _maxnreg_option(128) if HAS_TRITON else {}  # headroom: no spills under every declared Triton
 
 MAX_COLS = 2**31 - 2**16
 """Columns of a factored matrix the kernel indexes with 32-bit arithmetic (a column index plus one program's elements)."""
@@ -164,6 +166,7 @@ def triton_factored_adam_step(
         inv_mean = factored_moment_update(param, grad, row, col, scalars)
     numel, nblocks = param.numel(), exp_avg_codes.shape[0]
     G, opts = _launch_opts(block_size)
+    opts.update(_MAXNREG)
     grid = (triton.cdiv(nblocks, G),)
     if grid[0] == 0:
         return
