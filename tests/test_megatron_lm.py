@@ -56,7 +56,7 @@ _T0 = time.perf_counter()
 def _flags_text(flags) -> str:
     if list(flags) == SCHED:
         return "`--stquant-avg-bits 4.0`"
-    kept = [f for f in flags if f not in PACKED]
+    kept = list(flags[:-2]) if list(flags[-2:]) == PACKED else list(flags)  # the explicit default pair
     return f"`{' '.join(kept)}`" if kept else "stock"
 
 
