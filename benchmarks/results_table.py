@@ -389,7 +389,8 @@ def _vs_best_adamw(sweep: dict, setup: dict, rows: list[dict], runs: list[dict])
         ratios = [mine[k] / sweep[best][k] for k in common]
         m = sum(ratios) / len(ratios)
         sd = (sum((x - m) ** 2 for x in ratios) / (len(ratios) - 1)) ** 0.5
-        out.append(f"{r['label']} {m:.4f} ± {sd:.4f} (seeds {','.join(map(str, common))})")
+        mark = "" if _row_fresh(r, runs) else " †"
+        out.append(f"{r['label']}{mark} {m:.4f} ± {sd:.4f} (seeds {','.join(map(str, common))})")
     if not out:
         return []
     return [f"- Against fp32 AdamW at the best learning rate of that sweep ({best:g}, paired by seed; ours ran at "
