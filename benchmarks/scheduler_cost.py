@@ -300,8 +300,8 @@ def main(argv: list[str] | None = None) -> int:
             f"stats_steps={s_}, interval={i}: {overhead(c_later, s_, i):.2%} / {overhead(c_first, s_, i):.2%}"
             for s_, i in ((1, 100), (2, 100), (4, 200), (8, 100))
         ))  # fmt: skip
-        measured[clock] = dict(plain_ms=a * 1e3, stats_ms=b * 1e3, probe_ms=bp * 1e3, first_decision_ms=c_first * 1e3,
-                               later_decision_ms=c_later * 1e3, overhead_later=o_later, overhead_first=o_first,
+        measured[clock] = dict(plain_ms=a, stats_ms=b, probe_ms=bp, first_decision_ms=c_first,  # already in ms
+                               later_decision_ms=c_later, overhead_later=o_later, overhead_first=o_first,
                                overhead_statistics=((b - a) * (n_st - 1) + (bp - a)) / n_int / a)  # fmt: skip
         if headline is None:
             headline = (o_later, o_first)
