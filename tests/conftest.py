@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import os
 
-import torch
-
-if not torch.cuda.is_available():  # CPU machines: run the Triton kernels on the interpreter
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("STQUANT_REQUIRE_COMPILED") != "1":  # the interpreter, except for the compiled GPU parity
+    os.environ.setdefault("TRITON_INTERPRET", "1")     # run (`bash tests/run_tests.sh --gpu`)
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from stquant_megatron.formats.codebooks import KINDS, LOG_STEP, MAX_BITS, MIN_BITS  # noqa: E402
 

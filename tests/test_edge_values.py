@@ -418,7 +418,6 @@ def test_ptx_bf16_scales_use_the_exact_conversion_and_no_ftz():
     """bf16 scales and parameters (the path the interpreter cannot prove on subnormals): the compiled
     kernel converts bf16 -> fp32 with the exact ``cvt.f32.bf16`` (no ``.ftz``), and no instruction on
     its own path flushes subnormals (``tl.floor`` compiled with enable_reflect_ftz=False)."""
-    pytest.importorskip("triton.backends.nvidia")
     r = _compile_ptx_report(dict(path="group", pdtype="bf16", gdtype="bf16", sdtype="bf16", m_kind="pow2",
                                  v_kind="log", m_bits=4, v_bits=4))  # fmt: skip
     assert r["ok"], r.get("error")
