@@ -355,6 +355,12 @@ def step_block(path: str) -> str:
     return "\n".join(lines)
 
 
+def _mean_std(xs: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (n - 1; None for one value), as benchmarks/frontier.py reports."""
+    m = sum(xs) / len(xs)
+    return m, ((sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else None)
+
+
 def _lr_sweep(log: str, setup: dict) -> dict:
     """{peak lr: {seed: final val loss}} of the fp32 AdamW runs in the frontier run log whose set-up
     equals ``setup`` apart from the learning rate and the seed list (the last run of a seed wins)."""
@@ -387,8 +393,7 @@ def _vs_best_adamw(sweep: dict, setup: dict, rows: list[dict], runs: list[dict])
         if len(common) < 2:
             continue
         ratios = [mine[k] / sweep[best][k] for k in common]
-        m = sum(ratios) / len(ratios)
-        sd = (sum((x - m) ** 2 for x in ratios) / (len(ratios) - 1)) ** 0.5
+        m, sd = _mean_std(ratios)
         mark = "" if _row_fresh(r, runs) else " †"
         out.append(f"{r['label']}{mark} {m:.4f} ± {sd:.4f} (seeds {','.join(map(str, common))})")
     if not out:
@@ -456,8 +461,7 @@ def confirmation_rows(log: str, setup: dict, rows: list[dict]) -> tuple[list[dic
         if not mine:
             continue
         ratios = [x["final_val"] / ref[x["seed"]] for x in mine]
-        mean = sum(ratios) / len(ratios)
-        std = (sum((x - mean) ** 2 for x in ratios) / (len(ratios) - 1)) ** 0.5 if len(ratios) > 1 else None
+        mean, std = _mean_std(ratios)
         n = mine[0]["nparams"]
         out.append(dict(key=key, label=label, family=family, config=config, seeds=[x["seed"] for x in mine],
                         peak_state_bytes_per_param=max(x["peak_state_bytes"] for x in mine) / n,
