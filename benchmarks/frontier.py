@@ -125,9 +125,24 @@ def specs(steps: int) -> list[Spec]:
                         dict(avg_bits=avg, **lean, **sched), default=False))  # fmt: skip
     fact = dict(exp_avg_sq_format="factored")  # matrices' exp_avg_sq as row/column statistics (~0 bits)
     out.append(Spec("f4", "ours 4-bit exp_avg, factored exp_avg_sq", "stq", dict(bits=4, **fact)))
+    # Ablation: which matrices carry factoring's cost? 4-bit exp_avg, every matrix's exp_avg_sq factored
+    # except one class, which stays packed at 4 bits (``never_factor``); compare with f4 (all factored)
+    # and stq4 (none).
+    for cls, pat in (("tok", "tok.weight"), ("pos", "pos"), ("qkv", "*.qkv.weight"), ("proj", "*.proj.weight"),
+                     ("fc1", "*.fc1.weight"), ("fc2", "*.fc2.weight")):  # fmt: skip
+        out.append(Spec(f"f4-keep-{cls}", f"ours 4-bit, factored exp_avg_sq except {cls}", "stq",
+                        dict(bits=4, **fact, never_factor=[pat]), default=False))  # fmt: skip
     for avg in (5.5, 4.0, 3.0):
         out.append(Spec(f"f-avg{avg}", f"ours scheduled {avg} exp_avg, factored exp_avg_sq", "stq",
                         dict(avg_bits=avg, **fact, **sched), default=avg != 3.0))  # fmt: skip
+    # The format as a precision decision: exp_avg_sq_format="auto" lets the scheduler choose, per matrix,
+    # a factored exp_avg_sq (~0 bits) or packed codes, from the measured error, within the budget.
+    for avg in (3.0, 2.75, 2.5):
+        out.append(Spec(f"auto-avg{avg}", f"ours scheduled {avg}, format chosen per unit", "stq",
+                        dict(avg_bits=avg, exp_avg_sq_format="auto", **sched), default=False))  # fmt: skip
+    # stochastic rounding below 4 bits (nearest rounding may swallow the EMAs' small updates)
+    out.append(Spec("avg3.0-sr", "ours scheduled 3.0, stochastic rounding", "stq",
+                    dict(avg_bits=3.0, stochastic_rounding=True, **packed, **sched), default=False))  # fmt: skip
     return out
 
 

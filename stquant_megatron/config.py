@@ -60,6 +60,9 @@ class STQuantConfig:
     default: fp32 AdamW's loss in the frontier benchmark, where factoring cost about 0.7 %): codes
     everywhere. The scheduler places the packed units (exp_avg, and exp_avg_sq where packed) within
     ``avg_bits``."""
+    never_factor: tuple[str, ...] = ()
+    """``fnmatch`` patterns of parameter names (e.g. ``"tok.weight"``, ``"*.qkv.weight"``) whose
+    exp_avg_sq is never factored, whatever ``exp_avg_sq_format`` says: it stays packed."""
     nonfinite: Literal["raise", "skip", "unchecked"] = "raise"
     """Non-finite gradients: raise before touching any state, skip the step with a warning, or
     do not check (saves one read of the gradients; for hosts that check themselves)."""
@@ -107,6 +110,9 @@ class STQuantConfig:
             _fail("bits", bits, f"each width must be in {MIN_BITS}..{MAX_BITS}")
         if isinstance(self.bits, list):
             self.bits = tuple(bits)
+        if isinstance(self.never_factor, str) or not all(isinstance(x, str) for x in self.never_factor):
+            _fail("never_factor", self.never_factor, "use a tuple of fnmatch patterns of parameter names")
+        self.never_factor = tuple(self.never_factor)
         bs = self.block_size
         if not isinstance(bs, int) or isinstance(bs, bool) or not MIN_BLOCK_SIZE <= bs <= MAX_BLOCK_SIZE or bs & (bs - 1):
             _fail("block_size", bs, f"use a power of two in {MIN_BLOCK_SIZE}..{MAX_BLOCK_SIZE} (default 128)")
@@ -189,6 +195,7 @@ class STQuantConfig:
         d = dataclasses.asdict(self)
         if isinstance(d["bits"], tuple):
             d["bits"] = list(d["bits"])
+        d["never_factor"] = list(d["never_factor"])
         return d
 
     @classmethod

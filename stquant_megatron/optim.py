@@ -8,6 +8,7 @@ fused pass per parameter (``kernels``): unpack, dequantize, update, requantize, 
 from __future__ import annotations
 
 import copy
+import fnmatch
 import logging
 import math
 import warnings
@@ -200,7 +201,7 @@ class STQuantAdamW(torch.optim.Optimizer):
         self._factor_slots, total = {}, 0
         for name, shape in members:
             numel = math.prod(shape)
-            dims = self._factor_dims(tuple(shape), numel)
+            dims = self._factor_dims(name, tuple(shape), numel)
             if dims is not None:
                 self._factor_slots[name] = (total, *dims)
                 total += dims[0] + dims[1] + 1  # row sums, column sums, a "loaded here" flag
@@ -233,17 +234,20 @@ class STQuantAdamW(torch.optim.Optimizer):
     def _is_packed(self, param: torch.Tensor) -> bool:
         return self._full_numel.get(id(param), param.numel()) >= max(1, self.config.min_numel)
 
-    def _factor_dims(self, shape: tuple[int, ...], numel: int) -> tuple[int, int] | None:
+    def _factor_dims(self, name: str, shape: tuple[int, ...], numel: int) -> tuple[int, int] | None:
         """``(rows, cols)`` if a tensor of this full shape gets a factored exp_avg_sq: "factored", or
         "auto" when its statistics (4 bytes per row and column, kept by each of the ``shards`` ranks
         that hold a part) take less than the 4-bit packed exp_avg_sq they replace."""
         fmt = self.config.exp_avg_sq_format
-        if fmt == "packed" or numel < max(1, self.config.min_numel):
+        if fmt == "packed" or numel < max(1, self.config.min_numel) or self._never_factor(name):
             return None
         dims = FactoredState.factor_shape(shape)
         if dims is None or fmt == "factored":
             return dims
         return dims if 8 * (dims[0] + dims[1]) * self._factor_shards <= numel else None
+
+    def _never_factor(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pat) for pat in self.config.never_factor)
 
     def _factor_shape(self, param: torch.Tensor) -> tuple[int, int] | None:
         """``(rows, cols)`` of the full matrix if ``param``'s exp_avg_sq is factored: a matrix held whole,
@@ -251,7 +255,7 @@ class STQuantAdamW(torch.optim.Optimizer):
         name, offset = self._names.get(id(param), (None, 0))
         numel = self._full_numel.get(id(param), param.numel())
         if offset == 0 and numel == param.numel():
-            return self._factor_dims(self._full_shape.get(id(param), tuple(param.shape)), numel)
+            return self._factor_dims(name or self.param_name(param), self._full_shape.get(id(param), tuple(param.shape)), numel)
         slot = self._factor_slots.get(name)
         return slot[1:] if slot is not None else None
 
