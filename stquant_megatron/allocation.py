@@ -20,6 +20,11 @@ spends what is left on the best upgrades per bit that fit on every rank. On conv
 one rank this is within one width step of one unit of the exact optimum. Cost: O(U * W * 60) for the
 bisection plus O(R * U) per repair or upgrade step.
 
+Formats: a unit may also be offered a factored option (``factored_error`` / ``factored_bits``), the
+level below ``min_bits``: width 0, no codes and no scales, but row and column statistics that every
+rank holding part of the unit keeps whole. The same three passes run over per-unit option costs (code
+bits per element held, plus bits per holding rank); without factored options every number is as before.
+
 Everything here is a pure, deterministic function of its inputs (ties broken by unit index), so
 every rank that runs it on the same all-reduced numbers gets the same answer.
 """
@@ -45,9 +50,11 @@ def allocate(
     lower: torch.Tensor | None = None,
     upper: torch.Tensor | None = None,
     rank_numel: torch.Tensor | None = None,
+    factored_error: torch.Tensor | None = None,
+    factored_bits: torch.Tensor | None = None,
     iterations: int = 60,
 ) -> torch.Tensor:
-    """Widths per unit.
+    """Widths per unit (0: factored).
 
     Args:
         numel: int/float ``[U]`` elements per unit (> 0).
@@ -58,9 +65,13 @@ def allocate(
         max_error: per-unit error cap, met wherever the budget allows it.
         scale_bits: scale overhead per element (32 / block_size for fp32 scales).
         lower / upper: optional int ``[U]`` per-unit width bounds (e.g. at most ``max_move`` levels
-            from the current width); they win over the budget and the cap.
+            from the current width; 0 = factored, the level below ``min_bits``); they win over the
+            budget and the cap.
         rank_numel: optional ``[R, U]`` elements of each unit held by each rank; the budget then
             holds on every rank. Default: one rank holding everything.
+        factored_error / factored_bits: optional ``[U]``: a unit may also be factored (width 0: no
+            codes, no scales), with error ``factored_error[u]`` (inf: not allowed) and
+            ``factored_bits[u]`` bits of statistics on every rank that holds part of it.
 
     Returns:
         int64 ``[U]`` widths.
@@ -69,28 +80,61 @@ def allocate(
         raise ValueError(f"numel [U] and error [U, 7] expected; got {tuple(numel.shape)} and {tuple(error.shape)}")
     if not MIN_BITS <= min_bits <= max_bits <= MAX_BITS:
         raise ValueError(f"need {MIN_BITS} <= min_bits={min_bits} <= max_bits={max_bits} <= {MAX_BITS}")
+    if (factored_error is None) != (factored_bits is None):
+        raise ValueError("give factored_error and factored_bits together")
     n = numel.to(torch.float64)
+    u_count = n.numel()
     a = n[None, :] if rank_numel is None else rank_numel.to(torch.float64)
-    if a.ndim != 2 or a.shape[1] != n.numel():
-        raise ValueError(f"rank_numel [R, U={n.numel()}] expected; got {tuple(a.shape)}")
-    widths = torch.arange(min_bits, max_bits + 1, dtype=torch.float64)  # [W]
-    nw = len(widths)
+    if a.ndim != 2 or a.shape[1] != u_count:
+        raise ValueError(f"rank_numel [R, U={u_count}] expected; got {tuple(a.shape)}")
+    packed = torch.arange(min_bits, max_bits + 1, dtype=torch.float64)  # [W]
     e = error.to(torch.float64)[:, min_bits - MIN_BITS : max_bits - MIN_BITS + 1].clone()  # [U, W]
-    col = torch.arange(nw)[None, :]
-    lo_col = torch.zeros(n.numel(), dtype=torch.long) if lower is None else (lower.long() - min_bits).clamp(0, nw - 1)
-    hi_col = torch.full_like(lo_col, nw - 1) if upper is None else (upper.long() - min_bits).clamp(0, nw - 1)
+    # Options per unit (columns): [factored,] min_bits..max_bits. Costs: ``cw`` code bits per element
+    # held, ``cf`` bits per rank holding part of the unit (the factored statistics).
+    cw = packed.expand(u_count, -1).clone()
+    cf = torch.zeros_like(cw)
+    f = 0
+    if factored_error is not None:
+        f = 1
+        fb = factored_bits.to(torch.float64)
+        fe = torch.where(torch.isfinite(fb) & (fb >= 0), factored_error.to(torch.float64), torch.inf)
+        e = torch.cat([fe[:, None], e], 1)
+        cw = torch.cat([torch.full((u_count, 1), -scale_bits, dtype=torch.float64), cw], 1)  # no scales either
+        cf = torch.cat([torch.nan_to_num(fb, nan=0.0, posinf=0.0).clamp_min(0)[:, None], cf], 1)
+    opt_bits = torch.cat([torch.zeros(f, dtype=torch.float64), packed])  # [O]
+    nopt = opt_bits.numel()
+    h = (a > 0).to(torch.float64)  # [R, U] ranks holding part of each unit
+    held, holders = a.sum(0).clamp_min(1e-300), h.sum(0)
+    # global bits per element of each option (for packed widths: the width)
+    c = cw + cf * (holders / held)[:, None] if f else cw
+    col = torch.arange(nopt)[None, :]
+
+    def to_col(bits: torch.Tensor) -> torch.Tensor:
+        b = bits.long()
+        return torch.where(b < min_bits, torch.zeros_like(b), b - min_bits + f).clamp(0, nopt - 1)
+
+    lo_col = torch.zeros(u_count, dtype=torch.long) if lower is None else to_col(lower)
+    hi_col = torch.full_like(lo_col, nopt - 1) if upper is None else to_col(upper)
     lo_col = torch.minimum(lo_col, hi_col)
     budget = (avg_bits - scale_bits) * a.sum(1)  # [R] code bits available per rank
 
+    def pick_cost(cost: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return cost.gather(1, idx[:, None]).squeeze(1)
+
     def used(idx: torch.Tensor) -> torch.Tensor:  # [R] code bits per rank
-        return a @ widths[idx]
+        out = a @ pick_cost(cw, idx)
+        return out + h @ pick_cost(cf, idx) if f else out
+
+    def rank_cost(r: int, idx: torch.Tensor) -> torch.Tensor:  # [U] bits of each unit on rank r
+        out = a[r] * pick_cost(cw, idx)
+        return out + h[r] * pick_cost(cf, idx) if f else out
 
     def fits(idx: torch.Tensor) -> bool:
         return bool((used(idx) <= budget + 1e-9 * budget.abs().clamp_min(1)).all())
 
     # The error cap: the narrowest width meeting it, if that plan fits everywhere; else a penalty.
     ok = e <= max_error
-    first_ok = torch.where(ok.any(1), ok.to(torch.int8).argmax(1), torch.full_like(lo_col, nw - 1))
+    first_ok = torch.where(ok.any(1), ok.to(torch.int8).argmax(1), torch.full_like(lo_col, nopt - 1))
     capped = torch.minimum(torch.maximum(lo_col, first_ok), hi_col)
     if fits(capped):
         lo_col = capped
@@ -99,11 +143,11 @@ def allocate(
     forbidden = (col < lo_col[:, None]) | (col > hi_col[:, None])
     e = torch.where(forbidden, torch.inf, e)
     if not fits(lo_col):  # the bounds alone break the budget: nothing better is allowed
-        return widths[lo_col].long()
+        return opt_bits[lo_col].long()
 
     # 1. Lagrangian relaxation on the global budget.
     def pick(lam: float) -> torch.Tensor:
-        return (e + lam * widths[None, :]).argmin(1)  # first minimum: ties go to the narrower width
+        return (e + lam * c).argmin(1)  # first minimum: ties go to the narrower width
 
     total_budget = float(budget.sum())
     lo, hi = 0.0, 1.0
@@ -126,10 +170,10 @@ def allocate(
     over = used(idx) - budget
     while bool((over > 1e-9 * budget.abs().clamp_min(1)).any()):
         r = int(over.argmax())
-        prv = idx - 1
-        can = (idx > lo_col) & (a[r] > 0)
-        loss = (e.gather(1, prv.clamp_min(0)[:, None]) - e.gather(1, idx[:, None])).squeeze(1) * n
-        freed = a[r] * (widths[idx] - widths[prv.clamp_min(0)])
+        prv = (idx - 1).clamp_min(0)
+        freed = rank_cost(r, idx) - rank_cost(r, prv)
+        can = (idx > lo_col) & (a[r] > 0) & (freed > 0)
+        loss = (e.gather(1, prv[:, None]) - e.gather(1, idx[:, None])).squeeze(1) * n
         score = torch.where(can, loss / freed.clamp_min(1e-300), torch.inf)
         u = int(score.argmin())  # first minimum: lowest unit index
         if not can[u]:  # cannot happen when the lower bounds fit (checked above)
@@ -143,23 +187,25 @@ def allocate(
     while True:
         nxt = torch.minimum(idx + 1, hi_col)
         gain = (e.gather(1, idx[:, None]) - e.gather(1, nxt[:, None])).squeeze(1) * n
-        step_bits = widths[nxt] - widths[idx]
+        step_bits = pick_cost(c, nxt) - pick_cost(c, idx)
         ratio = torch.where((nxt > idx) & (gain > 0), gain / (n * step_bits).clamp_min(1e-300), -torch.inf)
-        order = sorted(range(len(n)), key=lambda u: (-float(ratio[u]), u))  # ties: lowest unit index
+        order = sorted(range(u_count), key=lambda u: (-float(ratio[u]), u))  # ties: lowest unit index
         changed = False
         for u in order:
             if ratio[u] == -torch.inf:
                 break
-            cost = a[:, u] * step_bits[u]
+            cost = a[:, u] * (cw[u, nxt[u]] - cw[u, idx[u]])
+            if f:
+                cost = cost + h[:, u] * (cf[u, nxt[u]] - cf[u, idx[u]])
             if bool((cost <= left + 1e-9).all()):
                 left -= cost
                 idx[u] += 1
                 changed = True
         if not changed:
             break
-    return widths[idx].long()
+    return opt_bits[idx].long()
 
 
 def total_error(numel: torch.Tensor, error: torch.Tensor, bits: torch.Tensor) -> float:
-    """sum_u n_u * E_u(b_u)."""
+    """sum_u n_u * E_u(b_u) (packed widths only)."""
     return float((numel.double() * error.double().gather(1, (bits - MIN_BITS)[:, None]).squeeze(1)).sum())

@@ -54,12 +54,13 @@ class STQuantConfig:
     ``[shape[0], rest]``) keeps row and column statistics instead of codes (``FactoredState``, 4 bytes
     per row and column, about 0 bits per element; Adafactor's rank-1 second moment). Under Megatron's
     distributed optimizer a matrix's data-parallel shards keep the full matrix's statistics, all-reduced
-    every step (``STQuantAdamW.set_factored_sharding``). "auto": factored where the statistics, on
-    each rank holding part of the matrix, take fewer bytes than a 4-bit packed exp_avg_sq of its
-    share (``8 * (rows + cols) * shards <= numel``), packed elsewhere (vectors). "packed" (the
-    default: fp32 AdamW's loss in the frontier benchmark, where factoring cost about 0.7 %): codes
-    everywhere. The scheduler places the packed units (exp_avg, and exp_avg_sq where packed) within
-    ``avg_bits``."""
+    every step (``STQuantAdamW.set_factored_sharding``). "auto" with the scheduler (``avg_bits``): the
+    scheduler chooses per matrix, like a width, between a factored exp_avg_sq (width 0) and packed codes,
+    from the measured error of the factored estimate (``docs/scheduler.md``), within the same budget.
+    "auto" with fixed ``bits``: factored where the statistics, on each rank holding part of the matrix,
+    take fewer bytes than a 4-bit packed exp_avg_sq of its share (``8 * (rows + cols) * shards <=
+    numel``), packed elsewhere (vectors). "packed" (the default): codes everywhere. The scheduler
+    places the packed units (exp_avg, and exp_avg_sq where packed or chosen) within ``avg_bits``."""
     never_factor: tuple[str, ...] = ()
     """``fnmatch`` patterns of parameter names (e.g. ``"tok.weight"``, ``"*.qkv.weight"``) whose
     exp_avg_sq is never factored, whatever ``exp_avg_sq_format`` says: it stays packed."""
@@ -100,6 +101,12 @@ class STQuantConfig:
     """A new plan is adopted only if it lowers the total error by more than this fraction."""
 
     def __post_init__(self) -> None:
+        if self.bits is not None and self.avg_bits is not None:
+            raise ValueError(
+                f"STQuantConfig got bits={self.bits!r} and avg_bits={self.avg_bits!r}: bits fixes the widths, avg_bits "
+                "makes the scheduler choose them within a budget. Give one of them (neither: the scheduled default, "
+                f"avg_bits={DEFAULT_AVG_BITS})"
+            )
         if self.bits is None and self.avg_bits is None:
             self.avg_bits = DEFAULT_AVG_BITS
         bits = 4 if self.bits is None else self.bits  # (unused while scheduled)

@@ -20,8 +20,9 @@ import torch.distributed as dist
 
 from .config import MOMENTS, STQuantConfig
 from .kernels import get_factored_step_fn, get_group_step_fn, rng_key, step_scalars, unit_id
-from .kernels.common import GroupEntry
+from .kernels.common import GroupEntry, launch_shape, sampled_programs
 from .kernels.torch_adam import (
+    CHUNK_ELEMENTS,
     dense_adam_step,
     factored_ema,
     factored_partial_sums,
@@ -237,14 +238,30 @@ class STQuantAdamW(torch.optim.Optimizer):
     def _factor_dims(self, name: str, shape: tuple[int, ...], numel: int) -> tuple[int, int] | None:
         """``(rows, cols)`` if a tensor of this full shape gets a factored exp_avg_sq: "factored", or
         "auto" when its statistics (4 bytes per row and column, kept by each of the ``shards`` ranks
-        that hold a part) take less than the 4-bit packed exp_avg_sq they replace."""
+        that hold a part) take less than the 4-bit packed exp_avg_sq they replace; "auto" with the
+        scheduler: every matrix may be factored (the scheduler chooses, ``chooses_format``)."""
         fmt = self.config.exp_avg_sq_format
         if fmt == "packed" or numel < max(1, self.config.min_numel) or self._never_factor(name):
             return None
         dims = FactoredState.factor_shape(shape)
-        if dims is None or fmt == "factored":
+        if dims is None or fmt == "factored" or self.chooses_format:
             return dims
         return dims if 8 * (dims[0] + dims[1]) * self._factor_shards <= numel else None
+
+    @property
+    def chooses_format(self) -> bool:
+        """Whether the scheduler chooses, per matrix, a factored or a packed exp_avg_sq
+        (``exp_avg_sq_format="auto"`` with a budget)."""
+        return self.scheduler is not None and self.config.exp_avg_sq_format == "auto"
+
+    def _factored_now(self, param: torch.Tensor, bits: int | None = None) -> bool:
+        """Whether ``param``'s exp_avg_sq is (to be) factored: a factorable matrix, and with
+        ``chooses_format`` the scheduler's width for it (``bits``, default the planned one) is 0."""
+        if not self._factor_shape(param):
+            return False
+        if not self.chooses_format:
+            return True
+        return (self._planned_bits(param, "exp_avg_sq") if bits is None else bits) == 0
 
     def _never_factor(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pat) for pat in self.config.never_factor)
@@ -280,7 +297,7 @@ class STQuantAdamW(torch.optim.Optimizer):
         st = self.state[p]
         st["step"] = torch.tensor(0.0, dtype=torch.float32)
         for moment in MOMENTS:
-            if moment == "exp_avg_sq" and self._factor_shape(p):
+            if moment == "exp_avg_sq" and self._factored_now(p):
                 st[moment] = self._new_factored(p)
             elif self._is_packed(p):
                 st[moment] = self._new_packed(p, moment, self._planned_bits(p, moment))
@@ -320,7 +337,7 @@ class STQuantAdamW(torch.optim.Optimizer):
                 v = st.get(moment)
                 if isinstance(v, QUANTIZED_STATES):
                     out[f"{name}.{moment}"] = v.bits
-                elif moment == "exp_avg_sq" and self._factor_shape(p):
+                elif moment == "exp_avg_sq" and self._factored_now(p):
                     out[f"{name}.{moment}"] = 0
                 elif v is not None or not self._is_packed(p):
                     out[f"{name}.{moment}"] = 32
@@ -344,22 +361,31 @@ class STQuantAdamW(torch.optim.Optimizer):
         return max(cfg.min_bits, min(cfg.max_bits, int(cfg.avg_bits - cfg.scale_bits() + 1e-9)))
 
     # ----------------------------------------------------------------------------- scheduler
-    def _packed_units(self):
-        """(unit name, param, moment) of every packed unit (factored ones are not), in a fixed order."""
+    def _scheduled_units(self):
+        """(unit name, param, moment) of every unit the scheduler places, in a fixed order: packed
+        units, and with ``chooses_format`` the matrices' exp_avg_sq whatever their format (always
+        factored ones are not scheduled)."""
         for _, p in self._params():
             if self._is_packed(p):
                 name = self.param_name(p)
                 for moment in MOMENTS:
-                    if moment == "exp_avg" or not self._factor_shape(p):
+                    if moment == "exp_avg" or self.chooses_format or not self._factor_shape(p):
                         yield f"{name}.{moment}", p, moment
 
     def _setup_scheduler(self) -> None:
         """Agree on the units (collective) and bring existing packed state to the scheduler's widths."""
         sched = self.scheduler
-        units = list(self._packed_units())
-        sched.setup({u: p.numel() for u, p, _ in units}, {u: self._replicas.get(id(p), 1) for u, p, _ in units})
+        units = list(self._scheduled_units())
+        factored_bits = {}
+        if self.chooses_format:
+            for u, p, moment in units:
+                dims = self._factor_shape(p) if moment == "exp_avg_sq" else None
+                if dims:
+                    factored_bits[u] = 32.0 * (dims[0] + dims[1])
+        sched.setup({u: p.numel() for u, p, _ in units}, {u: self._replicas.get(id(p), 1) for u, p, _ in units},
+                    factored_bits)  # fmt: skip
         self._units_changed = False
-        if not sched.within_budget() or bool(((sched.bits < sched.min_bits) | (sched.bits > sched.max_bits)).any()):
+        if not sched.within_budget() or not bool(sched.in_range().all()):
             # widths restored from a checkpoint that break this run's budget or range: start again
             warnings.warn(
                 f"stquant: the restored widths ({sched.average_bits():.3f} bits on average, "
@@ -371,24 +397,62 @@ class STQuantAdamW(torch.optim.Optimizer):
         self._apply_widths(sched.current())
 
     def _apply_widths(self, bits: dict[str, int]) -> None:
-        """Re-code packed units to ``bits``: narrowing ones first, so that memory only grows after it
-        has shrunk. On CUDA a unit's old codes are staged in host memory while it is re-coded, so the
-        device never holds both; elsewhere (the host is the device) the peak counts both."""
+        """Re-code scheduled units to ``bits`` (0: factored): the ones that shrink first, so that memory
+        only grows after it has shrunk. On CUDA a unit's old codes are staged in host memory while it is
+        re-coded, so the device never holds both; elsewhere (the host is the device) the peak counts both.
+        A unit that becomes factored takes the row and column means of its dense exp_avg_sq (over every
+        shard: one all-reduce, which every rank makes when ``bits`` factors any unit); one that stops
+        being factored is packed from the factored estimate, chunk by chunk."""
         moves = []
-        for unit, p, moment in self._packed_units():
+        for unit, p, moment in self._scheduled_units():
             state = self.state[p].get(moment) if p in self.state else None
-            if isinstance(state, PackedState) and unit in bits and state.bits != bits[unit]:
-                moves.append((bits[unit] - state.bits, unit, state, moment))
-        if not moves:
-            return
+            if isinstance(state, QUANTIZED_STATES) and unit in bits and state.bits != bits[unit]:
+                b = bits[unit]
+                if b == 0:
+                    new_bytes = self._new_factored_nbytes(p)
+                elif isinstance(state, FactoredState):
+                    new_bytes = self._packed_nbytes(p, b)
+                else:
+                    new_bytes = state.recoded_nbytes(b)
+                moves.append((new_bytes - state.nbytes, unit, p, state, moment))
         now = self.state_bytes()
-        for _, unit, state, moment in sorted(moves, key=lambda t: (t[0], t[1])):
+        for _, unit, p, state, moment in sorted(moves, key=lambda t: (t[0], t[1])):
             b = bits[unit]
-            stage = _stage_on_host(state.codes.device)
             old_bytes = state.nbytes
-            self._note_bytes(extra=(state.recoded_nbytes(b) - old_bytes) if stage else state.recoded_nbytes(b), now=now)
-            state.requantize(b, self.config.codebook(moment, b), stage_on_host=stage)
-            now += state.nbytes - old_bytes
+            if b == 0:  # packed -> factored: statistics from the dense values, codes freed
+                new = self._new_factored(p)
+                rows, cols = new.shape
+                sums = matrix_partial_sums(state.values, state.numel, rows, cols, new.offset, state.codes.device)
+                self._note_bytes(extra=new.nbytes, now=now)
+                if self.param_name(p) in self._factor_slots:
+                    self._factor_pending[id(p)] = sums  # set by the all-reduce below, from every shard
+                else:
+                    new.row.copy_(sums[:rows] * (1.0 / cols))
+                    new.col.copy_(sums[rows:] * (1.0 / rows))
+                self.state[p][moment] = new
+            elif isinstance(state, FactoredState):  # factored -> packed: the estimate, quantized
+                new = self._new_packed(p, moment, b)
+                self._note_bytes(extra=new.nbytes, now=now)
+                new.fill_(state.values)
+                self.state[p][moment] = new
+            else:
+                stage = _stage_on_host(state.codes.device)
+                self._note_bytes(extra=(state.recoded_nbytes(b) - old_bytes) if stage else state.recoded_nbytes(b), now=now)
+                state.requantize(b, self.config.codebook(moment, b), stage_on_host=stage)
+                new = state
+            now += new.nbytes - old_bytes
+        if self._factor_slots and any(b == 0 for b in bits.values()):
+            self.finish_factored_load()  # collective: every rank applies the same bits
+        self._factor_pending.clear()
+
+    def _new_factored_nbytes(self, p: torch.Tensor) -> int:
+        rows, cols = self._factor_shape(p)
+        return 4 * (rows + cols)
+
+    def _packed_nbytes(self, p: torch.Tensor, bits: int) -> int:
+        cfg = self.config
+        nb = -(-p.numel() // cfg.block_size)
+        return nb * bits * (cfg.block_size // 8) + nb * torch.empty((), dtype=_SCALE_DTYPES[cfg.scale_dtype]).element_size()
 
     def _schedule(self) -> None:
         """After a step: decide and re-code units when a decision is due."""
@@ -476,6 +540,7 @@ class STQuantAdamW(torch.optim.Optimizer):
         created = False
         launches: dict[tuple, list] = {}
         factored: list[tuple] = []
+        format_probe: list[tuple] = []  # packed exp_avg_sq units that may be factored (probe step)
         for group, p, g in work:
             if not self.state[p]:
                 self._init_state(p)
@@ -500,6 +565,8 @@ class STQuantAdamW(torch.optim.Optimizer):
             if isinstance(v, FactoredState):
                 factored.append((p, name, m, v, target, grad, scalars, rng_key(cfg.seed, step, uid), probe))
                 continue
+            if probe and self.chooses_format and self._factor_shape(p):
+                format_probe.append((name, m, v, scalars, self._factor_shape(p), offset))
             key = (m.bits, m.codebook.kind, v.bits, v.codebook.kind, m.block_size, target.dtype, grad.dtype,
                    m.scale.dtype, v.scale.dtype, str(p.device), self.collect_stats, probe)  # fmt: skip
             entry = GroupEntry(
@@ -533,6 +600,8 @@ class STQuantAdamW(torch.optim.Optimizer):
                         local_stats[f"{name}.{moment}"] = torch.stack(row)
                 if entry.param is not p:
                     p.copy_(entry.param)
+        if self.chooses_format and self.collect_stats and self.probe_neighbors:
+            self._factored_probe(format_probe, local_stats)
         inv_means = self._factored_statistics(factored)
         for (p, name, m, v, target, grad, scalars, key, probe), inv_mean in zip(factored, inv_means):
             dev = p.device
@@ -572,6 +641,58 @@ class STQuantAdamW(torch.optim.Optimizer):
             self._schedule()
         return loss
 
+    def _factored_probe(self, units: list, local_stats: dict[str, torch.Tensor]) -> None:
+        """The probe step's measurement of what factoring would cost each packed exp_avg_sq unit that may
+        be factored: the factored estimate is built from the row and column means of its dense (decoded)
+        exp_avg_sq, which is what a factored state holds (the moving averages of g**2's row and column
+        means are the row and column means of the moving average of g**2); then, on the probe's sampled
+        programs, ``sum ||U(m, v_F) - U(m, v)||^2`` and ``sum ||U(m, v)||^2`` (U = m / (sqrt(v) / sqrt(1 -
+        beta2**t) + eps), the update direction, as for every width) are appended to the unit's
+        statistics. Cost: one decoding pass over these units' exp_avg_sq and one over the sampled quarter
+        of both moments, once per decision; with ``set_factored_sharding`` one all-reduce of the row and
+        column sums, which every rank of the group makes."""
+        slots = self._factor_slots
+        buf = torch.zeros(self._factor_total, dtype=torch.float32, device=self._factor_device) if slots else None
+        sums = []
+        for name, m, v, scalars, (rows, cols), offset in units:
+            part = matrix_partial_sums(v.values, v.numel, rows, cols, offset, v.codes.device)
+            if slots:
+                start = slots[name][0]
+                buf[start : start + rows + cols] += part.to(buf.device)
+            sums.append(part)
+        if slots and self._factor_group is not None and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(buf, group=self._factor_group)
+        for (name, m, v, scalars, (rows, cols), offset), part in zip(units, sums):
+            total = buf[slots[name][0] : slots[name][0] + rows + cols].to(part.device) if slots else part
+            row, col = total[:rows] * (1.0 / cols), total[rows:] * (1.0 / rows)
+            mean = row.mean()
+            inv_mean = torch.where(mean > 0, 1.0 / mean, torch.zeros_like(mean))
+            err = torch.zeros((), dtype=torch.float64, device=part.device)
+            ref = torch.zeros((), dtype=torch.float64, device=part.device)
+            bs = v.block_size
+            g = launch_shape(bs)[0]
+            nb = v.codes.shape[0]
+            programs = torch.tensor(list(sampled_programs(0, nb, bs, self.sample_phase)), dtype=torch.long)
+            blocks = (programs[:, None] * g + torch.arange(g)[None, :]).reshape(-1)
+            blocks = blocks[blocks < nb].to(v.codes.device)
+            lanes = torch.arange(bs, device=v.codes.device)
+            for chunk in blocks.split(max(1, CHUNK_ELEMENTS // bs)):
+                elem = chunk[:, None] * bs + lanes[None, :]  # element index in the shard
+                held = elem < v.numel
+                glob = elem + offset
+                vd, md = v.blocks(chunk), m.blocks(chunk)
+                vf = (row[glob // cols] * col[glob % cols]) * inv_mean
+                ibc = scalars.inv_bias_correction2_sqrt
+                u = md / (vd.sqrt() * ibc + scalars.eps)
+                uf = md / (vf.sqrt() * ibc + scalars.eps)
+                err += torch.where(held, (uf - u) ** 2, 0.0).sum(dtype=torch.float64)
+                ref += torch.where(held, u * u, 0.0).sum(dtype=torch.float64)
+            key = f"{name}.exp_avg_sq"
+            prev = local_stats.get(key)
+            prev = torch.zeros(5, device=part.device) if prev is None else prev
+            local_stats[key] = torch.cat([prev.to(torch.float64).reshape(-1)[:5],
+                                          torch.stack([err, ref]).to(prev.device, torch.float64)])  # fmt: skip
+
     def _factored_statistics(self, factored: list) -> list[torch.Tensor | None]:
         """Pass 1 of the factored units whose statistics are all-reduced (``set_factored_sharding``):
         their row and column sums of g**2 in one buffer, one all-reduce, then each unit's moving
@@ -579,6 +700,8 @@ class STQuantAdamW(torch.optim.Optimizer):
         out: list[torch.Tensor | None] = [None] * len(factored)
         if not self._factor_slots:
             return out
+        if self.chooses_format and not (self.scheduler.bits is not None and bool((self.scheduler.bits == 0).any())):
+            return out  # no unit is factored (every rank holds the same widths): nothing to all-reduce
         buf = torch.zeros(self._factor_total, dtype=torch.float32, device=self._factor_device)
         mine = []
         for i, (p, name, m, v, target, grad, scalars, *_) in enumerate(factored):
@@ -781,7 +904,7 @@ class STQuantAdamW(torch.optim.Optimizer):
                                  "the checkpoint belongs to another model or sharding")  # fmt: skip
             if not self._is_packed(p):
                 return state.dequantize().reshape(p.shape)
-            if key == "exp_avg_sq" and self._factor_shape(p):
+            if key == "exp_avg_sq" and self._factored_now(p, bits):
                 if isinstance(state, FactoredState):
                     return state
                 return self._new_factored(p).copy_(state.dequantize())
@@ -803,7 +926,7 @@ class STQuantAdamW(torch.optim.Optimizer):
                 raise ValueError(f"checkpoint exp_avg_sq of {name!r} has negative values: it is not a second moment")
             if not self._is_packed(p):
                 return value.detach().to(device=p.device, dtype=torch.float32).reshape(p.shape).clone()
-            if key == "exp_avg_sq" and self._factor_shape(p):
+            if key == "exp_avg_sq" and self._factored_now(p, bits):
                 return self._new_factored(p).copy_(value)
             state = None
         cfg = self.config

@@ -28,6 +28,16 @@ decision; a new plan is adopted only if it lowers the total error by more than `
 (relative) or the current plan breaks the budget. A unit that had no gradient during the window
 keeps its width. See ``docs/scheduler.md``.
 
+The format is a width too (``exp_avg_sq_format="auto"``): a matrix's exp_avg_sq may be factored
+(width 0: row and column statistics, ~0 bits per element). On the probe step the optimizer measures,
+for each packed exp_avg_sq that may be factored, the same relative error of the update direction that
+the factored estimate would cause (built from the row and column means of its decoded exp_avg_sq, on
+the probe's sample); the allocation weighs it against the widths at the statistics' real cost on every
+rank. Factored is the level below ``min_bits`` for ``max_move``. A factored unit has no dense
+exp_avg_sq to measure against, so it is not re-measured: it holds its format (a re-check would need a
+dense shadow of a sample updated every step, per unit); switching back is still possible when a
+checkpoint is loaded under another configuration.
+
 Memory is O(units): the last ``history_keep`` decisions stay in memory and in checkpoints; the full
 history is appended, one JSON line per decision, to ``history_path`` when set.
 """
@@ -49,12 +59,15 @@ from .kernels.common import SAMPLE_STRIDE
 WIDTHS = torch.arange(MIN_BITS, MAX_BITS + 1, dtype=torch.float64)
 DEFAULT_RATIO = 4.0
 """Error ratio per bit where it was not measured: one more bit halves the quantization step."""
-NUM_STATS = 5
+NUM_STATS = 7
 """Window columns per unit: err, ref (every statistics step), then from the probe step: err at b,
-err at b-1, err at b+1 (the probe's sampled blocks)."""
+err at b-1, err at b+1 (the probe's sampled blocks), and for an exp_avg_sq unit that may be factored,
+err and ref of the factored estimate (``STQuantAdamW._factored_probe``)."""
 HISTORY_KEEP = 8
 HISTORY_FORMAT = "stquant-history-v2"
-STATE_VERSION = 2
+STATE_VERSION = 3
+LEGACY_NUM_STATS = 5
+"""Window columns of version-2 checkpoints (no factored probe): loaded with the new columns at 0."""
 
 
 @dataclass
@@ -124,6 +137,10 @@ class PrecisionScheduler:
         self.rank_numel: torch.Tensor | None = None
         """float64 [R, U]: elements of each unit each rank holds (its memory), R = group size."""
         self.bits: torch.Tensor | None = None
+        """int64 [U]: each unit's width; 0 = factored (a unit with ``factored_bits`` > 0 only)."""
+        self.factored_bits: torch.Tensor | None = None
+        """float64 [U]: bits the factored statistics of a unit take on each rank holding part of it
+        (32 * (rows + cols)); 0 for units that cannot be factored."""
         self.decisions = 0
         self.window: torch.Tensor | None = None
         """float64 [U, NUM_STATS]: global statistics of the current window (identical on all ranks)."""
@@ -143,13 +160,16 @@ class PrecisionScheduler:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
-    def setup(self, local_numel: dict[str, int], replicas: dict[str, int] | None = None) -> None:
+    def setup(self, local_numel: dict[str, int], replicas: dict[str, int] | None = None,
+              factored_bits: dict[str, float] | None = None) -> None:
         """Agree on the unit names (all-gather) and their element counts. Called once, and again
         when units are added (new units start at ``min_bits``: the budget keeps holding).
 
         ``replicas[unit]``: how many ranks of the group hold the same elements of ``unit``'s
         parameter besides being data-parallel shards (e.g. the tensor-parallel size for a parameter
-        every TP rank keeps whole); those copies count once in the unit's size."""
+        every TP rank keeps whole); those copies count once in the unit's size.
+        ``factored_bits[unit]``: the unit may be factored (width 0), its statistics then taking this
+        many bits on every rank that holds part of it (agreed as the maximum over ranks)."""
         names = set(local_numel)
         if self._distributed():
             gathered: list[Any] = [None] * dist.get_world_size(self.group)
@@ -162,6 +182,8 @@ class PrecisionScheduler:
         weight = torch.tensor([1.0 / max(1, replicas.get(k, 1)) for k in names], dtype=torch.float64)
         self.numel = self._all_reduce(local * weight)
         self.rank_numel = self._all_gather(local)
+        fb = torch.tensor([float((factored_bits or {}).get(k, 0.0)) for k in names], dtype=torch.float64)
+        self.factored_bits = self._all_reduce(fb, op=dist.ReduceOp.MAX) if self._distributed() else fb
         if self.bits is None:
             self.names = names
             self.bits = self._initial_bits()
@@ -189,11 +211,11 @@ class PrecisionScheduler:
             min_bits=self.min_bits, max_bits=self.max_bits, scale_bits=self.scale_bits, rank_numel=self.rank_numel,
         )  # fmt: skip
 
-    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+    def _all_reduce(self, t: torch.Tensor, op: Any = None) -> torch.Tensor:
         if not self._distributed():
             return t
         buf = t.to(self._device())
-        dist.all_reduce(buf, group=self.group)
+        dist.all_reduce(buf, group=self.group, op=dist.ReduceOp.SUM if op is None else op)
         return buf.cpu()
 
     def _all_gather(self, t: torch.Tensor) -> torch.Tensor:
@@ -229,17 +251,41 @@ class PrecisionScheduler:
     def current(self) -> dict[str, int]:
         return {k: int(b) for k, b in zip(self.names, self.bits.tolist())}
 
+    def _factored_extra(self, bits: torch.Tensor) -> torch.Tensor:
+        """float64 [R]: per rank, the factored units' statistics bits minus the scale bits they do not pay."""
+        zero = (bits == 0).double()
+        h = (self.rank_numel > 0).double()
+        fb = self.factored_bits if self.factored_bits is not None else torch.zeros_like(zero)
+        return h @ (fb * zero) - self.scale_bits * (self.rank_numel @ zero)
+
     def average_bits(self, bits: torch.Tensor | None = None) -> float:
-        """Bits per element over the group (scales included)."""
+        """Bits per element over the group (scales and factored statistics included)."""
         bits = self.bits if bits is None else bits
         n = self.numel
-        return float((n * bits.double()).sum() / n.sum().clamp_min(1e-300)) + self.scale_bits
+        out = float((n * bits.double()).sum() / n.sum().clamp_min(1e-300)) + self.scale_bits
+        if bool((bits == 0).any()):  # each rank's statistics, over its elements
+            out += float(self._factored_extra(bits).sum() / self.rank_numel.sum().clamp_min(1e-300))
+        return out
 
     def rank_bits(self, bits: torch.Tensor | None = None) -> torch.Tensor:
-        """float64 [R]: bits per element of each rank's scheduled state (scales included)."""
+        """float64 [R]: bits per element of each rank's scheduled state (scales and factored statistics included)."""
         bits = self.bits if bits is None else bits
         a = self.rank_numel
-        return (a @ bits.double()) / a.sum(1).clamp_min(1e-300) + self.scale_bits
+        out = (a @ bits.double()) / a.sum(1).clamp_min(1e-300) + self.scale_bits
+        if bool((bits == 0).any()):
+            out = out + self._factored_extra(bits) / a.sum(1).clamp_min(1e-300)
+        return out
+
+    def factorable(self) -> torch.Tensor:
+        """bool [U]: units that may be factored (width 0)."""
+        if self.factored_bits is None:
+            return torch.zeros(len(self.names), dtype=torch.bool)
+        return self.factored_bits > 0
+
+    def in_range(self, bits: torch.Tensor | None = None) -> torch.Tensor:
+        """bool [U]: widths this scheduler may hold (min..max bits, or 0 where a unit may be factored)."""
+        bits = self.bits if bits is None else bits
+        return ((bits >= self.min_bits) & (bits <= self.max_bits)) | ((bits == 0) & self.factorable())
 
     def within_budget(self, bits: torch.Tensor | None = None) -> bool:
         held = self.rank_numel.sum(1) > 0
@@ -270,7 +316,16 @@ class PrecisionScheduler:
         self.window.zero_()
         measured = s[:, 1] > 0  # a unit without a gradient in the window has no reference energy
         rel = torch.where(measured, s[:, 0] / s[:, 1].clamp_min(1e-300), torch.zeros_like(s[:, 0]))
-        error = error_curves(rel, self.bits, _ratio(s[:, 3], s[:, 2]), _ratio(s[:, 2], s[:, 4]))
+        packed_bits = torch.where(self.bits == 0, self.min_bits, self.bits)
+        error = error_curves(rel, packed_bits, _ratio(s[:, 3], s[:, 2]), _ratio(s[:, 2], s[:, 4]))
+        # Factored: a packed unit's measured error of the factored estimate (probe step); a factored unit
+        # has no dense exp_avg_sq to measure against (no statistics: it holds, below).
+        can_factor = self.factorable()
+        factored = self.bits == 0
+        error_f = torch.where(s[:, 6] > 0, s[:, 5] / s[:, 6].clamp_min(1e-300), torch.full_like(rel, torch.inf))
+        error_f = torch.where(can_factor, error_f, torch.full_like(rel, torch.inf))
+        error_f = torch.where(factored, torch.zeros_like(rel), error_f)
+        rel = torch.where(factored, error_f, rel)
         first = self.decisions == 0
         if first:
             lower = torch.full_like(self.bits, self.min_bits)
@@ -278,18 +333,29 @@ class PrecisionScheduler:
         else:
             lower = (self.bits - self.max_move).clamp(self.min_bits, self.max_bits)
             upper = (self.bits + self.max_move).clamp(self.min_bits, self.max_bits)
-        lower = torch.where(measured, lower, self.bits.clamp(self.min_bits, self.max_bits))  # unmeasured: hold
-        upper = torch.where(measured, upper, self.bits.clamp(self.min_bits, self.max_bits))
+        # the factored format is the level below min_bits, within max_move levels like any width
+        reach = first | (self.bits - self.min_bits + 1 <= self.max_move)
+        lower = torch.where(can_factor & reach, torch.zeros_like(lower), lower)
+        hold = self.bits.clamp(self.min_bits, self.max_bits)
+        hold = torch.where(factored & can_factor, self.bits, hold)
+        lower = torch.where(measured, lower, hold)  # unmeasured (and factored) units hold
+        upper = torch.where(measured, upper, hold)
         new = allocate(
             self.numel.clamp_min(1e-12), error, avg_bits=self.avg_bits, min_bits=self.min_bits,
             max_bits=self.max_bits, max_error=self.max_error, scale_bits=self.scale_bits, lower=lower, upper=upper,
             rank_numel=self.rank_numel,
+            **({"factored_error": error_f, "factored_bits": self.factored_bits} if bool(can_factor.any()) else {}),
         )  # fmt: skip
+
+        def chosen(b: torch.Tensor) -> torch.Tensor:  # E_u at the widths b
+            e = error.gather(1, (b.clamp(MIN_BITS, MAX_BITS) - MIN_BITS)[:, None]).squeeze(1)
+            return torch.where(b == 0, error_f, e)
+
         if not first:
             old_err = float((self.numel * rel).sum())
-            new_err = float((self.numel * error.gather(1, (new - MIN_BITS)[:, None]).squeeze(1)).sum())
-            out_of_range = bool(((self.bits < self.min_bits) | (self.bits > self.max_bits)).any())
-            new_e = error.gather(1, (new - MIN_BITS)[:, None]).squeeze(1)
+            new_err = float((self.numel * chosen(new)).sum())
+            out_of_range = not bool(self.in_range().all())
+            new_e = chosen(new)
             fewer_over_cap = int((new_e > self.max_error).sum()) < int((rel > self.max_error).sum())
             if (self.within_budget() and not out_of_range and not fewer_over_cap
                     and old_err - new_err <= self.hysteresis * old_err):  # fmt: skip
@@ -333,6 +399,7 @@ class PrecisionScheduler:
         last ``history_keep`` decisions."""
         return {
             "version": STATE_VERSION, "names": list(self.names),
+            "factored_bits": self.factored_bits.tolist() if self.factored_bits is not None else None,
             "bits": self.bits.tolist() if self.bits is not None else None, "decisions": self.decisions,
             "moves": self.moves.tolist() if self.moves is not None else None,
             "window": self.window.cpu().tolist() if self.window is not None else None,
@@ -357,15 +424,15 @@ class PrecisionScheduler:
         if not isinstance(bits, list) or len(bits) != len(names):
             raise ValueError(f"scheduler checkpoint: 'bits' should list {len(names)} widths, got {bits!r:.80}")
         for k, b in zip(names, bits):
-            if not isinstance(b, int) or isinstance(b, bool) or not MIN_BITS <= b <= MAX_BITS:
-                raise _bad(k, "bits", b, f"allowed widths are {MIN_BITS}..{MAX_BITS}")
+            if not isinstance(b, int) or isinstance(b, bool) or not (MIN_BITS <= b <= MAX_BITS or b == 0):
+                raise _bad(k, "bits", b, f"allowed widths are {MIN_BITS}..{MAX_BITS}, or 0 (factored)")
         dec = sd.get("decisions", 0)
         if not isinstance(dec, int) or isinstance(dec, bool) or dec < 0:
             raise ValueError(f"scheduler checkpoint: decisions={dec!r}; need an int >= 0")
         window = sd.get("window")
         if window is not None:
             w = torch.tensor(window, dtype=torch.float64)
-            if tuple(w.shape) != (len(names), NUM_STATS):
+            if tuple(w.shape) not in ((len(names), NUM_STATS), (len(names), LEGACY_NUM_STATS)):
                 raise ValueError(f"scheduler checkpoint: window has shape {tuple(w.shape)}; need ({len(names)}, {NUM_STATS})")
             bad = ~(torch.isfinite(w) & (w >= 0)).all(1)
             if bool(bad.any()):
@@ -390,8 +457,11 @@ class PrecisionScheduler:
         u = len(names)
         self.moves = torch.tensor(sd["moves"], dtype=torch.long) if sd.get("moves") is not None else torch.zeros(u, dtype=torch.long)
         w = sd.get("window")
-        self.window = (torch.tensor(w, dtype=torch.float64) if w is not None
-                       else torch.zeros(u, NUM_STATS, dtype=torch.float64)).to(self._device())  # fmt: skip
+        window = torch.zeros(u, NUM_STATS, dtype=torch.float64)
+        if w is not None:
+            saved = torch.tensor(w, dtype=torch.float64)
+            window[:, : saved.shape[1]] = saved  # version 2: no factored probe columns
+        self.window = window.to(self._device())
         self.history.clear()
         for h in (sd.get("history") or [])[-HISTORY_KEEP * 64 :]:  # the deque keeps the last history_keep
             self.history.append(Decision(int(h["step"]), dict(zip(names, h["bits"])), int(h["moved"]),

@@ -65,13 +65,28 @@ class PackedState:
             out[e0:e1] = x.view(-1)[: e1 - e0]
         return out
 
+    def blocks(self, index: torch.Tensor) -> torch.Tensor:
+        """fp32 ``[len(index), block_size]``: the dequantized blocks ``index`` (padding included)."""
+        return dequantize_blocks(unpack_codes(self.codes[index], self.bits), self.scale[index], self.codebook)
+
+    def values(self, a: int, b: int) -> torch.Tensor:
+        """fp32 elements ``a .. b`` (dequantized), O(b - a) scratch."""
+        b0, b1 = a // self.block_size, -(-b // self.block_size)
+        x = dequantize_blocks(unpack_codes(self.codes[b0:b1], self.bits), self.scale[b0:b1], self.codebook)
+        return x.view(-1)[a - b0 * self.block_size : b - b0 * self.block_size]
+
     def copy_(self, dense: torch.Tensor) -> PackedState:
         """Quantize ``dense`` (numel elements, any float dtype) into this state, nearest rounding."""
         flat = dense.reshape(-1)
         if flat.numel() != self.numel:
             raise ValueError(f"cannot load {flat.numel()} values into a packed state of {self.numel} elements")
+        return self.fill_(lambda a, b: flat[a:b])
+
+    def fill_(self, values) -> PackedState:
+        """Quantize ``values(a, b)`` (elements ``a .. b``, any float dtype) into this state chunk by
+        chunk (O(chunk) scratch), nearest rounding."""
         for b0, b1, e0, e1 in self._chunks():
-            x = flat[e0:e1].to(device=self.codes.device, dtype=torch.float32)
+            x = values(e0, e1).to(device=self.codes.device, dtype=torch.float32)
             x = torch.nn.functional.pad(x, (0, (b1 - b0) * self.block_size - (e1 - e0)))
             codes, scale = quantize_blocks(x.view(b1 - b0, self.block_size), self.codebook, self.scale.dtype)
             self.codes[b0:b1] = pack_codes(codes, self.bits)
@@ -240,11 +255,16 @@ class FactoredState:
 
     def dequantize(self, device: torch.device | str | None = None) -> torch.Tensor:
         """The dense fp32 estimate of the elements held, shape ``[numel]``, on ``device`` (default: the state's)."""
+        return self.values(0, self.numel).to(device or self.row.device)
+
+    def values(self, a: int, b: int) -> torch.Tensor:
+        """The fp32 estimate of held elements ``a .. b`` (scratch: the rows they touch)."""
         cols = self.shape[1]
-        r0, r1 = self.offset // cols, -(-(self.offset + self.numel) // cols)  # the rows the elements touch
+        g0, g1 = self.offset + a, self.offset + b
+        r0, r1 = g0 // cols, -(-g1 // cols)  # the rows the elements touch
         v = (self.row[r0:r1, None] * self.col[None, :]) * self.inv_mean_row()
-        start = self.offset - r0 * cols
-        return v.reshape(-1)[start : start + self.numel].to(device or self.row.device)
+        start = g0 - r0 * cols
+        return v.reshape(-1)[start : start + (b - a)]
 
     def copy_(self, dense: torch.Tensor) -> FactoredState:
         """Factor a dense second moment of the whole matrix: row and column means (exact for a rank-one

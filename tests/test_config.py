@@ -60,7 +60,8 @@ def test_defaults():
     c = STQuantConfig()
     assert c.bits is None and c.avg_bits == DEFAULT_AVG_BITS  # scheduled (README "Frontier" chose the budget)
     assert STQuantConfig(bits=4).avg_bits is None and STQuantConfig(bits=4).moment_bits("exp_avg") == 4  # fixed
-    assert STQuantConfig(bits=5, avg_bits=4.0).avg_bits == 4.0
+    with pytest.raises(ValueError, match=r"bits=5 and avg_bits=4.0.*Give one of them"):
+        STQuantConfig(bits=5, avg_bits=4.0)  # both: refused, not one silently ignored
     assert c.block_size == 128 and c.min_numel == 4096
     assert c.stochastic_rounding is False and c.seed == 0 and c.scale_dtype == "fp32"
     assert c.nonfinite == "raise" and c.backend == "auto" and c.compile is None
@@ -108,7 +109,7 @@ def test_from_dict_rejects_unknown_and_invalid():
     with pytest.raises(ValueError, match="bitz"):
         STQuantConfig.from_dict({"bitz": 4})
     d = STQuantConfig().to_dict()
-    d["bits"] = 11
+    d["bits"], d["avg_bits"] = 11, None
     with pytest.raises(ValueError, match="STQuantConfig.bits=11"):
         STQuantConfig.from_dict(d)
 

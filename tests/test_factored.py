@@ -306,15 +306,15 @@ def test_triton_factored_step_is_bit_identical_to_the_twin(mb, kind, stochastic,
         assert want[5][0] > 0 and want[6][4] > 0
 
 
-def test_auto_format_factors_matrices_and_triton_backend_equals_torch():
-    """The "auto" format, scheduled: matrices' exp_avg_sq factored, vectors packed; the Triton backend
+def test_factored_format_scheduled_and_triton_backend_equals_torch():
+    """The "factored" format, scheduled: matrices' exp_avg_sq factored, vectors packed; the Triton backend
     (interpreter) through the optimizer gives the PyTorch backend's bits."""
     data = _data()
     runs = []
     for backend in ("torch", "triton"):
         model = _model()
         cfg = STQuantConfig(min_numel=64, backend=backend, stochastic_rounding=True, warmup_steps=2, interval=3,
-                            stats_steps=2, exp_avg_sq_format="auto")  # fmt: skip
+                            stats_steps=2, exp_avg_sq_format="factored")  # fmt: skip
         opt = STQuantAdamW(model.named_parameters(), lr=1e-2, config=cfg)
         _train(model, opt, 7, data)
         runs.append((model, opt))
