@@ -133,17 +133,19 @@ def allocate(
         return bool((used(idx) <= budget + 1e-9 * budget.abs().clamp_min(1)).all())
 
     # The error cap: the narrowest width meeting it, if that plan fits everywhere; else a penalty.
-    ok = e <= max_error
+    ok = (e <= max_error) & torch.isfinite(e)  # an infinite error (option not offered) never meets it
     first_ok = torch.where(ok.any(1), ok.to(torch.int8).argmax(1), torch.full_like(lo_col, nopt - 1))
     capped = torch.minimum(torch.maximum(lo_col, first_ok), hi_col)
     if fits(capped):
         lo_col = capped
     else:
-        e = e + CAP_PENALTY * (e - max_error).clamp_min(0)
+        e = e + CAP_PENALTY * torch.where(torch.isfinite(e), e - max_error, 0.0).clamp_min(0)
     forbidden = (col < lo_col[:, None]) | (col > hi_col[:, None])
     e = torch.where(forbidden, torch.inf, e)
-    if not fits(lo_col):  # the bounds alone break the budget: nothing better is allowed
-        return opt_bits[lo_col].long()
+    # the cheapest allowed plan (the lower bounds, unless factored statistics cost more than a width)
+    cheapest = torch.where(forbidden | torch.isinf(e), torch.inf, c).argmin(1) if f else lo_col
+    if not fits(cheapest):  # the bounds alone break the budget: nothing better is allowed
+        return opt_bits[cheapest].long()
 
     # 1. Lagrangian relaxation on the global budget.
     def pick(lam: float) -> torch.Tensor:
@@ -165,20 +167,26 @@ def allocate(
         idx = pick(hi)
     idx = torch.maximum(idx, lo_col).clone()
 
-    # 2. Repair: while a rank is over its budget, narrow (by one level) the unit that adds the least
-    # error per code bit freed on that rank.
+    # 2. Repair: while a rank is over its budget, move (by one level) the unit that adds the least
+    # error per code bit freed on that rank: one level narrower, or for a factored unit whose
+    # statistics cost more there than the narrowest width, one level up.
     over = used(idx) - budget
     while bool((over > 1e-9 * budget.abs().clamp_min(1)).any()):
         r = int(over.argmax())
-        prv = (idx - 1).clamp_min(0)
-        freed = rank_cost(r, idx) - rank_cost(r, prv)
-        can = (idx > lo_col) & (a[r] > 0) & (freed > 0)
-        loss = (e.gather(1, prv[:, None]) - e.gather(1, idx[:, None])).squeeze(1) * n
-        score = torch.where(can, loss / freed.clamp_min(1e-300), torch.inf)
-        u = int(score.argmin())  # first minimum: lowest unit index
-        if not can[u]:  # cannot happen when the lower bounds fit (checked above)
+        scores, moves = [], []
+        for step in (-1, 1):  # narrower first: ties go to narrowing, then to the lowest unit index
+            to = torch.minimum(torch.maximum(idx + step, lo_col), hi_col)
+            freed = rank_cost(r, idx) - rank_cost(r, to)
+            can = (to != idx) & (a[r] > 0) & (freed > 0)
+            loss = (e.gather(1, to[:, None]) - e.gather(1, idx[:, None])).squeeze(1) * n
+            scores.append(torch.where(can, loss / freed.clamp_min(1e-300), torch.inf))
+            moves.append(to)
+        score = torch.cat(scores)
+        k = int(score.argmin())
+        if score[k] == torch.inf:  # cannot happen when the cheapest plan fits (checked above)
             break
-        idx[u] -= 1
+        u = k % u_count
+        idx[u] = moves[k // u_count][u]
         over = used(idx) - budget
 
     # 3. Greedy fill: spend what is left on single-step upgrades, best gain per bit first, each only
