@@ -76,6 +76,15 @@ def config_from_args(args: argparse.Namespace) -> STQuantConfig | None:
     """The ``STQuantConfig`` the flags ask for, or None without ``--stquant``."""
     if not getattr(args, "stquant", False):
         return None
+    if args.stquant_bits is not None and args.stquant_avg_bits is not None:
+        bits = args.stquant_bits
+        bits = ",".join(map(str, bits)) if isinstance(bits, (tuple, list)) else str(bits)
+        raise ValueError(
+            f"--stquant-bits {bits} and --stquant-avg-bits {args.stquant_avg_bits:g} were both given; they are exclusive "
+            f"(with both, --stquant-bits would be ignored): pass --stquant-bits {bits} for fixed widths or "
+            f"--stquant-avg-bits {args.stquant_avg_bits:g} for the precision scheduler, not both (--stquant alone: "
+            f"scheduled at {DEFAULT_AVG_BITS} bits)"
+        )
     return STQuantConfig(
         bits=args.stquant_bits, block_size=args.stquant_block_size, min_numel=args.stquant_min_numel,
         stochastic_rounding=args.stquant_stochastic_rounding, seed=args.stquant_seed,
