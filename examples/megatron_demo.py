@@ -7,18 +7,24 @@ library's own source files; the held-out files give the validation loss. Each ru
 seed, data order, step count and learning-rate schedule:
 
 - ``adamw``:   stock megatron-core (its torch AdamW inner optimizer, fp32 moments);
-- ``auto4.0``: ``stquant_megatron.megatron.patch(STQuantConfig(avg_bits=4.0, ...))``: the precision
-  scheduler gives every moment tensor its own width (2-8 bits) within 4.0 bits per element on average;
+- ``default``: what ``--stquant`` alone / ``STQuantConfig()`` give, unchanged
+  (``stquant_megatron.megatron.patch(STQuantConfig())``): the precision scheduler gives every moment
+  tensor its own width (2-8 bits) within ``DEFAULT_AVG_BITS`` (``stquant_megatron/config.py``) bits
+  per element, scales included, at its default timing (first decision after ``warmup_steps``, then
+  every ``interval`` steps; the header line prints them);
 - ``stq4``:    fixed 4-bit moments (``STQuantConfig(bits=4)``).
 
 It prints a table (final and peak state bytes per parameter, memory saved against fp32 AdamW at the
 peak, final train and validation loss, validation loss ratio) and the scheduler's decisions, and writes to ``--out``:
-``demo_loss.png`` (loss curves), ``demo_bits_avg4.0.png`` (bits heatmap), ``demo_memory.png``.
+``demo_loss.png`` (loss curves), ``demo_bits_default.png`` (bits heatmap, when the run reached a
+decision), ``demo_memory.png``.
 
     bash examples/run_demo.sh                     # set-up (fresh machine) + this demo
-    python examples/megatron_demo.py [--steps 120] [--runs adamw auto4.0 stq4] [--out out]
+    python examples/megatron_demo.py [--steps 120] [--runs adamw default stq4] [--out out]
 
-The training code is the GPT task of ``benchmarks/quality.py`` (which adds the peer optimizers).
+The training code is the GPT task of ``benchmarks/quality.py`` (which adds the peer optimizers);
+``--runs`` also takes its ``stq8``, ``auto4.0`` and ``auto3.5`` (scheduled, with the warm-up and
+interval scaled to the run length).
 """
 
 from __future__ import annotations
@@ -34,12 +40,33 @@ sys.path.insert(0, ROOT)
 
 import quality  # noqa: E402  (benchmarks/quality.py)
 
+from stquant_megatron.config import STQuantConfig  # noqa: E402
+
+DEFAULT_RUNS = ["adamw", "default", "stq4"]
+EXTRA_RUNS = ["stq8", "auto4.0", "auto3.5"]  # benchmarks/quality.py's specs
+
+
+def demo_specs(steps: int, runs: list[str]) -> list[quality.OptSpec]:
+    """The runs named in ``runs`` (fp32 AdamW always, first): ``default`` is ``STQuantConfig()``
+    exactly (the config dict is empty), ``stq4`` is ``STQuantConfig(bits=4)``; the rest come from
+    ``benchmarks/quality.py``."""
+    d = STQuantConfig()
+    ours = {
+        "default": quality.OptSpec("default", f"STQuant default (scheduled {d.avg_bits:g})", f"auto {d.avg_bits:g}",
+                                   "stq", {}),  # fmt: skip
+        "stq4": quality.OptSpec("stq4", "STQuant fixed 4-bit", "4", "stq", {"bits": 4}),
+    }
+    theirs = {s.key: s for s in quality.optimizer_specs(steps, ["adamw", *EXTRA_RUNS])}
+    keys = ["adamw"] + [k for k in dict.fromkeys(runs) if k != "adamw"]
+    return [ours[k] if k in ours else theirs[k] for k in keys]
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=120, help="training steps per run (default 120: the whole demo, set-up included, stays under 10 minutes on 2 cores)")
-    ap.add_argument("--runs", nargs="+", default=["adamw", "auto4.0", "stq4"],
-                    help="which runs: adamw (always), auto4.0, auto3.5, stq4, stq8 (default: adamw auto4.0 stq4)")
+    ap.add_argument("--runs", nargs="+", default=DEFAULT_RUNS,
+                    help=f"which runs: adamw (always), default (STQuantConfig(), what --stquant alone gives), stq4 "
+                         f"(fixed 4 bits), or {', '.join(EXTRA_RUNS)} (default: {' '.join(DEFAULT_RUNS)})")
     ap.add_argument("--out", default=os.path.join(ROOT, "out"), help="output directory for PNGs (default out/)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
@@ -48,11 +75,11 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     setup = quality.GPTSetup(steps=args.steps, eval_every=max(1, args.steps // 8), val_windows=128)
-    allowed = {"adamw", "auto4.0", "auto3.5", "stq4", "stq8"}
-    bad = sorted(set(args.runs) - allowed)
+    allowed = DEFAULT_RUNS + EXTRA_RUNS
+    bad = sorted(set(args.runs) - set(allowed))
     if bad:
-        ap.error(f"--runs: unknown {bad}; choose from {sorted(allowed)}")
-    specs = quality.optimizer_specs(setup.steps, args.runs)
+        ap.error(f"--runs: unknown {bad}; choose from {allowed}")
+    specs = demo_specs(setup.steps, args.runs)
     print(
         f"megatron-core GPT ({setup.layers} layers, hidden {setup.hidden}, seq {setup.seq}, byte vocab 256, bf16 + fp32 "
         f"main params) on 2 gloo CPU ranks (DP=2, DistributedOptimizer), {setup.steps} steps of "
@@ -60,6 +87,12 @@ def main(argv=None) -> int:
         + ", ".join(s.label for s in specs),
         flush=True,
     )
+    if "default" in args.runs:
+        d = STQuantConfig()
+        print(f"STQuant default = STQuantConfig() = --stquant alone: scheduled within {d.avg_bits:g} bits per element "
+              f"(scales included), first decision after {d.warmup_steps} steps, then every {d.interval}"
+              + ("" if setup.steps >= d.warmup_steps else f" (none within {setup.steps} steps: the units keep their "
+                 "starting widths)"), flush=True)  # fmt: skip
     t0 = time.perf_counter()
     rows, meta = quality.run_gpt(specs, setup, progress=not args.no_progress, threads=1)
     runs = meta["runs"]
@@ -75,14 +108,15 @@ def main(argv=None) -> int:
 
     print(f"\n{base['nparams']:,} parameters; state = optimizer moments (+ step counters) of both ranks, "
           "storage actually allocated\n")  # fmt: skip
-    head = (f"{'run':24s} {'final B/param':>13s} {'peak B/param':>12s} {'memory saved':>12s} {'train loss':>10s} "
+    w = max(24, *(len(quality.OptSpec(**r["spec"]).label) for r in runs.values()))
+    head = (f"{'run':{w}s} {'final B/param':>13s} {'peak B/param':>12s} {'memory saved':>12s} {'train loss':>10s} "
             f"{'val loss':>9s} {'val/AdamW':>9s} {'time s':>7s}")  # fmt: skip
     print(head)
     print("-" * len(head))
     for key, r in runs.items():
         label = quality.OptSpec(**r["spec"]).label
         bpp, peak = r["state_bytes"] / r["nparams"], r["peak_state_bytes"] / r["nparams"]
-        print(f"{label:24s} {bpp:13.3f} {peak:12.3f} {1 - peak / base_peak:12.1%} {tail_mean(r['train_curve']):10.4f} "
+        print(f"{label:{w}s} {bpp:13.3f} {peak:12.3f} {1 - peak / base_peak:12.1%} {tail_mean(r['train_curve']):10.4f} "
               f"{r['final_val']:9.4f} {r['final_val'] / base['final_val']:9.4f} {r['train_seconds']:7.0f}")  # fmt: skip
     print("(final/peak: state bytes per parameter at the end of training / at its high-water mark, STQuant's "
           "precision transitions included; memory saved: peak vs fp32 AdamW's peak; train loss: mean of the last "

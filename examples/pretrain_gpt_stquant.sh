@@ -13,10 +13,13 @@ MEGATRON_LM=${1:?Megatron-LM checkout}; DATA=${2:?data prefix}; TOKENIZER=${3:?t
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 
 STQUANT_ARGS=(
-  --stquant                      # pack Adam's moments (without it: stock Megatron)
-  --stquant-avg-bits 4.0         # scheduler budget, bits per element incl. scales; omit for fixed bits
-  --stquant-bits 4               # width when --stquant-avg-bits is not given (N, or M,V per moment)
-  --stquant-warmup-steps 100 --stquant-interval 100
+  --stquant                      # pack Adam's moments (without it: stock Megatron); alone, it gives the default:
+                                 # STQuantConfig(), scheduled at DEFAULT_AVG_BITS (stquant_megatron/config.py: 3.5
+                                 # bits per element, scales included), first decision after 100 steps, then every 100
+  # Alternatives (at most one of the two; together they are refused):
+  # --stquant-avg-bits 4.0       # another scheduler budget, bits per element incl. scales
+  # --stquant-bits 4             # fixed widths, no scheduler (N, or M,V per moment)
+  # --stquant-warmup-steps 200 --stquant-interval 50   # scheduler timing (defaults 100 and 100)
 )
 
 cd "$MEGATRON_LM"

@@ -101,11 +101,12 @@ class STQuantConfig:
     """A new plan is adopted only if it lowers the total error by more than this fraction."""
 
     def __post_init__(self) -> None:
-        if self.bits is not None and self.avg_bits is not None:
+        if self.bits is not None and self.avg_bits is not None:  # what the caller passed (the default is filled below)
             raise ValueError(
-                f"STQuantConfig got bits={self.bits!r} and avg_bits={self.avg_bits!r}: bits fixes the widths, avg_bits "
-                "makes the scheduler choose them within a budget. Give one of them (neither: the scheduled default, "
-                f"avg_bits={DEFAULT_AVG_BITS})"
+                f"STQuantConfig(bits={self.bits!r}, avg_bits={self.avg_bits!r}): bits and avg_bits are exclusive "
+                f"(with both, bits would be ignored); give bits for fixed widths (STQuantConfig(bits={self.bits!r})) "
+                f"or avg_bits for the precision scheduler (STQuantConfig(avg_bits={self.avg_bits!r})); neither gives "
+                f"the default, scheduled at avg_bits={DEFAULT_AVG_BITS}"
             )
         if self.bits is None and self.avg_bits is None:
             self.avg_bits = DEFAULT_AVG_BITS

@@ -60,11 +60,23 @@ def test_defaults():
     c = STQuantConfig()
     assert c.bits is None and c.avg_bits == DEFAULT_AVG_BITS  # scheduled (README "Frontier" chose the budget)
     assert STQuantConfig(bits=4).avg_bits is None and STQuantConfig(bits=4).moment_bits("exp_avg") == 4  # fixed
-    with pytest.raises(ValueError, match=r"bits=5 and avg_bits=4.0.*Give one of them"):
-        STQuantConfig(bits=5, avg_bits=4.0)  # both: refused, not one silently ignored
+    assert STQuantConfig(avg_bits=4.0).avg_bits == 4.0 and STQuantConfig(avg_bits=4.0).bits is None  # scheduled
     assert c.block_size == 128 and c.min_numel == 4096
     assert c.stochastic_rounding is False and c.seed == 0 and c.scale_dtype == "fp32"
     assert c.nonfinite == "raise" and c.backend == "auto" and c.compile is None
+
+
+@pytest.mark.parametrize("bits,avg_bits", [(4, 4.0), ((5, 3), 4.5), ([8, 2], DEFAULT_AVG_BITS)])
+def test_bits_and_avg_bits_together_are_refused(bits, avg_bits):
+    """Both given used to run the scheduler and drop ``bits`` silently: refused, with the values
+    received and the two ways out."""
+    with pytest.raises(ValueError) as info:
+        STQuantConfig(bits=bits, avg_bits=avg_bits)
+    msg = str(info.value)
+    assert f"bits={bits!r}" in msg and f"avg_bits={avg_bits!r}" in msg, msg
+    assert "fixed widths" in msg and "scheduler" in msg, msg
+    assert STQuantConfig(bits=bits).avg_bits is None  # each alone is fine
+    assert STQuantConfig(avg_bits=avg_bits).bits is None
 
 
 VALID = [

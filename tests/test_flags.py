@@ -63,13 +63,27 @@ def test_every_config_field_has_a_flag_and_round_trips():
     # nonfinite: Megatron checks gradients itself; config_from_args pins it to "unchecked".
     assert set(_flag_of_field()) == fields - {"nonfinite"}
     args = _parser().parse_args(
-        ["--stquant", "--stquant-bits", "5,3", "--stquant-avg-bits", "4.5", "--stquant-stats-steps", "3",
+        ["--stquant", "--stquant-avg-bits", "4.5", "--stquant-stats-steps", "3",
          "--stquant-max-move", "1", "--stquant-hysteresis", "0.05", "--stquant-exp-avg-sq-codebook", "log",
          "--stquant-backend", "torch", "--stquant-block-size", "64", "--stquant-exp-avg-sq-format", "packed"]
     )  # fmt: skip
     cfg = config_from_args(args)
     assert cfg.exp_avg_sq_format == "packed"
-    assert (cfg.bits, cfg.avg_bits, cfg.stats_steps, cfg.max_move, cfg.hysteresis) == ((5, 3), 4.5, 3, 1, 0.05)
+    assert (cfg.bits, cfg.avg_bits, cfg.stats_steps, cfg.max_move, cfg.hysteresis) == (None, 4.5, 3, 1, 0.05)
+    fixed = config_from_args(_parser().parse_args(["--stquant", "--stquant-bits", "5,3"]))
+    assert (fixed.bits, fixed.avg_bits) == ((5, 3), None)
     assert (cfg.exp_avg_sq_codebook, cfg.backend, cfg.block_size, cfg.nonfinite) == ("log", "torch", 64, "unchecked")
     defaults = config_from_args(_parser().parse_args(["--stquant"]))
     assert dataclasses.replace(defaults, nonfinite="raise") == STQuantConfig()
+
+
+@pytest.mark.parametrize("bits,avg", [("4", "4.0"), ("5,3", "4.5")])
+def test_bits_and_avg_bits_flags_together_are_refused(bits, avg):
+    """--stquant-bits with --stquant-avg-bits used to run the scheduler and drop the fixed width
+    silently; the pair is refused, naming both flags, the values and the two ways out."""
+    args = _parser().parse_args(["--stquant", "--stquant-bits", bits, "--stquant-avg-bits", avg])
+    with pytest.raises(ValueError) as info:
+        config_from_args(args)
+    msg = str(info.value)
+    assert f"--stquant-bits {bits}" in msg and f"--stquant-avg-bits {float(avg):g}" in msg, msg
+    assert "fixed widths" in msg and "scheduler" in msg, msg

@@ -498,18 +498,18 @@ def test_flags_parse_and_launch_routes_install_the_patch(tmp_path):
         "import sys, typing, typing_extensions; typing.override = typing_extensions.override;"
         "from megatron.training.arguments import parse_args;"
         "from stquant_megatron.megatron import is_patched, config_from_args;"
-        "sys.argv=['pretrain_gpt.py','--stquant','--stquant-bits','5,3','--stquant-avg-bits','4.0'];"
-        "a=parse_args(); c=config_from_args(a); print('OK', is_patched(), c.bits, c.avg_bits)"
+        "sys.argv=['pretrain_gpt.py','--stquant','--stquant-bits','5,3','--stquant-block-size','64'];"
+        "a=parse_args(); c=config_from_args(a); print('OK', is_patched(), c.bits, c.avg_bits, c.block_size)"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.abspath("patches"), mcore])}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert "OK True (5, 3) 4.0" in out.stdout, out.stdout + out.stderr
+    assert "OK True (5, 3) None 64" in out.stdout, out.stdout + out.stderr
     script = tmp_path / "pretrain_stub.py"
     script.write_text(code.replace("sys.argv=[", "sys.argv=sys.argv[:1]+[").replace("'pretrain_gpt.py',", ""))
     env["PYTHONPATH"] = mcore
     out = subprocess.run([sys.executable, "-m", "stquant_megatron.launch", str(script)], capture_output=True,
                          text=True, timeout=300, env=env)  # fmt: skip
-    assert "OK True (5, 3) 4.0" in out.stdout, out.stdout + out.stderr
+    assert "OK True (5, 3) None 64" in out.stdout, out.stdout + out.stderr
 
 
 def test_decisions_reach_megatron_writers(monkeypatch, tmp_path):

@@ -7,16 +7,17 @@ AdamW update to the parameter, requantizes and packs. Temporaries are O(chunk), 
 fp32 moment tensor.
 
 Per chunk the work is one function, ``_adam_chunk``. Eagerly it runs as a sequence of PyTorch
-ops; ``compile=True`` fuses it with ``torch.compile`` (one graph per (bits, bits, rounding,
-stats) combination; shapes are dynamic, runtime scalars are tensors so nothing recompiles per
-step), bit-identical to eager. ``compile=None`` (the optimizer's default) compiles the units of at
-least one chunk on the CPU, where the one-time compile pays back within a few steps, and stays
-eager for small units and where compiling fails.
+ops; ``compile=True`` fuses it with ``torch.compile`` (one compiled function per (bits, bits,
+rounding, tail, stats, dtypes) variant, ``_compiled``; shapes are dynamic, runtime scalars are
+tensors so nothing recompiles per step), bit-identical to eager. ``compile=None`` (the optimizer's
+default) compiles the units of at least one chunk on the CPU, where the one-time compile pays back
+within a few steps, and stays eager for small units and where compiling fails.
 """
 
 from __future__ import annotations
 
 import functools
+import types
 import warnings
 
 import torch
@@ -337,13 +338,38 @@ def _factored_chunk(
     return p, pack_codes(m_codes, mcb.bits), m_scale, stats, nstats
 
 
+def _variant(x):
+    """What a compiled chunk function specializes on in argument ``x``: a tensor's dtype, device and
+    trailing sizes (the leading one, the chunk's blocks or the sampled rows, is dynamic), a
+    codebook's (kind, bits, signed), Python scalars and None themselves."""
+    if isinstance(x, torch.Tensor):
+        return (x.dtype, x.device.type, tuple(x.shape[1:]))
+    if isinstance(x, Codebook):
+        return (x.kind, x.bits, x.signed)
+    if isinstance(x, (tuple, list)):
+        return tuple(_variant(v) for v in x)
+    return x
+
+
 @functools.lru_cache(maxsize=None)
-def _compiled(fn):
-    return torch.compile(fn, dynamic=True, fullgraph=True)
+def _compiled(fn, variant):
+    """``fn`` compiled for one ``variant`` (``_variant`` of its arguments): widths, codebooks, dtypes,
+    rounding, tail, statistics. Dynamo keeps a function's graphs, and counts its recompiles against
+    ``torch._dynamo.config.recompile_limit`` (8), per code object; one shared ``fn`` would pass the
+    limit within a scheduled run (the width pairs alone are 49) and print a warning on every call of
+    every variant past it. So each variant compiles a copy of ``fn``'s code under a name of its own:
+    one graph per copy (a few at most, for dynamic sizes of 0 and 1), the same graph as before, the
+    same numbers. The number of variants is bounded by the widths, kinds and flags."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}__v{_compiled.cache_info().currsize}")
+    own = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    own.__kwdefaults__ = fn.__kwdefaults__
+    return torch.compile(own, dynamic=True, fullgraph=True)
 
 
 _COMPILE_FAILED: list[str] = []
 """The first torch.compile failure of this process (auto mode then stays eager)."""
+_EAGER_VARIANTS: set = set()
+"""(fn, variant) pairs that passed dynamo's recompile limit anyway: they run eager from then on."""
 
 
 def use_compile(compile: bool | None, numel: int, device: torch.device) -> bool:
@@ -356,12 +382,20 @@ def use_compile(compile: bool | None, numel: int, device: torch.device) -> bool:
 def _run_chunk(fn, compiled: bool, auto: bool, *args):
     if not compiled:
         return fn(*args)
+    variant = _variant(args)
+    if (fn, variant) in _EAGER_VARIANTS:
+        return fn(*args)
     try:
-        return _compiled(fn)(*args)
+        return _compiled(fn, variant)(*args)
     except Exception as e:  # no C++ toolchain, an unsupported torch, ...: auto mode falls back to eager
         if type(e).__name__ == "FailOnRecompileLimitHit":
-            # one variant (widths, tail, statistics) more than dynamo keeps per function: this one runs
-            # eager, the compiled ones stay in use
+            # not expected (one variant per compiled function): this variant runs eager from now on,
+            # with one line per process and function, instead of asking dynamo (and printing its
+            # warning) again on every call
+            if not any(f is fn for f, _ in _EAGER_VARIANTS):
+                warnings.warn(f"stquant: torch.compile of {fn.__name__} hit dynamo's recompile limit; such "
+                              "variants run eager", RuntimeWarning, stacklevel=4)  # fmt: skip
+            _EAGER_VARIANTS.add((fn, variant))
             return fn(*args)
         if not auto:
             raise

@@ -64,7 +64,11 @@ def add_stquant_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                    help="codebook kind of exp_avg_sq")
     g.add_argument("--stquant-exp-avg-sq-format", default=d.exp_avg_sq_format, choices=("auto", "factored", "packed"),
                    help="exp_avg_sq of matrices: row/column statistics (factored, ~0 bits, all-reduced over the "
-                        "data-parallel shards) or codes (packed); auto: factored where that takes fewer bytes")
+                        "data-parallel shards) or codes (packed); auto: the scheduler chooses per matrix from the "
+                        "measured error (fixed bits: factored where that takes fewer bytes)")
+    g.add_argument("--stquant-never-factor", nargs="*", default=list(d.never_factor), metavar="PATTERN",
+                   help="fnmatch patterns of parameter names (global layer numbers, e.g. "
+                        "'embedding.word_embeddings.weight') whose exp_avg_sq is never factored")
     g.add_argument("--stquant-backend", default=d.backend, choices=("auto", "torch", "triton"),
                    help="fused-step implementation: auto = Triton on CUDA, PyTorch elsewhere")
     g.add_argument("--stquant-compile", choices=("auto", "on", "off"), default="auto",
@@ -76,6 +80,15 @@ def config_from_args(args: argparse.Namespace) -> STQuantConfig | None:
     """The ``STQuantConfig`` the flags ask for, or None without ``--stquant``."""
     if not getattr(args, "stquant", False):
         return None
+    if args.stquant_bits is not None and args.stquant_avg_bits is not None:
+        bits = args.stquant_bits
+        bits = ",".join(map(str, bits)) if isinstance(bits, (tuple, list)) else str(bits)
+        raise ValueError(
+            f"--stquant-bits {bits} and --stquant-avg-bits {args.stquant_avg_bits:g} were both given; they are exclusive "
+            f"(with both, --stquant-bits would be ignored): pass --stquant-bits {bits} for fixed widths or "
+            f"--stquant-avg-bits {args.stquant_avg_bits:g} for the precision scheduler, not both (--stquant alone: "
+            f"scheduled at {DEFAULT_AVG_BITS} bits)"
+        )
     return STQuantConfig(
         bits=args.stquant_bits, block_size=args.stquant_block_size, min_numel=args.stquant_min_numel,
         stochastic_rounding=args.stquant_stochastic_rounding, seed=args.stquant_seed,
@@ -84,6 +97,7 @@ def config_from_args(args: argparse.Namespace) -> STQuantConfig | None:
         warmup_steps=args.stquant_warmup_steps, warmup_bits=args.stquant_warmup_bits,
         stats_steps=args.stquant_stats_steps, max_move=args.stquant_max_move, hysteresis=args.stquant_hysteresis,
         exp_avg_codebook=args.stquant_exp_avg_codebook, exp_avg_sq_codebook=args.stquant_exp_avg_sq_codebook,
+        never_factor=tuple(args.stquant_never_factor),
         exp_avg_sq_format=args.stquant_exp_avg_sq_format, backend=args.stquant_backend, compile={"auto": None, "on": True, "off": False}[args.stquant_compile],
         nonfinite="unchecked",  # Megatron checks grads itself; a per-rank raise would hang the others
     )  # fmt: skip
