@@ -1,5 +1,8 @@
 """Scheduler history -> heatmap (units x decisions, colour = bits) and a table.
 
+Width 0 is a factored exp_avg_sq (row and column statistics, ``exp_avg_sq_format="auto"``): "F" in
+the table, grey in the heatmap.
+
 The full history is the JSON-lines file a scheduler appends to, one line per decision
 (``optimizer.scheduler.history_path``; under Megatron-LM rank 0 keeps
 ``<--save>/stquant_history.jsonl``). Checkpoints and the in-memory scheduler keep the last few
@@ -65,7 +68,7 @@ def save_history(optimizer: Any, path: str) -> None:
 
 
 def table(hist: dict[str, Any], last: int = 6) -> str:
-    """Plain-text table: per unit, the bits at the last ``last`` decisions and its last error."""
+    """Plain-text table: per unit, the bits at the last ``last`` decisions (F: factored) and its last error."""
     names, rows = hist["names"], hist["history"]
     if not rows:
         return "(no decisions yet)"
@@ -74,7 +77,8 @@ def table(hist: dict[str, Any], last: int = 6) -> str:
     head = f"{'unit':{width}s} " + " ".join(f"{'@' + str(r['step']):>6s}" for r in shown) + "  last E"
     lines = [head, "-" * len(head)]
     for i, n in enumerate(names):
-        lines.append(f"{n:{width}s} " + " ".join(f"{r['bits'][i]:6d}" for r in shown) + f"  {shown[-1]['errors'][i]:.2e}")
+        cells = " ".join(f"{'F' if r['bits'][i] == 0 else r['bits'][i]:>6}" for r in shown)
+        lines.append(f"{n:{width}s} {cells}  {shown[-1]['errors'][i]:.2e}")
     lines.append(
         f"{'average bits (scales incl.)':{width}s} " + " ".join(f"{r['avg_bits']:6.2f}" for r in shown)
         + f"\n{'units moved':{width}s} " + " ".join(f"{r['moved']:6d}" for r in shown)
@@ -83,7 +87,7 @@ def table(hist: dict[str, Any], last: int = 6) -> str:
 
 
 def heatmap(hist: dict[str, Any], path: str, title: str = "STQuant bits per unit") -> str:
-    """Write a PNG heatmap: one row per unit, one column per decision, colour = bits."""
+    """Write a PNG heatmap: one row per unit, one column per decision, colour = bits (grey: factored)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,16 +97,20 @@ def heatmap(hist: dict[str, Any], path: str, title: str = "STQuant bits per unit
     names, rows = hist["names"], hist["history"]
     if not rows:
         raise ValueError("no decisions in the history: nothing to plot")
-    data = np.array([r["bits"] for r in rows]).T  # [units, decisions]
+    bits = np.array([r["bits"] for r in rows]).T  # [units, decisions]
+    data = np.where(bits == 0, 0, bits - 1)  # colour index: 0 = factored, 1..7 = 2..8 bits
     fig_h = max(3.0, 0.18 * len(names) + 1.5)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(rows) + 4), fig_h))
-    cmap = plt.get_cmap("viridis", 7)
-    im = ax.imshow(data, aspect="auto", cmap=cmap, vmin=1.5, vmax=8.5, interpolation="nearest")
+    from matplotlib.colors import ListedColormap
+
+    cmap = ListedColormap(["#b0b0b0", *plt.get_cmap("viridis", 7)(np.arange(7))])
+    im = ax.imshow(data, aspect="auto", cmap=cmap, vmin=-0.5, vmax=7.5, interpolation="nearest")
     ax.set_yticks(range(len(names)), [n if len(n) < 48 else "..." + n[-45:] for n in names], fontsize=6)
     ax.set_xticks(range(len(rows)), [str(r["step"]) for r in rows], fontsize=7, rotation=90)
     ax.set_xlabel("step of decision")
     ax.set_title(f"{title} (average {rows[-1]['avg_bits']:.2f} bits incl. scales)")
-    fig.colorbar(im, ax=ax, ticks=range(2, 9), label="bits")
+    bar = fig.colorbar(im, ax=ax, ticks=range(8), label="bits (F: factored exp_avg_sq)")
+    bar.ax.set_yticklabels(["F", *map(str, range(2, 9))])
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -205,3 +205,20 @@ def test_all_ranks_agree_on_formats():
     (bits0, local0), (bits1, local1) = run_distributed(_agree, 2, timeout=240)
     assert bits0 == bits1 and bits0[-1]["rank1.exp_avg_sq"] == 0
     assert local0 != local1  # each rank measured its own data: agreement comes from the all-reduce
+
+
+def test_report_and_heatmap_mark_factored_units(tmp_path):
+    from stquant_megatron.report import heatmap, history_of, table
+
+    _, opt, _ = _run(3.5, 16)
+    hist = history_of(opt)
+    text = table(hist)
+    row = next(line for line in text.splitlines() if line.startswith("rank1.exp_avg_sq"))
+    assert row.split()[-2] == "F", row  # factored at the last decision
+    noise = next(line for line in text.splitlines() if line.startswith("noise.exp_avg_sq"))
+    assert noise.split()[-2].isdigit(), noise
+    path = heatmap(hist, str(tmp_path / "bits.png"))
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(path)
+    assert img.shape[0] > 100  # a real image was drawn

@@ -553,3 +553,46 @@ def test_decisions_reach_megatron_writers(monkeypatch, tmp_path):
     assert got["stquant/avg_bits"] == (decision.avg_bits, 1) and "stquant/error/param0.exp_avg_sq" in got
     hist = history_of(str(tmp_path / "stquant_history.jsonl"))  # what `stquant-megatron report` reads
     assert hist["names"] == opt.scheduler.names and hist["history"][0]["step"] == 1
+
+
+AUTO = dict(avg_bits=2.5, exp_avg_sq_format="auto", warmup_steps=2, interval=2, stats_steps=2, min_numel=1024)
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)], ids=["dp2", "tp2", "pp2"])
+def test_scheduler_chooses_formats_and_every_rank_agrees(tp, pp):
+    """exp_avg_sq_format="auto" under Megatron (2 ranks: DP=2 with matrices cut between the ranks, TP=2,
+    PP=2): every rank takes the same decisions, formats included (0 = factored), some matrices are
+    factored, and each rank's states are in the format its decisions say (factored statistics of a
+    DP-sharded matrix all-reduced from both shards)."""
+    res = run_distributed(_run, 2, dict(tp=tp, pp=pp, config=AUTO, steps=6, bits_history=True, snapshot=True),
+                          timeout=600)  # fmt: skip
+    decisions = [r["decisions"] for r in res]
+    assert all(d == decisions[0] for d in decisions) and len(decisions[0][0]) == 3
+    final = decisions[0][0][-1]
+    assert any(b == 0 for b in final.values()) and any(b >= 2 for b in final.values()), final
+    for r in res:
+        held = r["bits"][0]
+        for unit, b in final.items():
+            if unit in held:
+                assert held[unit] == b, (unit, held[unit], b)
+        assert r["avg_bits"][0] <= AUTO["avg_bits"] + 1e-9
+    if tp == 1 and pp == 1:
+        assert sum(r["sharded"] for r in res) > 0  # a factored matrix cut between the DP ranks
+
+
+@pytest.mark.parametrize("fmt", ["dp_reshardable", "torch"])
+def test_resume_across_a_format_switch(fmt, tmp_path):
+    """Saved after the scheduler factored some matrices (dense moments on disk, as every checkpoint
+    today): reloading restores the formats, codes and params exactly, the statistics to rounding (they
+    are rebuilt from every rank's dense shard), and the run continues as one that never stopped."""
+    straight = run_distributed(_run, 2, dict(config=AUTO, steps=7), timeout=600)
+    spec = dict(config=AUTO, steps=5, save=str(tmp_path / fmt), fmt=fmt, reload_same=True, more=2, bits_history=True)
+    for r in run_distributed(_run, 2, spec, timeout=600):
+        before, after = r["before"], r["after"]
+        assert before.keys() == after.keys() and any(k.endswith(".row") for k in before)
+        for k in before:
+            if k.endswith((".row", ".col")):
+                torch.testing.assert_close(after[k], before[k], rtol=1e-5, atol=0, msg=k)
+            else:
+                assert torch.equal(before[k], after[k]), k
+        assert _close(r["continued"], straight[0]["losses"][5:], 1e-4), (r["continued"], straight[0]["losses"])
