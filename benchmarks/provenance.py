@@ -43,6 +43,9 @@ DEPS: dict[str, list[str]] = {
     "frontier-peers": ["benchmarks/frontier.py", "benchmarks/quality.py", "stquant_megatron/testing/data.py"],
     # the frontier's own runs: the same plus the optimizer
     "frontier": _OPTIMIZER + ["benchmarks/frontier.py", "benchmarks/quality.py", "stquant_megatron/testing/data.py"],
+    # the factoring signal on the frontier's model
+    "factoring_signal": _OPTIMIZER + ["benchmarks/frontier.py", "benchmarks/quality.py",
+                                      "stquant_megatron/testing/data.py", "benchmarks/factoring_signal.py"],
     # the quality benchmark (Megatron GPT through the seams, digits ViT standalone)
     "quality": ["stquant_megatron/**", "!stquant_megatron/cli.py", "!stquant_megatron/report.py",
                 "benchmarks/quality.py", *_TRITON],  # fmt: skip
