@@ -167,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
                          "preempted threads and the timings scatter)")  # fmt: skip
     ap.add_argument("--avg-bits", type=float, default=DEFAULT_AVG_BITS,
                     help=f"scheduler budget (default {DEFAULT_AVG_BITS}: STQuantConfig()'s)")
+    ap.add_argument("--exp-avg-sq-format", choices=("packed", "auto"), default=STQuantConfig().exp_avg_sq_format,
+                    help="auto: the scheduler also chooses factored or packed per matrix (its probe measures the "
+                         "factored estimate's error on the probe step); default: STQuantConfig's")
     ap.add_argument("--interval", type=int, default=100, help="steps between decisions (default 100)")
     ap.add_argument("--stats-steps", type=int, default=STQuantConfig().stats_steps, help="default: STQuantConfig's")
     ap.add_argument("--seed", type=int, default=0)
@@ -191,16 +194,17 @@ def main(argv: list[str] | None = None) -> int:
         params.append((name, p))
     cfg = STQuantConfig(
         avg_bits=args.avg_bits, interval=args.interval, stats_steps=args.stats_steps, warmup_steps=args.interval,
-        backend="torch",
+        backend="torch", exp_avg_sq_format=args.exp_avg_sq_format,
     )  # fmt: skip
     bench = Bench(params, cfg)
     opt, sched = bench.opt, bench.sched
-    n_units = sum(1 for _ in opt._packed_units())
+    n_units = sum(1 for _ in opt._scheduled_units())
     print(
         f"parameters: {n_params:,} in {len(shapes)} tensors (vocab {vocab}, hidden {hidden}, layers {layers}); "
         f"{n_units} scheduled units (tensors >= {cfg.min_numel} elements x 2 moments)\n"
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), backend torch (CPU fused step); "
-        f"avg_bits {cfg.avg_bits}, interval {cfg.interval}, stats_steps {cfg.stats_steps}, "
+        f"avg_bits {cfg.avg_bits}, exp_avg_sq_format {cfg.exp_avg_sq_format}, interval {cfg.interval}, "
+        f"stats_steps {cfg.stats_steps}, "
         f"warmup_bits {cfg.warmup_bits}, max_move {cfg.max_move}, hysteresis {cfg.hysteresis}\n"
         f"{rounds} timed windows of {cfg.stats_steps} plain + {cfg.stats_steps} statistics steps and a decision; "
         f"{reps} first decisions",
