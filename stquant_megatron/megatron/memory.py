@@ -243,8 +243,8 @@ def _moment_bits(bits, avg_bits, block_size: int, scale_dtype: str) -> tuple[flo
         avg = DEFAULT_AVG_BITS if avg_bits is None else float(avg_bits)
         if avg <= 0:
             raise ValueError("--stquant-avg-bits must be positive")
-        how = f"scheduled, avg_bits={avg:g} (the budget bounds the peak; scale bits included)"
-        return avg, avg, how + (" (the default config)" if avg_bits is None else "")
+        how = f"scheduled, avg_bits={avg:g}" + (" (the default config)" if avg_bits is None else "")
+        return avg, avg, how + ": the budget, scale bits included, bounds the peak"
     pair = bits if isinstance(bits, (tuple, list)) else (bits, bits)
     if len(pair) != 2 or not all(2 <= int(b) <= 8 for b in pair):
         raise ValueError(f"--stquant-bits {bits!r}: N or M,V with widths in 2..8")
