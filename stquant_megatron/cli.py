@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,7 +15,14 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--last", type=int, default=6, help="decisions shown in the table")
     flags = sub.add_parser("flags", help="the --stquant-* flag table (Markdown), or rewrite it in files")
     flags.add_argument("--write", nargs="+", metavar="FILE", help="files whose flags block is regenerated")
+    mem = sub.add_parser("memory", help="per-GPU memory and checkpoint bytes, stock Megatron vs STQuant",
+                         description="Per-GPU memory (the busiest rank) and checkpoint bytes of a Megatron GPT "
+                                     "run, stock against STQuant; Megatron-LM's flag names. See "
+                                     "stquant_megatron/megatron/memory.py for what is modelled.")
+    _memory_args(mem)
     args = ap.parse_args(argv)
+    if args.cmd == "memory":
+        return _memory(args)
     if args.cmd == "flags":
         from .megatron.args import write_flag_blocks, flag_table
 
@@ -29,6 +37,73 @@ def main(argv: list[str] | None = None) -> int:
     hist = history_of(args.source)
     print(table(hist, args.last))
     print(f"heatmap: {heatmap(hist, args.out)}")
+    return 0
+
+
+def _memory_args(p: argparse.ArgumentParser) -> None:
+    from .megatron.args import _bits
+
+    m = p.add_argument_group("model (a count, or the shape of a GPT)")
+    m.add_argument("--num-parameters", help="parameter count, e.g. 7e9, 70B, 350M (without a shape)")
+    m.add_argument("--num-layers", type=int)
+    m.add_argument("--hidden-size", type=int)
+    m.add_argument("--ffn-hidden-size", type=int, help="default: 4h, or int(8h/3/64)*64 with --swiglu")
+    m.add_argument("--num-attention-heads", type=int)
+    m.add_argument("--num-query-groups", type=int, help="grouped-query attention (default: one per head)")
+    m.add_argument("--group-query-attention", action="store_true", help="accepted; --num-query-groups decides")
+    m.add_argument("--kv-channels", type=int, help="default: hidden / heads")
+    m.add_argument("--vocab-size", type=int, help="tokenizer vocabulary, padded like Megatron-LM")
+    m.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    m.add_argument("--seq-length", type=int)
+    m.add_argument("--max-position-embeddings", type=int, help="default: --seq-length")
+    m.add_argument("--position-embedding-type", choices=("learned_absolute", "rope", "none"),
+                   default="learned_absolute")
+    m.add_argument("--normalization", choices=("LayerNorm", "RMSNorm"), default="LayerNorm")
+    m.add_argument("--swiglu", action="store_true")
+    m.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    m.add_argument("--disable-bias-linear", action="store_true")
+    m.add_argument("--add-qkv-bias", action="store_true")
+    m.add_argument("--qk-layernorm", action="store_true")
+    m.add_argument("--num-experts", type=int, help="MoE: experts per layer (every layer)")
+    m.add_argument("--moe-ffn-hidden-size", type=int, help="default: --ffn-hidden-size")
+    q = p.add_argument_group("parallelism and precision")
+    q.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    q.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    q.add_argument("--data-parallel-size", type=int, help="default: --world-size / (TP x PP), else 1")
+    q.add_argument("--world-size", type=int)
+    q.add_argument("--expert-model-parallel-size", type=int, default=1)
+    prec = q.add_mutually_exclusive_group()
+    prec.add_argument("--bf16", action="store_true")
+    prec.add_argument("--fp16", action="store_true")
+    q.add_argument("--grad-reduce-in-bf16", action="store_true")
+    q.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true", help="with --fp16")
+    s = p.add_argument_group("STQuant (the --stquant-* launch flags)")
+    bits = s.add_mutually_exclusive_group()
+    bits.add_argument("--stquant-bits", type=_bits, metavar="N or M,V", help="fixed widths (default: scheduled)")
+    bits.add_argument("--stquant-avg-bits", type=float, help="scheduler budget (default: the default config's)")
+    s.add_argument("--stquant-block-size", type=int, default=128)
+    s.add_argument("--stquant-scale-dtype", choices=("fp32", "bf16"), default="fp32")
+    s.add_argument("--stquant-min-numel", type=int, default=4096,
+                   help="tensors under it keep fp32 moments (needs the shape; ignored with --num-parameters)")
+    s.add_argument("--stquant-exp-avg-sq-format", choices=("packed", "factored"), default="packed")
+    p.add_argument("--json", action="store_true", help="print the estimate as JSON")
+
+
+def _memory(args: argparse.Namespace) -> int:
+    import json
+
+    from .megatron.memory import estimate, format_table
+
+    kw = {k: v for k, v in vars(args).items() if k not in ("cmd", "json", "bf16", "fp16", "group_query_attention",
+                                                         "disable_bias_linear")}
+    kw["add_bias_linear"] = not args.disable_bias_linear
+    kw["precision"] = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    try:
+        est = estimate(**kw)
+    except ValueError as e:
+        print(f"stquant-megatron memory: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(est, indent=1) if args.json else format_table(est))
     return 0
 
 
