@@ -321,6 +321,45 @@ def test_moe_ep2_dense_and_expert_optimizers_pack_agree_and_resume(tmp_path):
           f"wall straight {straight.wall_s:.1f} s, resumed {resumed.wall_s:.1f} s")  # fmt: skip
 
 
+AUTO = ["--stquant-avg-bits", "2.5", "--stquant-exp-avg-sq-format", "auto", "--stquant-warmup-steps", "2",
+        "--stquant-interval", "2", "--stquant-stats-steps", "1", "--stquant-min-numel", "1024"]  # fmt: skip
+
+
+@pytest.mark.megatron
+@pytest.mark.megatron_lm
+def test_moe_ep2_format_choice_agrees_and_resumes(tmp_path):
+    """``--stquant-exp-avg-sq-format auto`` through ``pretrain_gpt.py`` with 4 experts, EP=2: the dense and
+    the expert optimizer each choose formats (0 = factored) for all their units, every rank holds the
+    shared decision, and a torch_dist resume continues the saving job (factored statistics rebuilt from the
+    dense checkpoint: to rounding)."""
+    ck = str(tmp_path / "ckpt")
+    base = gpt_args(iters=ITERS) + MOE + ["--stquant", *AUTO, "--ckpt-format", "torch_dist"]
+    straight = run_megatron_lm("pretrain_gpt.py", base + ["--save", ck, "--save-interval", "3"], route="launch",
+                               workdir=str(tmp_path / "straight"))  # fmt: skip
+    resumed = run_megatron_lm("pretrain_gpt.py", base + ["--load", ck, "--ckpt-step", "3"], route="launch",
+                              workdir=str(tmp_path / "resumed"))  # fmt: skip
+    _check_packed(straight, 0.2, 1.3)
+    factored = 0
+    for k, kind in enumerate(("dense", "expert")):
+        opts = [r["optimizers"][k] for r in straight.records]
+        sched = opts[0]["scheduler_bits"]
+        assert opts[1]["scheduler_bits"] == sched, kind
+        for o in opts:  # every rank's units sit at the shared decision's widths and formats
+            assert all(sched[u] == b for u, b in o["bits"].items() if b != 32), (kind, o["bits"])
+        assert opts[0]["avg_bits"] <= 2.5 + 1e-9, (kind, opts[0]["avg_bits"])
+        factored += sum(b == 0 for b in sched.values())
+    assert factored > 0, "no unit was factored"
+    assert resumed.iterations() == [4, 5, 6]
+    # the first resumed loss on the restored params exactly; then the statistics' rounding (~1e-7) is
+    # amplified by 2-bit codes that flip: observed 2e-6 and 8e-5 relative on the next two iterations
+    assert resumed.losses()[0] == straight.losses()[3], (resumed.losses(), straight.losses())
+    assert _rel_close(resumed.losses(), straight.losses()[3:], 5e-4), (resumed.losses(), straight.losses())
+    assert [o["scheduler_bits"] for r in resumed.records for o in r["optimizers"]] == \
+        [o["scheduler_bits"] for r in straight.records for o in r["optimizers"]]  # fmt: skip
+    print(f"MoE EP=2 auto: {straight.bytes_per_param():.3f} B/param, {factored} factored units, losses "
+          f"{straight.losses()}")
+
+
 # ---------------------------------------------------------------------------------------------- VLM
 @pytest.mark.megatron
 @pytest.mark.megatron_lm
