@@ -566,6 +566,21 @@ def _spearman(a: list[float], b: list[float]) -> float | None:
     return 1 - 6 * sum((ra[i] - rb[i]) ** 2 for i in range(n)) / (n * (n * n - 1))
 
 
+def _class_sizes(setup: dict) -> dict[str, int]:
+    """Elements per matrix class of the frontier model at ``setup`` (benchmarks/frontier.py's ByteGPT)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from factoring_signal import matrix_class
+    from frontier import ByteGPT, Setup
+
+    model = ByteGPT(Setup(**{k: v for k, v in setup.items() if k in Setup.__dataclass_fields__ and k != "seeds"}))
+    out: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        cls = matrix_class(f"{name}.exp_avg_sq") if p.ndim == 2 else None
+        if cls is not None:
+            out[cls] = out.get(cls, 0) + p.numel()
+    return out
+
+
 def ablation_block(path: str) -> str:
     """Where factoring costs: 4-bit exp_avg with every matrix's exp_avg_sq factored (f4) against the same
     with one class of matrices kept packed (f4-keep-<class>), paired by seed; beside it the probe's
@@ -607,7 +622,15 @@ def ablation_block(path: str) -> str:
         std = f" ± {r['ratio_std']:.4f}" if r.get("ratio_std") is not None else ""
         lines.append(f"| {label}{'' if _row_fresh(r, runs) else ' †'} | {','.join(map(str, r['seeds']))} | "
                      f"{r['peak_state_bytes_per_param']:.3f} | {r['ratio_mean']:.4f}{std} | {rec} | {e_f} |")
-    lines += ["", f"- Command: `{meta['command']}`; {meta.get('hardware', '?')}. Same model, data and set-up as the "
+    full = max(len(r["seeds"]) for r in rows)
+    for peak, ratio in FRONTIER_TARGETS[:1]:
+        ok = [r for r in rows if r["family"] == "stq" and r["peak_state_bytes_per_param"] <= peak
+              and r["ratio_mean"] <= ratio and max(r["ratios"]) <= 2 * ratio - 1 and len(r["seeds"]) == full]
+        lines += ["", f"- Target peak <= {peak} B/param at mean ratio <= {ratio}, every seed <= {2 * ratio - 1:g}: "
+                  + ("**met** by " + "; ".join(f"{r['label']} ({r['peak_state_bytes_per_param']:.3f} B/param, "
+                                                f"{r['ratio_mean']:.4f}, worst seed {max(r['ratios']):.4f})" for r in ok)
+                     if ok else f"**not met** by any row with {full} seeds")]  # fmt: skip
+    lines += [f"- Command: `{meta['command']}`; {meta.get('hardware', '?')}. Same model, data and set-up as the "
               "frontier table; fp32 AdamW is the same runs. \"recovered\": per seed, f4's ratio minus the row's "
               "(positive: keeping that class packed recovers loss), mean ± standard deviation over seeds.",
               _stale_note(rows, runs)]  # fmt: skip
@@ -623,6 +646,13 @@ def ablation_block(path: str) -> str:
             order_s = " > ".join(p[2] for p in sorted(points, key=lambda p: -p[1]))
             lines.append(f"- Ranking: the ablation orders the classes by loss recovered {order_a}; the probe's E_F "
                          f"orders them {order_s}; Spearman rank correlation {rho:+.2f} over {len(points)} classes.")
+            sizes = _class_sizes(s_)
+            if sizes:  # what the allocation weighs: elements x E_F, summed over the class
+                weighted = [(p[0], sizes[p[2]] * p[1], p[2]) for p in points if p[2] in sizes]
+                rho_w = _spearman([p[0] for p in weighted], [p[1] for p in weighted])
+                order_w = " > ".join(p[2] for p in sorted(weighted, key=lambda p: -p[1]))
+                lines.append(f"- Weighted as the allocation weighs it (the class's elements x E_F): {order_w}; "
+                             f"Spearman against the ablation {rho_w:+.2f}.")
     lines.append(ABLATION_END)
     return "\n".join(lines)
 
