@@ -146,7 +146,7 @@ def test_gpt_dp2_stquant8_launch_tracks_stock(precision, tmp_path, tmp_path_fact
         pytest.param("fixed4", "bf16", "launch", ["--stquant-bits", "4", *PACKED], marks=megatron_lm),
         pytest.param("sched4", "fp32", "patches", SCHED, marks=megatron_lm),
         # scheduled 4.0 bits (the default) with the matrices' exp_avg_sq factored
-        pytest.param("factored", "bf16", "launch", ["--stquant-exp-avg-sq-format", "auto"], marks=megatron_lm),
+        pytest.param("factored", "bf16", "launch", ["--stquant-exp-avg-sq-format", "factored"], marks=megatron_lm),
     ],
 )
 def test_gpt_save_resume_is_exact(name, precision, route, flags, tmp_path, tmp_path_factory):
@@ -208,7 +208,7 @@ def test_gpt_save_resume_is_exact(name, precision, route, flags, tmp_path, tmp_p
         pytest.param("pp2-sched", dict(pp=2), "patches", SCHED, TOL_4BIT, (0.8, 1.3), marks=megatron_lm),
         # TP=2 (DP=1), scheduled (the default) with matrices' exp_avg_sq factored per TP shard (the DP=2
         # runs of test_gpt_save_resume_is_exact all-reduce them over data-parallel shards)
-        pytest.param("tp2-factored", dict(tp=2, gbs=2), "launch", ["--stquant-exp-avg-sq-format", "auto"], TOL_4BIT,
+        pytest.param("tp2-factored", dict(tp=2, gbs=2), "launch", ["--stquant-exp-avg-sq-format", "factored"], TOL_4BIT,
                      (0.5, 1.3), marks=megatron_lm),
     ],
 )  # fmt: skip
