@@ -358,6 +358,17 @@ def test_factored_statistics_are_all_reduced_over_data_parallel_shards(tp, world
     assert _close(dp2[0]["losses"], dp1[0]["losses"], 1e-4), (dp2[0]["losses"], dp1[0]["losses"])
 
 
+def _check_factored_reload(before, after):
+    """A reload of a checkpoint holding factored matrices: the same states (some factored), codes and
+    params exactly, row/column statistics to rounding (rebuilt from every rank's dense shard)."""
+    assert before.keys() == after.keys() and any(k.endswith(".row") for k in before)
+    for k in before:
+        if k.endswith((".row", ".col")):
+            torch.testing.assert_close(after[k], before[k], rtol=1e-5, atol=0, msg=k)
+        else:
+            assert torch.equal(before[k], after[k]), k
+
+
 @pytest.mark.parametrize("fmt", ["dp_reshardable", "torch"])
 def test_factored_checkpoint_round_trip_and_resume(fmt, tmp_path):
     """Checkpoints hold the dense estimate (stock-compatible); reloading rebuilds each matrix's
@@ -366,13 +377,7 @@ def test_factored_checkpoint_round_trip_and_resume(fmt, tmp_path):
     straight = run_distributed(_run, 2, dict(config=FACT, steps=5), timeout=400)
     spec = dict(config=FACT, steps=3, save=str(tmp_path / fmt), fmt=fmt, reload_same=True, more=2)
     for r in run_distributed(_run, 2, spec, timeout=400):
-        before, after = r["before"], r["after"]
-        assert before.keys() == after.keys() and any(k.endswith(".row") for k in before)
-        for k in before:
-            if k.endswith((".row", ".col")):
-                torch.testing.assert_close(after[k], before[k], rtol=1e-5, atol=0, msg=k)
-            else:
-                assert torch.equal(before[k], after[k]), k
+        _check_factored_reload(r["before"], r["after"])
         assert _close(r["continued"], straight[0]["losses"][3:], 1e-4), (r["continued"], straight[0]["losses"])
 
 
@@ -588,11 +593,5 @@ def test_resume_across_a_format_switch(fmt, tmp_path):
     straight = run_distributed(_run, 2, dict(config=AUTO, steps=7), timeout=600)
     spec = dict(config=AUTO, steps=5, save=str(tmp_path / fmt), fmt=fmt, reload_same=True, more=2, bits_history=True)
     for r in run_distributed(_run, 2, spec, timeout=600):
-        before, after = r["before"], r["after"]
-        assert before.keys() == after.keys() and any(k.endswith(".row") for k in before)
-        for k in before:
-            if k.endswith((".row", ".col")):
-                torch.testing.assert_close(after[k], before[k], rtol=1e-5, atol=0, msg=k)
-            else:
-                assert torch.equal(before[k], after[k]), k
+        _check_factored_reload(r["before"], r["after"])
         assert _close(r["continued"], straight[0]["losses"][5:], 1e-4), (r["continued"], straight[0]["losses"])
