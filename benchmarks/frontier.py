@@ -141,8 +141,14 @@ def specs(steps: int) -> list[Spec]:
         out.append(Spec(f"auto-avg{avg}", f"ours scheduled {avg}, format chosen per unit", "stq",
                         dict(avg_bits=avg, exp_avg_sq_format="auto", **sched), default=False))  # fmt: skip
     # stochastic rounding below 4 bits (nearest rounding may swallow the EMAs' small updates)
-    out.append(Spec("avg3.0-sr", "ours scheduled 3.0, stochastic rounding", "stq",
-                    dict(avg_bits=3.0, stochastic_rounding=True, **packed, **sched), default=False))  # fmt: skip
+    sr = dict(stochastic_rounding=True)
+    for avg in (3.0, 2.75, 2.5):
+        out.append(Spec(f"avg{avg}-sr", f"ours scheduled {avg}, stochastic rounding", "stq",
+                        dict(avg_bits=avg, **sr, **packed, **sched), default=False))  # fmt: skip
+    out.append(Spec("f4-sr", "ours 4-bit exp_avg, factored exp_avg_sq, stochastic rounding", "stq",
+                    dict(bits=4, **fact, **sr), default=False))  # fmt: skip
+    out.append(Spec("auto-avg2.75-sr", "ours scheduled 2.75, format chosen per unit, stochastic rounding", "stq",
+                    dict(avg_bits=2.75, exp_avg_sq_format="auto", **sr, **sched), default=False))  # fmt: skip
     return out
 
 
