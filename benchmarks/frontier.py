@@ -104,7 +104,8 @@ def specs(steps: int) -> list[Spec]:
     """The compared configurations; scheduled runs' warm-up and interval scale with the run length."""
     sched = dict(warmup_steps=max(1, round(0.10 * steps)), interval=max(4, round(0.075 * steps)))
     sched["stats_steps"] = min(4, sched["interval"])
-    packed = dict(exp_avg_sq_format="packed")
+    # the specs name their rounding: scheduled runs round stochastically by default (STQuantConfig)
+    packed = dict(exp_avg_sq_format="packed", stochastic_rounding=False)
     lean = dict(scale_dtype="bf16", block_size=256, **packed)  # 1/16 scale bit per element instead of 1/4
     out = [
         Spec("adamw", "fp32 AdamW", "torch"),
@@ -119,11 +120,11 @@ def specs(steps: int) -> list[Spec]:
         Spec("stq4", "ours fixed 4-bit", "stq", dict(bits=4, **packed)),
     ]
     for avg in (4.0, 3.5, 3.0, 2.5):
-        out.append(Spec(f"avg{avg}", f"ours scheduled {avg}", "stq", dict(avg_bits=avg, **packed, **sched)))
+        out.append(Spec(f"avg{avg}", f"ours scheduled {avg}, nearest rounding", "stq", dict(avg_bits=avg, **packed, **sched)))
     for avg in (3.0, 2.5):
-        out.append(Spec(f"avg{avg}-lean", f"ours scheduled {avg}, bf16 scales, block 256", "stq",
+        out.append(Spec(f"avg{avg}-lean", f"ours scheduled {avg}, nearest, bf16 scales, block 256", "stq",
                         dict(avg_bits=avg, **lean, **sched), default=False))  # fmt: skip
-    fact = dict(exp_avg_sq_format="factored")  # matrices' exp_avg_sq as row/column statistics (~0 bits)
+    fact = dict(exp_avg_sq_format="factored", stochastic_rounding=False)  # matrices' exp_avg_sq as row/column statistics (~0 bits)
     out.append(Spec("f4", "ours 4-bit exp_avg, factored exp_avg_sq", "stq", dict(bits=4, **fact)))
     # Ablation: which matrices carry factoring's cost? 4-bit exp_avg, every matrix's exp_avg_sq factored
     # except one class, which stays packed at 4 bits (``never_factor``); compare with f4 (all factored)
@@ -133,20 +134,21 @@ def specs(steps: int) -> list[Spec]:
         out.append(Spec(f"f4-keep-{cls}", f"ours 4-bit, factored exp_avg_sq except {cls}", "stq",
                         dict(bits=4, **fact, never_factor=[pat]), default=False))  # fmt: skip
     for avg in (5.5, 4.0, 3.0):
-        out.append(Spec(f"f-avg{avg}", f"ours scheduled {avg} exp_avg, factored exp_avg_sq", "stq",
+        out.append(Spec(f"f-avg{avg}", f"ours scheduled {avg} exp_avg (nearest), factored exp_avg_sq", "stq",
                         dict(avg_bits=avg, **fact, **sched), default=avg != 3.0))  # fmt: skip
     # The format as a precision decision: exp_avg_sq_format="auto" lets the scheduler choose, per matrix,
     # a factored exp_avg_sq (~0 bits) or packed codes, from the measured error, within the budget.
     for avg in (3.0, 2.75, 2.5):
-        out.append(Spec(f"auto-avg{avg}", f"ours scheduled {avg}, format chosen per unit", "stq",
-                        dict(avg_bits=avg, exp_avg_sq_format="auto", **sched), default=False))  # fmt: skip
+        out.append(Spec(f"auto-avg{avg}", f"ours scheduled {avg} (nearest), format chosen per unit", "stq",
+                        dict(avg_bits=avg, exp_avg_sq_format="auto", stochastic_rounding=False, **sched), default=False))  # fmt: skip
     # stochastic rounding below 4 bits (nearest rounding may swallow the EMAs' small updates)
     sr = dict(stochastic_rounding=True)
+    packed_sr, fact_sr = {**packed, **sr}, {**fact, **sr}
     for avg in (3.0, 2.75, 2.5):
         out.append(Spec(f"avg{avg}-sr", f"ours scheduled {avg}, stochastic rounding", "stq",
-                        dict(avg_bits=avg, **sr, **packed, **sched), default=False))  # fmt: skip
+                        dict(avg_bits=avg, **packed_sr, **sched), default=False))  # fmt: skip
     out.append(Spec("f4-sr", "ours 4-bit exp_avg, factored exp_avg_sq, stochastic rounding", "stq",
-                    dict(bits=4, **fact, **sr), default=False))  # fmt: skip
+                    dict(bits=4, **fact_sr), default=False))  # fmt: skip
     out.append(Spec("auto-avg2.75-sr", "ours scheduled 2.75, format chosen per unit, stochastic rounding", "stq",
                     dict(avg_bits=2.75, exp_avg_sq_format="auto", **sr, **sched), default=False))  # fmt: skip
     return out
@@ -266,10 +268,10 @@ def run_one(spec: Spec, s: Setup, seed: int, progress: bool, threads: int) -> di
 
 # ----------------------------------------------------------------------------------- run log
 def _norm(family: str, config: dict) -> str:
-    """A configuration's identity; ours spell out the exp_avg_sq format (runs logged before the format
-    existed were packed)."""
-    if family == "stq":
-        config = {"exp_avg_sq_format": "packed", **config}
+    """A configuration's identity; ours spell out the exp_avg_sq format and the rounding (runs logged
+    before the format existed were packed; before rounding followed the scheduler, nearest)."""
+    if family == "stq" and config:  # {}: exactly STQuantConfig(), whatever it is at the run's commit
+        config = {"exp_avg_sq_format": "packed", "stochastic_rounding": False, **config}
     return json.dumps([family, config], sort_keys=True)
 
 

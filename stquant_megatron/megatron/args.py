@@ -34,8 +34,9 @@ def add_stquant_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                    help="elements sharing one scale: a power of two in 32..2048")
     g.add_argument("--stquant-min-numel", type=int, default=d.min_numel,
                    help="smaller tensors (norms, biases) keep fp32 moments")
-    g.add_argument("--stquant-stochastic-rounding", action="store_true",
-                   help="round codes stochastically, reproducibly from (seed, step, unit, element)")
+    g.add_argument("--stquant-stochastic-rounding", action=argparse.BooleanOptionalAction, default=None,
+                   help="round codes stochastically, reproducibly from (seed, step, unit, element); unset: "
+                        "stochastic when scheduled, nearest with --stquant-bits")
     g.add_argument("--stquant-seed", type=int, default=d.seed, help="seed of stochastic rounding")
     g.add_argument("--stquant-scale-dtype", choices=("fp32", "bf16"), default=d.scale_dtype,
                    help="storage type of the block scales")
