@@ -27,14 +27,15 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The optimizer itself: everything under stquant_megatron/ except the Megatron seams, the test-only
-# harness and the command-line front ends (which change no number of a standalone run), and the Triton
+# harness, the command-line front ends and checkpoint I/O (which change no number of a standalone
+# training run: the benchmarks here never save or load), and the Triton
 # kernels: every benchmark here except gpu_compile/gpu_step/gpu_day measures on the CPU, where the step
 # is the PyTorch twin (kernels/torch_adam.py; the kernels are bit-identical to it, tests/test_kernels.py
 # and tests/test_gpu_parity.py) and the Triton files never run.
 _TRITON = ["!stquant_megatron/kernels/triton_adam.py", "!stquant_megatron/kernels/triton_factored.py"]
 _OPTIMIZER = ["stquant_megatron/**", "!stquant_megatron/megatron/**", "!stquant_megatron/testing/**",
               "!stquant_megatron/cli.py", "!stquant_megatron/report.py", "!stquant_megatron/launch.py",
-              *_TRITON]  # fmt: skip
+              "!stquant_megatron/checkpoint.py", *_TRITON]  # fmt: skip
 DEPS: dict[str, list[str]] = {
     "optimizer": _OPTIMIZER,
     # the step benchmark: the optimizer and the script

@@ -7,7 +7,6 @@ fused pass per parameter (``kernels``): unpack, dequantize, update, requantize, 
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import logging
 import math
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from . import checkpoint
 from .config import MOMENTS, STQuantConfig
 from .kernels import get_factored_step_fn, get_group_step_fn, rng_key, step_scalars, unit_id
 from .kernels.common import GroupEntry, launch_shape, sampled_programs
@@ -27,14 +27,12 @@ from .kernels.torch_adam import (
     factored_ema,
     factored_partial_sums,
     matrix_partial_sums,
-    torch_factored_adam_step,
 )
 from .scheduler import PrecisionScheduler
-from .state import _SCALE_DTYPES, QUANTIZED_STATES, FactoredState, PackedState, state_from_dict
+from .state import _SCALE_DTYPES, QUANTIZED_STATES, FactoredState, PackedState
 
 log = logging.getLogger("stquant_megatron")
 
-STATE_FORMAT_VERSION = 1
 
 
 def _codebook(cfg: STQuantConfig, moment: str, bits: int, device: torch.device):
@@ -277,7 +275,13 @@ class STQuantAdamW(torch.optim.Optimizer):
         return slot[1:] if slot is not None else None
 
     def init_state(self, param: torch.Tensor | None = None) -> None:
-        """Create the (zero) state of ``param``, or of every parameter, now rather than at the first step."""
+        """Create the (zero) state of ``param``, or of every parameter, now rather than at the first step.
+        With the scheduler, ``init_state()`` (every parameter) first agrees on the units and their widths,
+        a collective over the process group (every rank calls it), so the state is created at the widths
+        the first step uses and is not re-coded then."""
+        sched = self.scheduler
+        if param is None and sched is not None and (sched.numel is None or self._units_changed):
+            self._setup_scheduler()
         for _, p in self._params() if param is None else [(None, param)]:
             if not self.state[p]:
                 self._init_state(p)
@@ -758,184 +762,16 @@ class STQuantAdamW(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Like ``torch.optim`` state dicts; packed moments become dicts of tensors and plain values."""
-        sd = super().state_dict()
-        sd["state"] = {
-            k: {key: (v.to_dict() if isinstance(v, QUANTIZED_STATES) else v) for key, v in st.items()}
-            for k, st in sd["state"].items()
-        }
-        sd["stquant"] = {
-            "format_version": STATE_FORMAT_VERSION, "config": self.config.to_dict(), "global_step": self.global_step,
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-        }  # fmt: skip
-        return sd
+        """Like ``torch.optim`` state dicts; packed moments become dicts of tensors and plain values
+        (``stquant_megatron.checkpoint``)."""
+        return checkpoint.state_dict(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of this optimizer, or of ``torch.optim.AdamW`` / ``Adam`` (dense moments
-        are quantized).
-
-        Widths: the config and the scheduler decide. Packed moments whose width, block size, scale
-        type or codebook differ from what this optimizer would use are re-coded to it (one warning
-        says how many); with the scheduler, a checkpoint's own scheduler entry sets the widths.
-        Everything is validated first; on any error nothing has changed."""
-        meta = state_dict.get("stquant")
-        if meta is not None and meta.get("format_version") != STATE_FORMAT_VERSION:
-            raise ValueError(
-                f"checkpoint has stquant format_version={meta.get('format_version')!r}; this version reads "
-                f"{STATE_FORMAT_VERSION}. Load it with the stquant-megatron version that wrote it"
-            )
-        groups, saved_groups = self.param_groups, state_dict.get("param_groups", [])
-        if len(groups) != len(saved_groups) or any(
-            len(a["params"]) != len(b["params"]) for a, b in zip(groups, saved_groups)
-        ):
-            raise ValueError(
-                f"checkpoint has {len(saved_groups)} param groups of sizes {[len(g['params']) for g in saved_groups]}, "
-                f"this optimizer {len(groups)} of sizes {[len(g['params']) for g in groups]}: build the optimizer "
-                "over the same parameters in the same order"
-            )
-        for i, g in enumerate(saved_groups):
-            _check_group({k: v for k, v in g.items() if k != "params"}, f"checkpoint param group {i}")
-        sched_sd = (meta or {}).get("scheduler")
-        if self.scheduler is not None and sched_sd is not None:
-            self.scheduler.validate_state_dict(sched_sd)
-        planned = dict(zip(sched_sd["names"], sched_sd["bits"])) if sched_sd and sched_sd.get("bits") else {}
-        global_step = self._check_count("global_step", meta.get("global_step", 0)) if meta is not None else self.global_step
-        id_map = {
-            sid: p for a, b in zip(groups, saved_groups) for sid, p in zip(b["params"], a["params"])
-        }  # fmt: skip
-        moments: dict[tuple[torch.Tensor, str], Any] = {}
-        stripped = {}
-        recoded = []
-        for k, st in state_dict.get("state", {}).items():
-            if k not in id_map:
-                raise ValueError(f"checkpoint state refers to parameter index {k!r}, which no param group lists")
-            p = id_map[k]
-            name = self.param_name(p)
-            st = dict(st)
-            missing = [key for key in ("step", *MOMENTS) if key not in st]
-            if missing:
-                raise ValueError(
-                    f"checkpoint state of {name!r} lacks {missing} (has {sorted(st)}): it is not an Adam state dict"
-                )
-            for flag in ("max_exp_avg_sq",):
-                if flag in st:
-                    raise ValueError(f"checkpoint state of {name!r} has {flag!r}: it was saved with amsgrad=True, "
-                                     "which STQuantAdamW does not implement")  # fmt: skip
-            step = st["step"]
-            value = float(step) if torch.is_tensor(step) and step.numel() == 1 else step
-            st["step"] = torch.tensor(self._check_count(f"step of {name!r}", value), dtype=torch.float32)
-            for key in MOMENTS:
-                bits = planned.get(f"{name}.{key}") if self.scheduler is not None else None
-                moments[(p, key)] = self._load_moment(p, key, st.pop(key), bits, recoded)
-            stripped[k] = st
-        if recoded:
-            warnings.warn(
-                f"stquant: {len(recoded)} checkpoint moment(s) were re-coded to this optimizer's format "
-                f"(first: {recoded[:3]}); the config and the scheduler set widths, block size, scale type "
-                "and codebook", RuntimeWarning, stacklevel=2,
-            )  # fmt: skip
-        old_groups = [dict(g) for g in self.param_groups]
-        old = (copy.copy(self.state), self.global_step)
-        old_sched = ({k: copy.deepcopy(v) for k, v in vars(self.scheduler).items() if k != "group"}
-                     if self.scheduler is not None else None)  # fmt: skip
-        try:
-            super().load_state_dict({**state_dict, "state": stripped})
-            for (p, key), value in moments.items():
-                self.state[p][key] = value
-            for st in self.state.values():
-                if "step" in st and torch.is_tensor(st["step"]):  # a host may share one tensor: copy
-                    st["step"] = st["step"].detach().to(device="cpu", dtype=torch.float32).clone()
-            if self.group_step_authoritative:
-                for group in self.param_groups:
-                    if "step" in group:
-                        for p in group["params"]:
-                            self.state[p]["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
-            self.global_step = global_step
-            if self.scheduler is not None and sched_sd is not None:
-                self.scheduler.load_state_dict(sched_sd)
-                self.scheduler.numel = None  # element counts and ranks are agreed again at the next step
-        except Exception:
-            self.state, self.global_step = old
-            if old_sched is not None:
-                self.scheduler.__dict__.update(old_sched)
-            for g, saved in zip(self.param_groups, old_groups):
-                g.clear()
-                g.update(saved)
-            raise
-        self._note_bytes()
-
-    @staticmethod
-    def _check_count(what: str, value: Any) -> int:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        if not ok or value < 0 or value != int(value):
-            raise ValueError(f"checkpoint {what} is {value!r}; it must be a whole number >= 0")
-        return int(value)
+        are quantized); validated first, on error nothing changes (``stquant_megatron.checkpoint``)."""
+        checkpoint.load_state_dict(self, state_dict)
 
     def load_stquant_meta(self, meta: dict[str, Any]) -> None:
-        """Restore the step counter and the scheduler (per-unit bits, window statistics) saved in
-        ``state_dict()["stquant"]`` (hosts that load moments themselves, such as Megatron); packed
-        units are re-coded to the restored widths. Validated first: on error nothing changes."""
-        global_step = self._check_count("global_step", meta.get("global_step", 0))
-        saved = meta.get("scheduler")
-        if self.scheduler is not None and saved is not None and saved.get("bits") is not None:
-            self.scheduler.validate_state_dict(saved)
-            self.scheduler.load_state_dict(saved)
-            self.scheduler.numel = None  # agreed again (collective) at the next step
-            self._apply_widths(self.scheduler.current())
-        self.global_step = global_step
-
-    def _load_moment(self, p: torch.Tensor, key: str, value: Any, bits: int | None, recoded: list) -> Any:
-        """A validated moment in this optimizer's format (packed at ``bits`` or the planned width)."""
-        name = self.param_name(p)
-        if isinstance(value, dict):
-            state = state_from_dict(value, p.device, where=f"checkpoint {key} of {name!r}")
-            if state.numel != p.numel() or state.signed != (key == "exp_avg"):
-                raise ValueError(
-                    f"checkpoint {key} of {name!r} has numel={state.numel}, signed={state.signed}; "
-                    f"the parameter has numel={p.numel()}: the checkpoint belongs to another model"
-                )
-            if isinstance(state, FactoredState) and (
-                state.shape != (self._factor_shape(p) or FactoredState.factor_shape(p.shape))
-                or (state.sharded and state.offset != self._naming(p)[1])
-            ):
-                raise ValueError(f"checkpoint {key} of {name!r} is factored as {state.shape} at element "
-                                 f"{state.offset}; the parameter has shape {tuple(p.shape)}"
-                                 f"{'' if self._factor_shape(p) is None else f', a shard of {self._factor_shape(p)}'}: "
-                                 "the checkpoint belongs to another model or sharding")  # fmt: skip
-            if not self._is_packed(p):
-                return state.dequantize().reshape(p.shape)
-            if key == "exp_avg_sq" and self._factored_now(p, bits):
-                if isinstance(state, FactoredState):
-                    return state
-                return self._new_factored(p).copy_(state.dequantize())
-            if isinstance(state, FactoredState):  # this run packs it: from the dense estimate
-                recoded.append(f"{name}.{key}: factored -> packed")
-                value, state = state.dequantize(), None
-        else:
-            if not torch.is_tensor(value) or not value.is_floating_point() or value.numel() != p.numel() or (
-                value.dim() > 1 and tuple(value.shape) != tuple(p.shape)
-            ):
-                got = (tuple(value.shape), value.dtype) if torch.is_tensor(value) else type(value).__name__
-                raise ValueError(
-                    f"checkpoint {key} of {name!r} should be a float tensor of shape {tuple(p.shape)} (or flat, "
-                    f"{p.numel()} elements); got {got}: the checkpoint belongs to another model"
-                )
-            if not bool(torch.isfinite(value).all()):
-                raise ValueError(f"checkpoint {key} of {name!r} has NaN or Inf values")
-            if key == "exp_avg_sq" and bool((value < 0).any()):
-                raise ValueError(f"checkpoint exp_avg_sq of {name!r} has negative values: it is not a second moment")
-            if not self._is_packed(p):
-                return value.detach().to(device=p.device, dtype=torch.float32).reshape(p.shape).clone()
-            if key == "exp_avg_sq" and self._factored_now(p, bits):
-                return self._new_factored(p).copy_(value)
-            state = None
-        cfg = self.config
-        bits = bits if bits is not None else self._planned_bits(p, key)
-        if state is None:
-            return self._new_packed(p, key, bits).copy_(value)
-        want = (bits, cfg.block_size, _SCALE_DTYPES[cfg.scale_dtype], cfg.codebook(key, bits))
-        have = (state.bits, state.block_size, state.scale.dtype, state.codebook.kind)
-        if have != want:
-            recoded.append(f"{name}.{key}: {have[0]} bits/block {have[1]} -> {want[0]} bits/block {want[1]}")
-            return state.recode(bits, want[3], block_size=cfg.block_size, scale_dtype=want[2])
-        return state
+        """Restore the step counter and the scheduler saved in ``state_dict()["stquant"]``
+        (``stquant_megatron.checkpoint.load_meta``)."""
+        checkpoint.load_meta(self, meta)

@@ -62,7 +62,13 @@ def test_defaults():
     assert STQuantConfig(bits=4).avg_bits is None and STQuantConfig(bits=4).moment_bits("exp_avg") == 4  # fixed
     assert STQuantConfig(avg_bits=4.0).avg_bits == 4.0 and STQuantConfig(avg_bits=4.0).bits is None  # scheduled
     assert c.block_size == 128 and c.min_numel == 4096
-    assert c.stochastic_rounding is False and c.seed == 0 and c.scale_dtype == "fp32"
+    assert c.seed == 0 and c.scale_dtype == "fp32"
+    # rounding: stochastic where the scheduler places widths (nearest lost 4.2 % at scheduled 3.0), else nearest
+    assert c.stochastic_rounding is True and STQuantConfig(avg_bits=4.0).stochastic_rounding is True
+    assert STQuantConfig(bits=4).stochastic_rounding is False
+    assert STQuantConfig(avg_bits=4.0, stochastic_rounding=False).stochastic_rounding is False
+    assert STQuantConfig(bits=4, stochastic_rounding=True).stochastic_rounding is True
+    assert STQuantConfig.from_dict(c.to_dict()).stochastic_rounding is True
     assert c.nonfinite == "raise" and c.backend == "auto" and c.compile is None
 
 

@@ -98,7 +98,9 @@ def _run(avg_bits, steps, kinds=KINDS, seed=0, opt=None, params=None, start=0):
     return params, opt, seen
 
 
-def test_the_probe_measures_factoring_error_in_the_order_of_the_known_answer():
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+def test_the_probe_measures_factoring_error_in_the_order_of_the_known_answer(stochastic, monkeypatch):
+    monkeypatch.setitem(AUTO, "stochastic_rounding", stochastic)
     measured = {}
     from stquant_megatron import scheduler as sched_mod
 
@@ -118,7 +120,10 @@ def test_the_probe_measures_factoring_error_in_the_order_of_the_known_answer():
         sched_mod.PrecisionScheduler.decide = orig
     e = [measured[f"{k}.exp_avg_sq"] for k in KINDS]
     # rank one: the factored estimate is exact (up to the codes it is built from); noise: far off
-    assert e[0] < 1e-3 and e[0] < e[1] < e[2] and e[2] > 0.05, e
+    assert e[0] < e[1] < e[2] and e[2] > 0.05, e
+    # the reference is the decoded exp_avg_sq: stochastic rounding's noise in it counts as factoring error
+    # (docs/scheduler.md, section 12), nearest rounding's barely
+    assert e[0] < (0.1 if stochastic else 1e-3), e
 
 
 def test_scheduler_factors_the_units_where_it_is_harmless_within_the_budget():

@@ -552,6 +552,41 @@ def test_neighbor_width_probe_matches_between_backends(m_bits, v_bits, v_kind):
         assert a[3][0] > a[3][1]
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_probe_compares_nearest_with_nearest_under_stochastic_rounding(backend):
+    """With stochastic rounding the probe's error at the current width is nearest rounding's, as at the
+    neighbouring widths: the same sums as a nearest-rounding step over the same values, while the
+    stored codes' own error (the window statistics) is stochastic rounding's, larger."""
+    from stquant_megatron.formats.codebooks import get_codebook
+    from stquant_megatron.formats.packing import num_blocks
+    from stquant_megatron.kernels.common import step_scalars
+    from stquant_megatron.kernels.torch_adam import torch_packed_adam_step
+    from stquant_megatron.kernels.triton_adam import triton_packed_adam_step
+
+    fn = torch_packed_adam_step if backend == "torch" else triton_packed_adam_step
+
+    def run(stochastic):
+        gen = torch.Generator().manual_seed(3)
+        n, block = 4096, 128
+        p = torch.randn(n, generator=gen)
+        nb = num_blocks(n, block)
+        mc, ms = torch.zeros(nb, 3, block // 8, dtype=torch.uint8), torch.zeros(nb)
+        vc, vs = torch.zeros(nb, 3, block // 8, dtype=torch.uint8), torch.zeros(nb)
+        st, ns = torch.zeros(3), torch.zeros(6)
+        books = (get_codebook("pow2", 2, True), get_codebook("pow2", 4, True), get_codebook("pow2", 2, False),
+                 get_codebook("pow2", 4, False))  # fmt: skip
+        g = torch.randn(n, generator=gen) * torch.rand(n, generator=gen) ** 4
+        sc = step_scalars(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, step=1, adamw=True)
+        fn(p, g, mc, ms, vc, vs, get_codebook("pow2", 3, True), get_codebook("pow2", 3, False), sc,
+           block_size=block, stochastic=stochastic, rng_key=11, stats=st, neighbor_codebooks=books, neighbor_stats=ns)  # fmt: skip
+        return st, ns
+
+    (st_n, ns_n), (st_s, ns_s) = run(False), run(True)
+    torch.testing.assert_close(ns_s, ns_n, rtol=1e-6, atol=0)  # first step from zero: the same m and v
+    assert torch.equal(ns_n[4:], st_n[:2])  # nearest: the probe's current width is the stored codes' error
+    assert st_s[0] > 1.3 * st_n[0] and st_s[1] > st_n[1], (st_s, st_n)  # stochastic rounding's own error is larger
+
+
 def _nearest_level(x: torch.Tensor, qmap: torch.Tensor) -> torch.Tensor:
     """Nearest codebook value by brute force over the levels (independent of the encoders)."""
     levels = torch.unique(qmap)

@@ -276,9 +276,17 @@ def _adam_chunk(
                 dqn = root_dequantize_blocks(*quantize_blocks(pv, cb, vs.dtype), cb) * inv_bc2 + eps
                 e = pref * ((pden - dqn) / dqn)
                 sums.append((e * e).sum())
-        # The error at the current width over the same sample: the probe's ratios
-        # E(b-1)/E(b) and E(b)/E(b+1) then compare like with like.
-        nstats = torch.stack([*sums, em2, ev2])
+        # The error at the current width over the same sample and with the same (nearest) rounding:
+        # the probe's ratios E(b-1)/E(b) and E(b)/E(b+1) then compare like with like. (With stochastic
+        # rounding the stored codes' error is about twice nearest rounding's at every width; measured
+        # against nearest-rounded neighbours it would make every move look better than it is.)
+        if um is not None:
+            e = (dequantize_blocks(*quantize_blocks(pm, mcb, ms.dtype), mcb) - pm) * rden
+            dqn = root_dequantize_blocks(*quantize_blocks(pv, vcb, vs.dtype), vcb) * inv_bc2 + eps
+            en = pref * ((pden - dqn) / dqn)
+            nstats = torch.stack([*sums, (e * e).sum(), (en * en).sum()])
+        else:
+            nstats = torch.stack([*sums, em2, ev2])
     return p, pack_codes(m_codes, mcb.bits), m_scale, pack_codes(v_codes, vcb.bits), v_scale, stats, nstats
 
 
@@ -334,6 +342,9 @@ def _factored_chunk(
                 else:
                     e = (dequantize_blocks(*quantize_blocks(pm, cb, ms.dtype), cb) - pm) * rden
                     sums.append((e * e).sum())
+            if um is not None:  # the current width with nearest rounding too (see _adam_chunk)
+                e = (dequantize_blocks(*quantize_blocks(pm, mcb, ms.dtype), mcb) - pm) * rden
+                em2 = (e * e).sum()
             nstats = torch.stack([*sums, zero, zero, em2, zero])
     return p, pack_codes(m_codes, mcb.bits), m_scale, stats, nstats
 

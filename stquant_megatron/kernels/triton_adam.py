@@ -280,9 +280,10 @@ if HAS_TRITON:
     @triton.jit
     def _error_sums(
         partial_ptr, npartial_ptr, out_row, inside,
-        m, xm, vp, rvp, denom, ref, m_code, v_code, sm, sv, inv_sv, inv_bc2, eps, mq_ptr, vq_ptr,
+        m, xm, vp, rvp, denom, ref, m_code, v_code, sm, sv, inv_sv, inv_bc2, eps, mq_ptr, mb_ptr, vq_ptr, vb_ptr,
         q0_ptr, b0_ptr, q1_ptr, b1_ptr, q2_ptr, b2_ptr, q3_ptr, b3_ptr,
         M_BITS: tl.constexpr, M_KIND: tl.constexpr, V_BITS: tl.constexpr, V_KIND: tl.constexpr,
+        STOCHASTIC: tl.constexpr,
         N0_BITS: tl.constexpr, N0_KIND: tl.constexpr, N1_BITS: tl.constexpr, N1_KIND: tl.constexpr,
         N2_BITS: tl.constexpr, N2_KIND: tl.constexpr, N3_BITS: tl.constexpr, N3_KIND: tl.constexpr,
     ):
@@ -327,9 +328,18 @@ if HAS_TRITON:
             x = tl.join(tl.join(e0 * e0, e1 * e1), tl.join(e2 * e2, e3 * e3))  # [2, G, W, 4, 2, 2]
             t = tl.sum(tl.sum(tl.sum(tl.sum(x, axis=3), axis=0), axis=1), axis=0)  # [2, 2]: t[i, j] = sum k = 2 j + i
             tl.store(npartial_ptr + out_row * 6 + tl.arange(0, 2)[:, None] + tl.arange(0, 2)[None, :] * 2, t)
-            # the current widths on the same sample: the probe's ratios compare like with like
-            tl.store(npartial_ptr + out_row * 6 + 4, em2)
-            tl.store(npartial_ptr + out_row * 6 + 5, ev2)
+            # the current widths on the same sample and with the same (nearest) rounding: the probe's
+            # ratios compare like with like (the twin's _adam_chunk says why)
+            em2n = em2
+            ev2n = ev2
+            if STOCHASTIC:
+                en = tl.where(inside, (_nearest_value(xm, M_BITS, M_KIND, mq_ptr, mb_ptr) * sm - m) * rden, 0.0)
+                em2n = _total(en * en)
+                dqn = _root_dequant(_requant_v(vp, inv_sv, rvp, V_BITS, V_KIND, vq_ptr, vb_ptr), sv, V_BITS, V_KIND, vq_ptr) * inv_bc2 + eps
+                evn = ref * ((denom - dqn) / dqn)
+                ev2n = _total(evn * evn)
+            tl.store(npartial_ptr + out_row * 6 + 4, em2n)
+            tl.store(npartial_ptr + out_row * 6 + 5, ev2n)
 
     @triton.jit
     def _step_body(
@@ -441,9 +451,10 @@ if HAS_TRITON:
             if ((lpid + phase) & (_SAMPLE - 1)) == 0:  # a sampled program (the others' sums stay 0)
                 _error_sums(
                     partial_ptr, npartial_ptr, out_row, inside,
-                    m, xm, vp, rvp, denom, upd, m_code, v_code, sm, sv, inv_sv, inv_bc2, eps, mq_ptr, vq_ptr,
+                    m, xm, vp, rvp, denom, upd, m_code, v_code, sm, sv, inv_sv, inv_bc2, eps,
+                    mq_ptr, mb_ptr, vq_ptr, vb_ptr,
                     q0_ptr, b0_ptr, q1_ptr, b1_ptr, q2_ptr, b2_ptr, q3_ptr, b3_ptr,
-                    M_BITS, M_KIND, V_BITS, V_KIND,
+                    M_BITS, M_KIND, V_BITS, V_KIND, STOCHASTIC,
                     N0_BITS, N0_KIND, N1_BITS, N1_KIND, N2_BITS, N2_KIND, N3_BITS, N3_KIND,
                 )  # fmt: skip
 

@@ -127,7 +127,11 @@ if HAS_TRITON:
                     if N1_BITS > 0:
                         e1 = tl.where(inside, (_nearest_value(x, N1_BITS, N1_KIND, q1_ptr, b1_ptr) * sm - m) * rden, 0.0)
                         tl.store(npartial_ptr + pid * 6 + 1, _total(e1 * e1))
-                    tl.store(npartial_ptr + pid * 6 + 4, em2)
+                    em2n = em2  # the current width with nearest rounding too (triton_adam._error_sums)
+                    if STOCHASTIC:
+                        en = tl.where(inside, (_nearest_value(x, M_BITS, M_KIND, mq_ptr, mb_ptr) * sm - m) * rden, 0.0)
+                        em2n = _total(en * en)
+                    tl.store(npartial_ptr + pid * 6 + 4, em2n)
 
 
 def triton_factored_adam_step(

@@ -37,9 +37,9 @@ from typing import Any
 
 import torch
 
+from .. import checkpoint
 from ..config import MOMENTS, STQuantConfig
 from ..optim import STQuantAdamW
-from ..state import QUANTIZED_STATES, FactoredState
 from .args import add_stquant_args, config_from_args
 
 SUPPORTED_VERSIONS = ((0, 16), (0, 20))
@@ -303,11 +303,8 @@ def _get(orig):
         main = inner.param_groups[gi]["params"][go]
         inner.init_state(main)
         st = inner.state[main]
-        out = {"param": main}
-        for key in MOMENTS:  # dense fp32 on the CPU: no accelerator-memory spike while saving
-            v = st[key]
-            out[key] = v.dequantize(device="cpu") if isinstance(v, QUANTIZED_STATES) else v.detach().float().cpu().view(-1)
-        return out
+        # dense fp32 on the CPU: no accelerator-memory spike while saving
+        return {"param": main, **{key: checkpoint.moment_to_host(st[key]) for key in MOMENTS}}
 
     return patched_get_main_param_and_optimizer_states
 
@@ -321,20 +318,9 @@ def _set(orig):
             return orig(self, model_param, tensors)
         gi, go = self.model_param_group_index_map[model_param]
         main = inner.param_groups[gi]["params"][go]
-        inner.init_state(main)
-        st = inner.state[main]
         if torch.is_tensor(tensors.get("param")):
             main.copy_(tensors["param"].view_as(main))
-        for key in MOMENTS:
-            value = tensors.get(key)
-            if not torch.is_tensor(value):
-                continue
-            if isinstance(st[key], FactoredState):  # set from every shard by finish_factored_load
-                inner.stage_factored_load(main, value)
-            elif isinstance(st[key], QUANTIZED_STATES):
-                st[key].copy_(value)
-            else:
-                st[key].copy_(value.view_as(st[key]))
+        checkpoint.set_moments(inner, main, tensors)
 
     return patched_set_main_param_and_optimizer_states
 
