@@ -88,6 +88,8 @@ def _run(rank, world, spec):
         inner = _inners(opt)[0]
         n = sum(p.numel() for g in inner.param_groups for p in g["params"])
         res["bytes_per_param"] = inner.state_bytes() / n
+        res["state_bytes"] = sum(i.state_bytes() for i in _inners(opt))
+        res["num_shards"] = sum(len(g["params"]) for i in _inners(opt) for g in i.param_groups)
     if spec.get("peak"):
         from stquant_megatron.formats.packing import num_blocks
 
@@ -114,7 +116,8 @@ def _run(rank, world, spec):
                         p.data.add_(1.0)
             gpt.load_checkpoint(model, opt, spec["save"], spec.get("fmt", "dp_reshardable"))
             res["after"] = _snapshot(opt)
-        more = gpt.train(model, opt, spec.get("more", 0), start_step=spec.get("steps", STEPS))
+        more = gpt.train(model, opt, spec.get("more", 0), start_step=spec.get("steps", STEPS),
+                         micro_batch_size=spec.get("train_mbs", 2))
         res["continued"] = [h["loss"] for h in more]
         res["continued_local"] = [h["local_loss"] for h in more]
     if "load" in spec:

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from .. import checkpoint
+from . import packed_checkpoint
 from ..config import MOMENTS, STQuantConfig
 from ..optim import STQuantAdamW
 from .args import add_stquant_args, config_from_args
@@ -45,7 +46,7 @@ from .args import add_stquant_args, config_from_args
 SUPPORTED_VERSIONS = ((0, 16), (0, 20))
 """[min, max) of megatron-core (major, minor) versions; tested: 0.16.1 and 0.19.2."""
 
-_ACTIVE: dict[str, Any] = {"patched": False, "config": None, "from_args": False}
+_ACTIVE: dict[str, Any] = {"patched": False, "config": None, "from_args": False, "checkpoint_format": None}
 _ORIGINALS: list[tuple[Any, str, Any]] = []
 _HOOKS: list[Any] = []
 
@@ -301,6 +302,8 @@ def _get(orig):
             return orig(self, model_param)
         gi, go = self.model_param_group_index_map[model_param]
         main = inner.param_groups[gi]["params"][go]
+        if getattr(self, "_stquant_params_only", False):  # a packed checkpoint: the moments go separately
+            return {"param": main}
         inner.init_state(main)
         st = inner.state[main]
         # dense fp32 on the CPU: no accelerator-memory spike while saving
@@ -330,9 +333,22 @@ def _load(orig):
     def patched_load_state_dict(self, state_dict):
         inner = self.optimizer
         meta = (state_dict.get("optimizer") or {}).get("stquant") if isinstance(state_dict, dict) else None
+        packed = isinstance(state_dict, dict) and packed_checkpoint.is_packed_type(state_dict.get("param_state_sharding_type"))
+        if packed and not isinstance(inner, STQuantAdamW):
+            raise ValueError(f"this checkpoint's optimizer state is {packed_checkpoint.PACKED_DP_RESHARDABLE}; this "
+                             f"optimizer is {type(inner).__name__}, not stquant's")  # fmt: skip
+        if packed:
+            loaded = state_dict["param_state"].get("stquant")
+            packed_checkpoint.validate(loaded)  # sizes and CRC32 of every entry before anything changes
         if isinstance(inner, STQuantAdamW) and meta is not None:
             inner.load_stquant_meta(meta)  # bits first: the moments are then packed at those widths
-        return orig(self, state_dict)
+        if not packed:
+            return orig(self, state_dict)
+        self._stquant_prepared = packed_checkpoint.prepare(self, loaded)  # in this run's format; committed after the params
+        try:
+            return orig(self, {**state_dict, "param_state_sharding_type": "dp_reshardable"})
+        finally:
+            self._stquant_prepared = None
 
     return patched_load_state_dict
 
@@ -342,10 +358,72 @@ def _finish_load(orig):
     def patched_load_parameter_state(self, *args, **kwargs):
         result = orig(self, *args, **kwargs)
         if isinstance(self.optimizer, STQuantAdamW):  # collective: every rank of the data-parallel group loads
+            prepared = getattr(self, "_stquant_prepared", None)
+            if prepared is not None:  # a packed checkpoint's moments (``_load``), after Megatron set the params
+                packed_checkpoint.commit(self, prepared)
+                self._stquant_prepared = None
             self.optimizer.finish_factored_load()
         return result
 
     return patched_load_parameter_state
+
+
+def _sharded(orig):
+    @functools.wraps(orig)
+    def patched_sharded_state_dict(self, model_sharded_state_dict=None, is_loading=False, sharding_type=None,
+                                   metadata=None):  # fmt: skip
+        model_sd = {} if model_sharded_state_dict is None else model_sharded_state_dict
+        kind = sharding_type if sharding_type is not None else (metadata or {}).get("distrib_optim_sharding_type")
+        if not packed_checkpoint.is_packed_type(kind):
+            return orig(self, model_sd, is_loading, sharding_type, metadata)
+        if not isinstance(self.optimizer, STQuantAdamW):
+            raise ValueError(f"optimizer state of sharding type {kind!r} needs stquant's optimizer; this one is "
+                             f"{type(self.optimizer).__name__}")  # fmt: skip
+        dense = {**(metadata or {}), "distrib_optim_sharding_type": "dp_reshardable"}
+        with packed_checkpoint.params_only(self):
+            sd = orig(self, model_sd, is_loading, None, dense)
+        sd["param_state"]["stquant"] = (packed_checkpoint.load_request(self) if is_loading
+                                        else packed_checkpoint.save_entries(self))  # fmt: skip
+        sd["param_state_sharding_type"] = packed_checkpoint.PACKED_DP_RESHARDABLE
+        return sd
+
+    return patched_sharded_state_dict
+
+
+def _dist_load(orig):
+    @functools.wraps(orig)
+    def patched_dist_checkpointing_load(sharded_state_dict, checkpoint_dir, *args, **kwargs):
+        packed_checkpoint.resolve_requests(sharded_state_dict, checkpoint_dir, orig)
+        return orig(sharded_state_dict, checkpoint_dir, *args, **kwargs)
+
+    return patched_dist_checkpointing_load
+
+
+def checkpoint_format() -> str:
+    """``dense`` or ``packed``: how this process writes the optimizer moments of torch_dist checkpoints."""
+    if _ACTIVE["checkpoint_format"] is not None:
+        return _ACTIVE["checkpoint_format"]
+    if _ACTIVE["from_args"]:
+        try:
+            from megatron.training.global_vars import get_args
+
+            return packed_checkpoint.check_format(getattr(get_args(), "stquant_checkpoint_format", "dense"),
+                                                  "--stquant-checkpoint-format")  # fmt: skip
+        except (ImportError, AssertionError):
+            pass
+    return packed_checkpoint.default_format()
+
+
+def _metadata(orig):
+    @functools.wraps(orig)
+    def patched_build_sharded_state_dict_metadata(args, *a, **kw):
+        metadata = orig(args, *a, **kw)
+        if (_active_config() is not None and checkpoint_format() == "packed"
+                and metadata.get("distrib_optim_sharding_type") == "dp_reshardable"):  # fmt: skip
+            metadata["distrib_optim_sharding_type"] = packed_checkpoint.PACKED_DP_RESHARDABLE
+        return metadata
+
+    return patched_build_sharded_state_dict_metadata
 
 
 def _add_args(orig):
@@ -362,19 +440,26 @@ def _replace(owner: Any, name: str, make) -> None:
     setattr(owner, name, make(orig))
 
 
-def patch(config: STQuantConfig | None = None, *, from_args: bool = False) -> None:
+def patch(config: STQuantConfig | None = None, *, from_args: bool = False, checkpoint_format: str | None = None) -> None:
     """Install the patches (idempotent: a second call only updates the config).
 
     Args:
         config: how to pack; with ``from_args=True`` and no config, the ``--stquant-*`` flags of
             Megatron-LM's parsed args decide when the optimizer is built (``--stquant`` off: stock).
+        checkpoint_format: ``"dense"`` (Megatron's own fp32 moments) or ``"packed"`` (the moments as in
+            memory; ``packed_checkpoint``) for torch_dist checkpoints that Megatron-LM saves with
+            dp_reshardable; None: ``--stquant-checkpoint-format`` with ``from_args``, else the
+            ``STQUANT_CHECKPOINT_FORMAT`` environment variable, else dense. (megatron-core callers choose
+            per save: ``metadata={"distrib_optim_sharding_type": packed_checkpoint.PACKED_DP_RESHARDABLE}``.)
     """
+    if checkpoint_format is not None:
+        packed_checkpoint.check_format(checkpoint_format)
     if config is not None and not isinstance(config, STQuantConfig):
         raise TypeError(f"patch(config) needs an STQuantConfig, got {type(config).__name__}")
     if config is None and not from_args:
         config = STQuantConfig()
     if _ACTIVE["patched"]:
-        _ACTIVE.update(config=config, from_args=from_args)
+        _ACTIVE.update(config=config, from_args=from_args, checkpoint_format=checkpoint_format)
         return
     _check_version()
     import megatron.core.optimizer as mco
@@ -388,13 +473,21 @@ def patch(config: STQuantConfig | None = None, *, from_args: bool = False) -> No
     _replace(DistributedOptimizer, "_get_main_param_and_optimizer_states", _get)
     _replace(DistributedOptimizer, "_set_main_param_and_optimizer_states", _set)
     _replace(DistributedOptimizer, "load_state_dict", _load)
+    _replace(DistributedOptimizer, "sharded_state_dict", _sharded)
+    import megatron.core.dist_checkpointing as dist_checkpointing
+    import megatron.core.dist_checkpointing.serialization as serialization
+
+    _replace(serialization, "load", _dist_load)
+    _replace(dist_checkpointing, "load", _dist_load)
     for name in sorted(vars(DistributedOptimizer)):  # every way parameter state is loaded (dp_zero, dp_reshardable, ...)
         if name.startswith("load_parameter_state_from_") and callable(getattr(DistributedOptimizer, name)):
             _replace(DistributedOptimizer, name, _finish_load)
     # Megatron-LM's parser: patched now if imported, else the moment it is imported (importing it
     # here would pull in all of megatron.training at interpreter start).
     _when_imported("megatron.training.arguments", lambda m: _replace(m, "add_megatron_arguments", _add_args))
-    _ACTIVE.update(patched=True, config=config, from_args=from_args)
+    _when_imported("megatron.training.checkpointing",
+                   lambda m: _replace(m, "_build_sharded_state_dict_metadata", _metadata))  # fmt: skip
+    _ACTIVE.update(patched=True, config=config, from_args=from_args, checkpoint_format=checkpoint_format)
 
 
 class _PostImportHook(importlib.abc.MetaPathFinder):
@@ -439,4 +532,4 @@ def unpatch() -> None:
     while _ORIGINALS:
         owner, name, orig = _ORIGINALS.pop()
         setattr(owner, name, orig)
-    _ACTIVE.update(patched=False, config=None, from_args=False)
+    _ACTIVE.update(patched=False, config=None, from_args=False, checkpoint_format=None)

@@ -70,7 +70,9 @@ __all__ = [
     "CHECKPOINT_FORMATS",
 ]
 
-CHECKPOINT_FORMATS = ("dp_reshardable", "fully_reshardable", "torch")
+CHECKPOINT_FORMATS = ("dp_reshardable", "fully_reshardable", "torch", "packed")
+"""torch_dist sharding types of the distributed optimizer's state, legacy ``torch``, and ``packed``
+(dp_reshardable with stquant's packed moments: ``stquant_megatron.megatron.packed_checkpoint``)."""
 
 CORPUS = (
     b"It was the best of times, it was the worst of times, it was the age of wisdom, it was the "
@@ -383,6 +385,7 @@ def save_checkpoint(model, optimizer, ckpt_dir: str, fmt: str = "dp_reshardable"
         _barrier()
         return
     state = _sharded_state(model, optimizer, fmt, is_loading=False)
+    metadata = {"distrib_optim_sharding_type": _sharding_type(fmt)}  # what Megatron-LM records and loads by
     _prewarm_write_results_queue()
     strategy = None
     if fully_parallel:
@@ -394,7 +397,7 @@ def save_checkpoint(model, optimizer, ckpt_dir: str, fmt: str = "dp_reshardable"
         strategy = FullyParallelSaveStrategyWrapper(
             get_default_save_sharded_strategy(), ps.get_data_parallel_group(with_context_parallel=True)
         )
-    dist_checkpointing.save(state, ckpt_dir, sharded_strategy=strategy)
+    dist_checkpointing.save(state, ckpt_dir, sharded_strategy=strategy, content_metadata=metadata)
     _barrier()
 
 
@@ -426,7 +429,8 @@ def load_checkpoint(model, optimizer, ckpt_dir: str, fmt: str = "dp_reshardable"
         return
     if init_missing_state:
         init_stock_adam_state(optimizer)
-    state = _sharded_state(model, optimizer, fmt, is_loading=True)
+    saved = dist_checkpointing.load_content_metadata(ckpt_dir) or {}  # as Megatron-LM: the checkpoint's own type
+    state = _sharded_state(model, optimizer, saved.get("distrib_optim_sharding_type", fmt), is_loading=True)
     loaded = dist_checkpointing.load(state, ckpt_dir)
     for i, m in enumerate(_unwrap(model)):
         m.load_state_dict(loaded[_model_key(i, len(model))], strict=strict)
@@ -524,10 +528,18 @@ def _unwrap(model):
     return unwrap_model(model)
 
 
+def _sharding_type(fmt: str) -> str:
+    if fmt == "packed":
+        from stquant_megatron.megatron.packed_checkpoint import PACKED_DP_RESHARDABLE
+
+        return PACKED_DP_RESHARDABLE
+    return fmt
+
+
 def _sharded_state(model, optimizer, fmt, is_loading):
     state = {_model_key(i, len(model)): m.sharded_state_dict() for i, m in enumerate(_unwrap(model))}
     state["optimizer"] = optimizer.sharded_state_dict(
-        state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": fmt}
+        state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": _sharding_type(fmt)}
     )
     return state
 

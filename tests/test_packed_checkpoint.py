@@ -1,0 +1,154 @@
+"""Packed optimizer moments in torch_dist checkpoints (``stquant_megatron.megatron.packed_checkpoint``),
+on real megatron-core (CPU, gloo, 1-2 processes).
+
+Every check compares against something the checkpoint code did not produce: the saving run's own
+state in memory (codes, scales, statistics; dense moments), a run that never saved, the bytes the
+checkpoint holds on disk (read from the torch_dist metadata), and the stock format's files.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from stquant_megatron.testing import run_distributed
+
+from test_megatron import _check_loaded_against_saved, _close, _run, _snapshot  # noqa: E402
+
+pytestmark = pytest.mark.megatron
+
+FIXED = dict(bits=4, exp_avg_sq_format="packed")
+SCHED = dict(avg_bits=3.0, warmup_steps=2, interval=2, stats_steps=1, min_numel=1024)  # stochastic rounding (default)
+FACT = dict(bits=8, exp_avg_sq_format="factored")
+
+
+def _disk_bytes(ckpt_dir: str) -> dict[str, int]:
+    """Bytes on disk per top-level part of a torch_dist checkpoint ("optimizer", "model", ...), from the
+    storage entries of its metadata (what the files hold, not what the code meant to write)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    md = FileSystemReader(ckpt_dir).read_metadata()
+    out: dict[str, int] = {"stquant_packed": 0, "stquant_layout": 0, "optimizer": 0, "other": 0}
+    for index, info in md.storage_data.items():
+        part = next((k for k in ("stquant_packed", "stquant_layout") if k in index.fqn), None)
+        part = part or ("optimizer" if index.fqn.startswith("optimizer") else "other")
+        out[part] += int(info.length)
+    out["files"] = sum(os.path.getsize(os.path.join(ckpt_dir, f)) for f in os.listdir(ckpt_dir)
+                       if os.path.isfile(os.path.join(ckpt_dir, f)))  # fmt: skip
+    return out
+
+
+def test_packed_round_trip_is_exact_and_the_moments_take_their_packed_size(tmp_path):
+    """DP=2, 4-bit moments: reloading a packed checkpoint into the same run restores every code, scale and
+    param bit for bit; the moments on disk take the bytes they take in memory (+ the layout), a quarter
+    or less of the dense format's."""
+    packed, dense = str(tmp_path / "packed"), str(tmp_path / "dense")
+    spec = dict(config=FIXED, steps=3, reload_same=True, more=2, bytes=True)
+    rp = run_distributed(_run, 2, dict(spec, save=packed, fmt="packed"), timeout=600)
+    rd = run_distributed(_run, 2, dict(spec, save=dense, fmt="dp_reshardable"), timeout=600)
+    for r in rp:
+        assert r["before"].keys() == r["after"].keys() and any(k.endswith(".codes") for k in r["before"])
+        for k in r["before"]:
+            assert torch.equal(r["before"][k], r["after"][k]), k
+    # the continuation after the reload equals the dense format's (same state restored exactly both ways)
+    assert rp[0]["continued"] == rd[0]["continued"]
+    p, d = _disk_bytes(packed), _disk_bytes(dense)
+    assert d["stquant_packed"] == d["stquant_layout"] == 0 and p["stquant_packed"] > 0
+    state = sum(r["state_bytes"] for r in rp)  # every rank's STQuantAdamW.state_bytes(), summed
+    # the moments as in memory (state_bytes less the 4-byte step counters), a 16-byte header per rank, and
+    # torch_dist's own framing of each stored tensor (torch.save: ~1.5 KB)
+    want = state - 4 * sum(r["num_shards"] for r in rp) + 16 * len(rp)
+    assert want <= p["stquant_packed"] <= want + 2048 * len(rp), (p["stquant_packed"], want)
+    entries = 2 * sum(r["num_shards"] for r in rp)
+    assert p["stquant_layout"] < 600 * entries, (p["stquant_layout"], entries)  # a few hundred bytes per entry
+    dense_moments = d["optimizer"] - p["optimizer"]  # both hold the same params and non-tensor state
+    assert 0 < p["stquant_packed"] < 0.25 * dense_moments, (p, d)
+    assert p["files"] < d["files"], (p, d)
+
+
+def test_packed_resume_is_bit_exact_with_the_scheduler(tmp_path):
+    """Scheduled 3.0 with stochastic rounding: 3 steps, packed save, resume for 3 more = 6 straight
+    steps: the same losses, widths and decisions."""
+    ck = str(tmp_path / "c")
+    straight = run_distributed(_run, 2, dict(config=SCHED, steps=6, bits_history=True), timeout=600)
+    run_distributed(_run, 2, dict(config=SCHED, steps=3, save=ck, fmt="packed", more=0), timeout=600)
+    resumed = run_distributed(_run, 2, dict(config=SCHED, steps=0, load=ck, start=3, more=3, bits_history=True),
+                              timeout=600)  # fmt: skip
+    assert resumed[0]["continued"] == straight[0]["losses"][3:]
+    assert resumed[0]["bits"] == straight[0]["bits"] and resumed[0]["decisions"] == straight[0]["decisions"]
+
+
+@pytest.mark.parametrize("config", [FIXED, FACT], ids=["packed4", "factored"])
+def test_packed_checkpoint_reshards_across_data_parallel_sizes(config, tmp_path):
+    """DP=2 -> DP=1 and DP=1 -> DP=2: shards that no longer line up are decoded from the saved codes and
+    re-coded: within one quantization step of what the saving run held (independent reference: its own
+    dense moments); the first resumed loss is the saving job's next one."""
+    ck2, ck1 = str(tmp_path / "dp2"), str(tmp_path / "dp1")
+    saved2 = run_distributed(_run, 2, dict(config=config, steps=3, save=ck2, fmt="packed", more=2), timeout=600)
+    r = run_distributed(_run, 1, dict(config=config, steps=0, load=ck2, start=3, more=2, mbs=4), timeout=600)[0]
+    assert _check_loaded_against_saved([x["saved_dense"] for x in saved2], [r["loaded_dense"]]) > 0
+    assert _close(r["continued_local"][:1], saved2[0]["continued"][:1], 1e-6), (r["continued_local"], saved2[0])
+    saved1 = run_distributed(_run, 1, dict(config=config, steps=3, save=ck1, fmt="packed", more=2, train_mbs=4),
+                             timeout=600)  # fmt: skip
+    res = run_distributed(_run, 2, dict(config=config, steps=0, load=ck1, start=3, more=2), timeout=600)
+    assert _check_loaded_against_saved([saved1[0]["saved_dense"]], [x["loaded_dense"] for x in res]) > 0
+    assert _close(res[0]["continued"][:1], saved1[0]["continued"][:1], 1e-6), (res[0]["continued"], saved1[0])
+
+
+def _stock_loads_packed(rank, world, spec):
+    try:
+        _run(rank, world, spec)
+    except Exception as e:  # noqa: BLE001 - the message is what the test checks
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def test_a_stock_run_refuses_a_packed_checkpoint_with_a_message(tmp_path):
+    ck = str(tmp_path / "c")
+    run_distributed(_run, 2, dict(config=FIXED, steps=2, save=ck, fmt="packed", more=0), timeout=600)
+    errors = run_distributed(_stock_loads_packed, 2, dict(config=None, steps=0, load=ck, more=1), timeout=600)
+    for e in errors:
+        assert e is not None and "stquant" in e and "--stquant-checkpoint-format dense" in e, e
+
+
+def _corrupt_then_load(rank, world, spec):
+    """Load a damaged packed checkpoint into a trained optimizer: ValueError, and nothing changed."""
+    from stquant_megatron.megatron import patch
+    from stquant_megatron import STQuantConfig
+    from stquant_megatron.testing import gpt, init_megatron_parallel
+
+    init_megatron_parallel(1, 1)
+    patch(STQuantConfig(**spec["config"]))
+    model, opt = gpt.build_gpt_and_optimizer(lr=3e-3, num_layers=2, hidden_size=64, bf16=True)
+    gpt.train(model, opt, 2, micro_batch_size=2)
+    before = _snapshot(opt)
+    try:
+        gpt.load_checkpoint(model, opt, spec["load"], "packed")
+    except ValueError as e:
+        err = str(e)
+    else:
+        err = None
+    after = _snapshot(opt)
+    return err, all(torch.equal(before[k], after[k]) for k in before) and before.keys() == after.keys()
+
+
+def test_a_damaged_packed_checkpoint_is_refused_and_changes_nothing(tmp_path):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    ck = str(tmp_path / "c")
+    run_distributed(_run, 2, dict(config=FIXED, steps=2, save=ck, fmt="packed", more=0), timeout=600)
+    md = FileSystemReader(ck).read_metadata()
+    chunks = [s for i, s in md.storage_data.items() if "stquant_packed" in i.fqn]
+    assert len(chunks) == 2  # one per data-parallel rank
+    for info in chunks:  # one flipped byte in the middle of each rank's packed moments
+        with open(os.path.join(ck, info.relative_path), "r+b") as f:
+            f.seek(info.offset + info.length // 2)
+            b = f.read(1)
+            f.seek(info.offset + info.length // 2)
+            f.write(bytes([b[0] ^ 0x5A]))
+    results = run_distributed(_corrupt_then_load, 2, dict(config=FIXED, load=ck), timeout=600)
+    for err, unchanged in results:
+        assert err is not None and "CRC32" in err and "packed checkpoint" in err and "'" in err, err  # names the tensor
+        assert unchanged
