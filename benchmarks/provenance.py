@@ -53,6 +53,9 @@ DEPS: dict[str, list[str]] = {
     # Megatron-LM's own pretrain_*.py under the patch (tests/test_megatron_lm.py writes the rows)
     "megatron_lm": ["stquant_megatron/**", "!stquant_megatron/report.py", "patches/**", "tests/test_megatron_lm.py",
                     *_TRITON],  # fmt: skip
+    # checkpoint bytes, save/load time and memory through Megatron-LM's pretrain_gpt.py
+    "checkpoint": ["stquant_megatron/**", "!stquant_megatron/report.py", "patches/**", "benchmarks/checkpoint_size.py",
+                   *_TRITON],  # fmt: skip
     # the scheduler's cost benchmark
     "scheduler_cost": _OPTIMIZER + ["benchmarks/scheduler_cost.py"],
     # the ahead-of-time compile matrix of the Triton kernels

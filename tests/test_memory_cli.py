@@ -122,6 +122,8 @@ def _state_and_checkpoints(rank, world, tmp, configs):
         else:
             out[name] = sum(i.state_bytes() for i in inners)
         gpt.save_checkpoint(model, opt, os.path.join(tmp, name), "dp_reshardable")
+        if cfg is not None:
+            gpt.save_checkpoint(model, opt, os.path.join(tmp, name + "_packed"), "packed")
         unpatch()
         del model, opt
         torch.distributed.barrier()
@@ -182,17 +184,23 @@ def test_checkpoint_bytes_on_disk(dp2_run):
     byte: ``.metadata`` (~40 KB here), a header of ~0.6 KB per tensor piece in the ``.distcp`` files
     (every parameter's slice of every key, and the padding pieces, on each rank: ~300 pieces here,
     ~3.7% of a hidden-128 model's checkpoint, ~1% of this one's, nothing at 7B), ``common.pt`` and the
-    64-element alignment padding inside the buckets. STQuant's checkpoint stores dense fp32 moments
-    today: the same size as stock (its non-tensor state adds a little)."""
+    64-element alignment padding inside the buckets. STQuant's dense checkpoint is the size of stock's
+    (its non-tensor state adds a little); its packed one holds the moments as in memory, plus a layout
+    of a few hundred bytes per parameter shard and moment (~2 % of this small model's packed checkpoint)."""
     tmp, _ = dp2_run
+    n = GPTShape(**MODEL).num_parameters()
+    for name, flags in (("bits4", {}), ("bits4_factored", dict(stquant_exp_avg_sq_format="factored"))):
+        ck = estimate(**MODEL, data_parallel_size=2, stquant_bits=4, **flags)["checkpoint"]
+        assert ck["stock"] == ck["ours_dense"] == 14 * n
+        for kind in ("stock", name):
+            on_disk = _dir_bytes(os.path.join(tmp, kind))
+            assert ck["stock"] <= on_disk <= 1.02 * ck["stock"], (kind, on_disk, ck["stock"])
+        on_disk = _dir_bytes(os.path.join(tmp, name + "_packed"))
+        assert ck["ours_packed"] <= on_disk <= 1.04 * ck["ours_packed"], (name, on_disk, ck["ours_packed"])
+        assert on_disk < 0.55 * ck["stock"], (name, on_disk, ck["stock"])
     ck = estimate(**MODEL, data_parallel_size=2, stquant_bits=4)["checkpoint"]
-    assert ck["stock"] == ck["ours_today"] == 14 * GPTShape(**MODEL).num_parameters()
-    for name in ("stock", "bits4", "bits4_factored"):
-        on_disk = _dir_bytes(os.path.join(tmp, name))
-        assert ck["stock"] <= on_disk <= 1.02 * ck["stock"], (name, on_disk, ck["stock"])
-    n = GPTShape(**MODEL).num_parameters()  # planned: weights, fp32 params, 4-bit moments (escapes at 8 B)
-    packed = (2 + 4 + 2 * 4.25 / 8) * n  # escapes (under 1% of the elements) cost 8 B instead
-    assert packed <= ck["packed_planned"] <= packed + 0.01 * 8 * n
+    packed = (2 + 4 + 2 * 4.25 / 8) * n  # weights, fp32 params, 4-bit moments (escapes, under 1%, cost 8 B instead)
+    assert packed <= ck["ours_packed"] <= packed + 0.01 * 8 * n
 
 
 def test_cli_table_and_json(capsys):

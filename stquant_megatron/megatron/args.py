@@ -72,6 +72,10 @@ def add_stquant_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                         "'embedding.word_embeddings.weight') whose exp_avg_sq is never factored")
     g.add_argument("--stquant-backend", default=d.backend, choices=("auto", "torch", "triton"),
                    help="fused-step implementation: auto = Triton on CUDA, PyTorch elsewhere")
+    g.add_argument("--stquant-checkpoint-format", choices=("dense", "packed"), default="dense",
+                   help="optimizer moments in torch_dist dp_reshardable checkpoints: dense fp32 (Megatron's own, loadable "
+                        "by stock Megatron) or packed as in memory (about 1/8 of the moments' bytes; loads only with "
+                        "stquant-megatron, reshards across data-parallel sizes)")
     g.add_argument("--stquant-compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the PyTorch (CPU) path: auto = units of 2**18+ elements")
     return parser
@@ -126,7 +130,8 @@ def flag_table() -> str:
             default = "on" if a.default else "off"
         else:
             default = "unset" if a.default is None else str(a.default)
-        field = "(turns the patch on)" if a.dest == "stquant" else f"`{a.dest[len('stquant_'):]}`"
+        field = {"stquant": "(turns the patch on)", "stquant_checkpoint_format": "(checkpoints: `patch(checkpoint_format=)`)"}.get(
+            a.dest, f"`{a.dest[len('stquant_'):]}`")  # fmt: skip
         rows.append(f"| `{flag}` | {default} | {field} | {a.help or ''} |")
     return "\n".join(rows)
 

@@ -33,9 +33,10 @@ returns a dict; ``format_table`` renders it. What is modelled, and what is assum
 * **Checkpoint** (``--ckpt-format torch_dist``, ``dp_reshardable``, the whole model): the model
   weights once (2 or 4 B) plus the distributed optimizer's buffers of every (TP, PP) domain in fp32:
   ``param`` (4 B) and both moments (8 B) per element, so tensors replicated over TP, and a tied
-  embedding's second copy, count once per holder. STQuant writes the same dense fp32 moments today
-  (so its checkpoints load into stock Megatron and back); packed moments on disk are future work
-  (issue 18), shown as "packed (planned)": the in-memory moment bytes of every element once.
+  embedding's second copy, count once per holder. STQuant writes the same dense fp32 moments by
+  default (``--stquant-checkpoint-format dense``: its checkpoints load into stock Megatron and back);
+  with ``--stquant-checkpoint-format packed`` the moments are written as they are in memory
+  (``packed_checkpoint``): the in-memory moment bytes of every element once, params and weights as stock.
 """
 
 from __future__ import annotations
@@ -431,11 +432,12 @@ def estimate(
         "weights": weights,
         "optimizer_elements": buf_elems,
         "stock": ckpt_stock,
-        "ours_today": ckpt_stock,
-        "packed_planned": round(weights + 4 * buf_elems + packed_moment_bytes),
+        "ours_dense": ckpt_stock,
+        "ours_packed": round(weights + 4 * buf_elems + packed_moment_bytes),
     }
-    notes.append("checkpoints (torch_dist dp_reshardable, whole model): STQuant writes dense fp32 moments today, "
-                 "the same bytes as stock; packed checkpoints are future work (issue 18): 'packed (planned)'")
+    notes.append("checkpoints (torch_dist dp_reshardable, whole model): STQuant writes dense fp32 moments by default, "
+                 "the same bytes as stock and loadable by stock Megatron; --stquant-checkpoint-format packed writes them as "
+                 "in memory (loads with stquant-megatron only, reshards across data-parallel sizes)")
     if stquant_min_numel != 4096 and shape is None:
         notes.append("--stquant-min-numel is ignored without a model shape")
     if busiest_ours != busiest:
@@ -510,8 +512,8 @@ def format_table(est: dict) -> str:
         f"| {'':<34} | {'bytes':>12} | {'B/param':>7} |",
         f"|{'-' * 36}|{'-' * 13}:|{'-' * 8}:|",
         f"| {'stock':<34} | {_gib(c['stock']):>12} | {bp(c['stock']):>7.2f} |",
-        f"| {'STQuant today (dense fp32 moments)':<34} | {_gib(c['ours_today']):>12} | {bp(c['ours_today']):>7.2f} |",
-        f"| {'STQuant packed (planned)':<34} | {_gib(c['packed_planned']):>12} | {bp(c['packed_planned']):>7.2f} |",
+        f"| {'STQuant, dense moments (default)':<34} | {_gib(c['ours_dense']):>12} | {bp(c['ours_dense']):>7.2f} |",
+        f"| {'STQuant, packed moments':<34} | {_gib(c['ours_packed']):>12} | {bp(c['ours_packed']):>7.2f} |",
         "",
     ]
     lines += [f"- {note}" for note in est["notes"]]

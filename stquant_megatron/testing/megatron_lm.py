@@ -51,13 +51,15 @@ Recording (for tests): with ``STQUANT_LM_RECORD=<dir>`` each rank writes ``<dir>
 ``local_losses`` (this rank's own per-iteration loss, from the forward-backward output before
 Megatron's data-parallel all-reduce), and at the end ``optimizers`` (per DistributedOptimizer:
 inner class, state bytes, params, this rank's unit bits, the scheduler's bits for every unit of
-the optimizer, its average bits and number of decisions). The wrapper also prints
+the optimizer, its average bits and number of decisions), ``saves`` / ``loads`` (per checkpoint save or
+load: wall seconds, resident memory before and its peak during it). The wrapper also prints
 ``[stquant-lm] optimizer state: X B/param`` on every rank.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -68,6 +70,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 
 __all__ = ["CPU_FLAGS", "FIXTURES", "LMRun", "MegatronLMError", "ensure_helpers_cpp", "gpt_args", "main",
@@ -158,7 +161,7 @@ def ensure_helpers_cpp(mcore_dir: str | None = None) -> str:
 
 
 # ------------------------------------------------------------------------------------ the wrapper
-_REC: dict = {"iterations": [], "local_losses": [], "optimizers": None}
+_REC: dict = {"iterations": [], "local_losses": [], "optimizers": None, "saves": [], "loads": []}
 _STATE: dict = {"optimizer": None}
 
 
@@ -213,6 +216,36 @@ def _optimizer_summary(optimizer) -> list[dict]:
     return out
 
 
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextlib.contextmanager
+def _measured(kind: str):
+    """Record the wall time of a checkpoint save or load and this process's peak resident memory during
+    it (sampled every 2 ms by a thread; ``rss_before``: just before), in ``_REC[kind]``."""
+    before, peak, done = _rss(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            done.wait(0.002)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds = time.perf_counter() - t0
+        done.set()
+        t.join()
+        peak[0] = max(peak[0], _rss())
+        _REC[kind].append({"seconds": seconds, "rss_before": before, "rss_peak": peak[0]})
+        _flush_record()
+
+
 def _install_workarounds() -> None:
     import typing
 
@@ -263,12 +296,22 @@ def _install_workarounds() -> None:
     def load_checkpoint(model, optimizer, *args, **kwargs):
         if optimizer is not None:
             gpt.init_stock_adam_state(optimizer)
-        out = orig_load(model, optimizer, *args, **kwargs)
+        with _measured("loads"):
+            out = orig_load(model, optimizer, *args, **kwargs)
         if optimizer is not None:  # 6b.
             gpt.restore_stock_adam_steps(optimizer)
         return out
 
     mtrain.load_checkpoint = load_checkpoint
+
+    orig_save = mtrain.save_checkpoint  # recording: time and host memory of each save
+
+    @functools.wraps(orig_save)
+    def save_checkpoint(*args, **kwargs):
+        with _measured("saves"):
+            return orig_save(*args, **kwargs)
+
+    mtrain.save_checkpoint = save_checkpoint
 
     # 9. Without Transformer Engine, CLIPViTModel's default ``ln_pre_impl`` is ``torch.nn.LayerNorm``,
     # which it then builds with Megatron's ``config=`` keyword (TypeError in megatron-core 0.19.2);
