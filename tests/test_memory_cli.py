@@ -219,7 +219,7 @@ def test_cli_table_and_json(capsys):
     assert abs(g["moments_ours"] - n / 8 * 2 * 4.25 / 8) < 1e-3 * n  # escapes (norms) are 0.004% here
     assert cli_main(argv) == 0
     table = capsys.readouterr().out
-    assert "6,738,415,616 parameters" in table and "checkpoint" in table and "packed (planned)" in table
+    assert "6,738,415,616 parameters" in table and "checkpoint" in table and "STQuant, packed moments" in table
     with pytest.raises(SystemExit):  # exclusive, as the launch flags
         cli_main(["memory", "--num-parameters", "7B", "--stquant-bits", "4", "--stquant-avg-bits", "4"])
     assert cli_main(["memory", "--num-parameters", "7B", "--world-size", "12", "--tensor-model-parallel-size", "8"]) == 2
