@@ -144,6 +144,9 @@ def test_gpt_dp2_stquant8_launch_tracks_stock(precision, tmp_path, tmp_path_fact
     "name,precision,route,flags",
     [
         pytest.param("fixed4", "bf16", "launch", ["--stquant-bits", "4", *PACKED], marks=megatron_lm),
+        # the same with the moments written packed (stquant_megatron.megatron.packed_checkpoint)
+        pytest.param("packed-ckpt", "bf16", "launch", ["--stquant-bits", "4", "--stquant-checkpoint-format", "packed",
+                                                       *PACKED], marks=megatron_lm),  # fmt: skip
         pytest.param("sched4", "fp32", "patches", SCHED, marks=megatron_lm),
         # scheduled 4.0 bits (the default) with the matrices' exp_avg_sq factored
         pytest.param("factored", "bf16", "launch", ["--stquant-exp-avg-sq-format", "factored"], marks=megatron_lm),
@@ -270,6 +273,39 @@ def test_gpt_checkpoints_interchange_with_stock(tmp_path):
             losses=into_ours.losses())
     print(f"stock -> 8-bit: {into_ours.losses()} vs {runs['stock'].losses()[3:]}; "
           f"8-bit -> stock: {into_stock.losses()} vs {runs['st8'].losses()[3:]}")  # fmt: skip
+
+
+@pytest.mark.megatron
+@pytest.mark.megatron_lm
+def test_gpt_packed_checkpoint_reshards_to_one_rank_and_stock_refuses_it(tmp_path):
+    """A packed torch_dist checkpoint of a DP=2 job (scheduled, the default config) resumes on one rank
+    (DP=1: shards re-coded from the saved codes; the same global batch in 2 micro-batches): the first
+    resumed loss is the saving job's next one (the params are exact), the next two within 1e-2; a stock
+    job pointed at it stops at load with the message that names the way back, and writes nothing."""
+    from stquant_megatron.megatron.packed_checkpoint import PACKED_DP_RESHARDABLE
+    from stquant_megatron.testing.megatron_lm import MegatronLMError
+
+    ck = str(tmp_path / "ckpt")
+    flags = ["--stquant", "--stquant-checkpoint-format", "packed", "--ckpt-format", "torch_dist"]
+    saver = run_megatron_lm("pretrain_gpt.py", gpt_args(iters=ITERS) + flags + ["--save", ck, "--save-interval", "3"],
+                            route="launch", workdir=str(tmp_path / "save"))  # fmt: skip
+    from megatron.core import dist_checkpointing
+
+    saved = dist_checkpointing.load_content_metadata(os.path.join(ck, "iter_0000003"))
+    assert saved["distrib_optim_sharding_type"] == PACKED_DP_RESHARDABLE, saved
+    one = run_megatron_lm("pretrain_gpt.py", gpt_args(iters=ITERS, mbs=2, gbs=4) + flags + ["--load", ck, "--ckpt-step", "3"],
+                          nproc=1, route="launch", workdir=str(tmp_path / "dp1"))  # fmt: skip
+    ref = saver.losses()[3:]
+    assert one.iterations() == [4, 5, 6]
+    assert abs(one.losses()[0] - ref[0]) <= 1e-6 * ref[0], (one.losses(), ref)
+    assert _rel_close(one.losses(), ref, 1e-2), (one.losses(), ref)
+    with pytest.raises(MegatronLMError) as info:
+        run_megatron_lm("pretrain_gpt.py", gpt_args(iters=ITERS) + ["--ckpt-format", "torch_dist", "--load", ck,
+                                                                   "--ckpt-step", "3"], workdir=str(tmp_path / "stock"))  # fmt: skip
+    assert "--stquant-checkpoint-format dense" in str(info.value), str(info.value)[-3000:]
+    _record("GPT DP=2 bf16, `--stquant --stquant-checkpoint-format packed` → DP=1 job; → stock job", "launch", saver,
+            "DP=1 resume: first loss within 1e-6, then within 1e-2; stock job refused with the way back")
+    print(f"packed DP=2 -> DP=1: {one.losses()} vs {ref}")
 
 
 # --------------------------------------------------------------------------------------------- MoE
