@@ -7,6 +7,7 @@ the tensor chunk by chunk, so they never hold more than one chunk in fp32 beside
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -16,6 +17,14 @@ from .formats.packing import num_blocks, pack_codes, unpack_codes
 from .kernels.torch_adam import CHUNK_ELEMENTS, dequantize_blocks, quantize_blocks
 
 _SCALE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _integer(value: Any, field: str, where: str) -> int:
+    """A whole-number field of a saved state (``to_dict`` writes Python ints): anything else, a float
+    such as 3.5, a bool or a string, is a damaged entry, not something to round."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{where} has {field}={value!r} ({type(value).__name__}); it must be an int")
+    return int(value)
 
 
 class PackedState:
@@ -164,14 +173,16 @@ class PackedState:
         if not isinstance(d, dict):
             raise ValueError(f"{where} should be a dict from PackedState.to_dict(); got {type(d).__name__}")
         try:
-            bits, kind, signed = int(d["bits"]), str(d["codebook"]), bool(d["signed"])
-            numel, block_size = int(d["numel"]), int(d["block_size"])
-            codes, scale = d["codes"], d["scale"]
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"{where} is malformed ({e!r}); keys found: {sorted(d)}") from None
-        if numel < 0 or block_size <= 0 or block_size % 8:
+            bits, numel, block_size = (_integer(d[k], k, where) for k in ("bits", "numel", "block_size"))
+            kind, signed, codes, scale = d["codebook"], d["signed"], d["codes"], d["scale"]
+        except KeyError as e:
+            raise ValueError(f"{where} is malformed ({e!r}); keys found: {sorted(map(str, d))}") from None
+        if not isinstance(kind, str) or not isinstance(signed, bool):
+            raise ValueError(f"{where} has codebook={kind!r}, signed={signed!r}; codebook must be a kind name (str), "
+                             "signed a bool")  # fmt: skip
+        if numel < 0 or block_size < 8 or block_size & (block_size - 1):
             raise ValueError(f"{where} has numel={numel}, block_size={block_size}; "
-                             "need numel >= 0 and a block size that is a positive multiple of 8")  # fmt: skip
+                             "need numel >= 0 and a block size that is a power of two >= 8")  # fmt: skip
         if not MIN_BITS <= bits <= MAX_BITS:
             raise ValueError(f"{where} has bits={bits}; allowed widths are {MIN_BITS}..{MAX_BITS}")
         try:
@@ -298,9 +309,10 @@ class FactoredState:
                 raise ValueError(f"{where}: {name} should be a 1-D fp32 tensor; got {got}")
             if not bool((torch.isfinite(t) & (t >= 0)).all()):
                 raise ValueError(f"{where}: {name} statistics must be finite and >= 0 (means of g**2)")
+        offset = _integer(d.get("offset", 0), "offset", where)
+        numel = None if d.get("numel") is None else _integer(d["numel"], "numel", where)
         try:
-            return cls(row.to(device).contiguous().clone(), col.to(device).contiguous().clone(), d.get("offset", 0),
-                       d.get("numel"))  # fmt: skip
+            return cls(row.to(device).contiguous().clone(), col.to(device).contiguous().clone(), offset, numel)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{where}: {e}") from None
 

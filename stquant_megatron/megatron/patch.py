@@ -318,9 +318,9 @@ def _set(orig):
             return orig(self, model_param, tensors)
         gi, go = self.model_param_group_index_map[model_param]
         main = inner.param_groups[gi]["params"][go]
+        checkpoint.set_moments(inner, main, tensors)  # checks every tensor first ("param" too): a bad one changes nothing
         if torch.is_tensor(tensors.get("param")):
             main.copy_(tensors["param"].view_as(main))
-        checkpoint.set_moments(inner, main, tensors)
 
     return patched_set_main_param_and_optimizer_states
 
