@@ -160,6 +160,14 @@ class PackedState:
             new = host.recode(bits, kind, device=dev)
         self.codes, self.scale, self.codebook = new.codes, new.scale, new.codebook
 
+    def to_(self, device: torch.device | str) -> PackedState:
+        """Move codes, scales and the codebook's tables to ``device``, in place (like ``nn.Module.to``;
+        Megatron's ``offload_to_cpu`` / ``restore_from_cpu`` only move plain tensors). Returns self."""
+        device = torch.device(device)
+        self.codes, self.scale = self.codes.to(device), self.scale.to(device)
+        self.codebook = get_codebook(self.codebook.kind, self.bits, self.signed, device)
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         """Tensors and plain values only: loads with ``torch.load(..., weights_only=True)``."""
         return {
@@ -291,6 +299,11 @@ class FactoredState:
         self.col.copy_(v.mean(0))
         return self
 
+    def to_(self, device: torch.device | str) -> FactoredState:
+        """Move the row and column statistics to ``device``, in place (``PackedState.to_``). Returns self."""
+        self.row, self.col = self.row.to(device), self.col.to(device)
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         out = {"factored": True, "row": self.row, "col": self.col}
         if self.sharded:
@@ -322,7 +335,7 @@ class FactoredState:
 
 
 QUANTIZED_STATES = (PackedState, FactoredState)
-"""Moment storage that is not a plain fp32 tensor (both have ``dequantize``, ``copy_``, ``nbytes``, ``to_dict``)."""
+"""Moment storage that is not a plain fp32 tensor (both have ``dequantize``, ``copy_``, ``nbytes``, ``to_dict``, ``to_``)."""
 
 
 def state_from_dict(d: dict[str, Any], device: torch.device, where: str) -> PackedState | FactoredState:

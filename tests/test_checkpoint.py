@@ -3,19 +3,25 @@
 - ``STQuantAdamW.load_state_dict`` with one damaged moment (packed, factored, fp32 escape, step):
   a ``ValueError`` naming the parameter and the moment, and the optimizer exactly as it was
   (every state tensor and object, step counters, the clock, param groups, the scheduler).
+- ``PackedState.to_`` / ``FactoredState.to_`` and the offload helper of the Megatron patch move every
+  tensor of a quantized moment (the codebook's tables included).
+- Megatron (CPU, gloo, 2 ranks; marker ``megatron``): damaged tensors given to the ``_set_`` seam are
+  rejected without change; ``offload_to_cpu`` / ``restore_from_cpu`` round-trip the packed state bit for bit and training continues as if they
+  had not run.
 """
 
 from __future__ import annotations
 
 import copy
 import io
+import types
 from typing import Any
 
 import pytest
 import torch
 
 from stquant_megatron import STQuantAdamW, STQuantConfig
-from stquant_megatron.state import FactoredState, PackedState
+from stquant_megatron.state import QUANTIZED_STATES, FactoredState, PackedState
 
 # exp_avg packed (scheduled widths); exp_avg_sq factored, except for "2.weight" (packed); "4.weight"
 # and the biases are fp32 escapes (below min_numel)
@@ -267,3 +273,212 @@ def test_undamaged_checkpoint_loads_exactly(saved_state_dict):
     got = _snapshot(opt)
     for key in ("state", "global_step", "scheduler"):
         _assert_same(ref[key], got[key], key)
+
+
+# --------------------------------------------------------------------- device moves of quantized states
+def test_to_moves_every_tensor_of_a_quantized_state():
+    """``to_`` moves codes, scales and the codebook's tables (packed) or the statistics (factored), in place.
+    This machine has no accelerator: "meta" stands for the other device (it keeps no values, so the
+    values' round trip is tested on CPU below and, where CUDA exists, in the CUDA test)."""
+    packed = PackedState.zeros(300, bits=3, kind="pow2", signed=True, block_size=64)
+    packed.copy_(torch.randn(300))
+    fact = FactoredState.zeros((8, 16), offset=3, numel=100)
+    assert packed.to_("meta") is packed and fact.to_(torch.device("meta")) is fact
+    tensors = [packed.codes, packed.scale, packed.codebook.qmap, packed.codebook.bounds, fact.row, fact.col]
+    assert all(t.device.type == "meta" for t in tensors), [t.device for t in tensors]
+    assert (packed.bits, packed.codebook.kind, packed.numel, fact.shape, fact.offset, fact.numel) == (3, "pow2", 300, (8, 16), 3, 100)
+    # on the device they are already on: nothing is copied
+    cpu = PackedState.zeros(300, bits=3, kind="pow2", signed=True, block_size=64).copy_(torch.randn(300))
+    codes, scale = cpu.codes, cpu.scale
+    cpu.to_("cpu")
+    assert cpu.codes is codes and cpu.scale is scale
+
+
+def _inner_holder(opt):
+    """What ``patch._move_states`` reads of a Megatron optimizer: its ``.optimizer``."""
+    return types.SimpleNamespace(optimizer=opt)
+
+
+def test_offload_helper_moves_every_quantized_state_and_keeps_steps_on_the_host():
+    from stquant_megatron.megatron.patch import _move_states
+
+    model, opt = _model_and_optimizer(steps=3)
+    _move_states(_inner_holder(opt), "meta")
+    n = 0
+    for p, st in opt.state.items():
+        assert st["step"].device.type == "cpu"
+        for key in ("exp_avg", "exp_avg_sq"):
+            v = st[key]
+            if isinstance(v, QUANTIZED_STATES):
+                ts = [v.codes, v.scale, v.codebook.qmap, v.codebook.bounds] if isinstance(v, PackedState) else [v.row, v.col]
+                assert all(t.device.type == "meta" for t in ts), (opt.param_name(p), key)
+                n += 1
+            else:  # fp32 escapes: plain tensors, which Megatron's own offload moves
+                assert v.device.type == "cpu"
+    assert n == 4  # exp_avg of both matrices, the packed exp_avg_sq of "2.weight", the factored one of "0.weight"
+
+
+def test_offload_helper_round_trip_on_this_device_changes_nothing():
+    """The restore direction (each state to its parameter's device): on this CPU-only machine it is the
+    identity, which must leave the state and the training exactly as they were."""
+    from stquant_megatron.megatron.patch import _move_states
+
+    model_a, opt_a = _model_and_optimizer(steps=3)
+    model_b, opt_b = _model_and_optimizer(steps=3)
+    before = _snapshot(opt_b)
+    _move_states(_inner_holder(opt_b), "cpu")
+    _move_states(_inner_holder(opt_b))
+    _assert_same(before, _snapshot(opt_b))
+    _train(model_a, opt_a, 2, start=3)
+    _train(model_b, opt_b, 2, start=3)
+    _assert_same(_snapshot(opt_a)["state"], _snapshot(opt_b)["state"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the offload round trip GPU -> CPU -> GPU)")
+def test_offload_round_trip_on_cuda_is_exact():
+    """GPU -> CPU -> GPU: every quantized tensor on the CPU in between, bit-identical afterwards, and the
+    next steps equal those of a twin that never moved."""
+    from stquant_megatron.megatron.patch import _move_states
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32)).cuda()
+        return model, STQuantAdamW(model.named_parameters(), lr=1e-2, config=STQuantConfig(**CONFIG))
+
+    def steps(model, opt, n, seed):
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        for _ in range(n):
+            opt.zero_grad()
+            model(torch.randn(16, 64, device="cuda", generator=gen)).pow(2).mean().backward()
+            opt.step()
+
+    (ma, oa), (mb, ob) = build(), build()
+    steps(ma, oa, 3, 1)
+    steps(mb, ob, 3, 1)
+    before = _snapshot(ob)
+    _move_states(_inner_holder(ob), "cpu")
+    for st in ob.state.values():
+        for v in st.values():
+            if isinstance(v, PackedState):
+                assert v.codes.device.type == v.scale.device.type == v.codebook.qmap.device.type == "cpu"
+            elif isinstance(v, FactoredState):
+                assert v.row.device.type == v.col.device.type == "cpu"
+    _move_states(_inner_holder(ob))
+    _assert_same(before, _snapshot(ob))
+    steps(ma, oa, 2, 2)
+    steps(mb, ob, 2, 2)
+    _assert_same(_snapshot(oa)["state"], _snapshot(ob)["state"])
+
+
+# --------------------------------------------------------------------- Megatron (CPU, gloo, 2 ranks)
+# exp_avg packed at 4 bits; exp_avg_sq factored (statistics all-reduced over the DP shards), except for the
+# word embeddings (packed); norms and biases fp32 escapes
+MEGATRON = dict(bits=4, exp_avg_sq_format="factored", never_factor=["embedding.word_embeddings.weight"])
+
+
+def _megatron_run(rank, world, spec):
+    """One rank: patched GPT + DistributedOptimizer, trained, then what ``spec`` asks; returns what the test checks."""
+    from megatron.core.optimizer.optimizer import MegatronOptimizer
+
+    from stquant_megatron.megatron import patch, unpatch
+    from stquant_megatron.testing import gpt, init_megatron_parallel
+
+    stock = {name: vars(MegatronOptimizer)[name] for name in ("offload_to_cpu", "restore_from_cpu")}
+    init_megatron_parallel(1, 1)
+    patch(STQuantConfig(**MEGATRON))
+    model, opt = gpt.build_gpt_and_optimizer(lr=3e-3, num_layers=2, hidden_size=64, bf16=True)
+    (d,) = gpt.distributed_optimizers(opt)
+    inner = d.optimizer
+    res: dict[str, Any] = {"losses": [h["loss"] for h in gpt.train(model, opt, 3)]}
+    kinds = {type(v).__name__ for st in inner.state.values() for v in st.values()}
+    res["kinds"] = sorted(kinds)
+    res["sharded"] = sum(isinstance(v, FactoredState) and v.sharded for st in inner.state.values() for v in st.values())
+    before = _snapshot(inner)
+    if spec.get("refuse"):
+        # damaged dense tensors through the _set_ seam (what every current format calls per parameter): a
+        # perturbed "param" next to a damaged moment must not be written either
+        model_param = next(p for p in d.model_param_group_index_map if p.dim() == 2 and p.numel() >= 4096)
+        good = d._get_main_param_and_optimizer_states(model_param)
+        res["seam_param"] = inner.param_name(good["param"])
+        res["seam_factored"] = isinstance(inner.state[good["param"]]["exp_avg_sq"], FactoredState)
+        damages = {
+            "nan_exp_avg": ("exp_avg", lambda t: torch.full_like(t, float("nan"))),
+            "negative_exp_avg_sq": ("exp_avg_sq", lambda t: t - 1.0),
+            "short_exp_avg": ("exp_avg", lambda t: t[:-1]),
+            "short_param": ("param", lambda t: t[:-1]),
+        }
+        res["seam"] = {}
+        for case, (key, damage) in damages.items():
+            tensors = {k: v.detach().float().cpu().clone() for k, v in good.items()}
+            tensors["param"] += 1.0
+            tensors[key] = damage(tensors[key])
+            try:
+                d._set_main_param_and_optimizer_states(model_param, tensors)
+                res["seam"][case] = None
+            except ValueError as e:
+                res["seam"][case] = str(e)
+            _assert_same(before, _snapshot(inner), f"after the seam's {case}")
+        inner.finish_factored_load()  # collective, as after any load: nothing staged, nothing changes
+        _assert_same(before, _snapshot(inner), "after finish_factored_load")
+    if spec.get("offload"):
+        # Megatron's offload_to_cpu / restore_from_cpu (RL training), through the ChainedOptimizer. On this
+        # CPU-only machine the CPU shim makes .cuda() the identity, so the moves themselves are identities
+        # here: what is checked is that every quantized state goes through to_ with the right device (to the
+        # host, then back to its parameter's), that nothing changes and that training goes on as without
+        # them. The real GPU -> CPU -> GPU move is test_offload_round_trip_on_cuda_is_exact (skipped without CUDA).
+        moves = []
+        originals = {cls: cls.to_ for cls in (PackedState, FactoredState)}
+        for cls, to_ in originals.items():
+            setattr(cls, "to_", lambda self, device, _to=to_: (moves.append((id(self), torch.device(device).type)), _to(self, device))[1])
+        try:
+            opt.offload_to_cpu()
+            res["offloaded"] = sorted(moves)
+            res["on_host"] = all(t.device.type == "cpu" for st in inner.state.values() for v in st.values()
+                                 for t in ([v.codes, v.scale, v.codebook.qmap] if isinstance(v, PackedState) else
+                                           [v.row, v.col] if isinstance(v, FactoredState) else [v]))  # fmt: skip
+            moves.clear()
+            opt.restore_from_cpu()
+            res["restored"] = sorted(moves)
+        finally:
+            for cls, to_ in originals.items():
+                setattr(cls, "to_", to_)
+        res["quantized"] = sorted(id(v) for st in inner.state.values() for v in st.values() if isinstance(v, QUANTIZED_STATES))
+        res["param_devices"] = sorted({p.device.type for p in inner.state})
+        _assert_same(before, _snapshot(inner), "after offload_to_cpu + restore_from_cpu")
+    res["continued"] = [h["loss"] for h in gpt.train(model, opt, spec.get("more", 0), start_step=3)]
+    unpatch()
+    res["unpatched"] = all(vars(MegatronOptimizer)[name] is stock[name] for name in stock)
+    return res
+
+
+@pytest.mark.megatron
+def test_megatron_refuses_damaged_seam_tensors_without_change():
+    from stquant_megatron.testing import run_distributed
+
+    for r in run_distributed(_megatron_run, 2, dict(refuse=True, more=1), timeout=400):
+        assert r["kinds"] == ["FactoredState", "PackedState", "Tensor"] and r["sharded"] > 0, r
+        assert r["seam_factored"]
+        for case, msg in r["seam"].items():
+            key = {"nan_exp_avg": "exp_avg", "negative_exp_avg_sq": "exp_avg_sq", "short_exp_avg": "exp_avg",
+                   "short_param": "param"}[case]  # fmt: skip
+            assert msg and f"{key} of '{r['seam_param']}'" in msg, (case, msg)
+        assert r["unpatched"]
+        assert len(r["continued"]) == 1 and r["continued"][0] == r["continued"][0]
+
+
+@pytest.mark.megatron
+def test_megatron_offload_and_restore_move_packed_state_and_training_goes_on():
+    from stquant_megatron.testing import run_distributed
+
+    straight = run_distributed(_megatron_run, 2, dict(more=2), timeout=400)
+    moved = run_distributed(_megatron_run, 2, dict(offload=True, more=2), timeout=400)
+    for r, s in zip(moved, straight):
+        assert r["kinds"] == ["FactoredState", "PackedState", "Tensor"] and r["sharded"] > 0, r
+        assert r["on_host"]
+        quantized = r["quantized"]
+        assert len(quantized) > 4
+        # offload: every quantized state to the host; restore: every one to its parameter's device
+        assert r["offloaded"] == sorted((q, "cpu") for q in quantized), (r["offloaded"], quantized)
+        assert r["restored"] == sorted((q, dev) for q in quantized for dev in r["param_devices"]), r["restored"]
+        assert r["losses"] == s["losses"] and r["continued"] == s["continued"], (r, s)
+        assert r["unpatched"]

@@ -18,6 +18,8 @@ Seams (all looked up at call time, so no Megatron file is edited):
 - ``DistributedOptimizer.load_parameter_state_from_*`` (every parameter-state format): afterwards,
   the factored ``exp_avg_sq`` statistics of sharded matrices are rebuilt from every rank's loaded
   shard (one all-reduce over the data-parallel group: ``STQuantAdamW.finish_factored_load``).
+- ``MegatronOptimizer.offload_to_cpu`` / ``restore_from_cpu`` (RL training): also move the packed and
+  factored moments (the originals move plain tensors only), restored to their parameters' device.
 - ``megatron.training.arguments.add_megatron_arguments`` (when Megatron-LM's ``megatron.training``
   exists, e.g. the 0.19.2 wheel): also registers the ``--stquant-*`` flags.
 
@@ -40,6 +42,7 @@ import torch
 from .. import checkpoint
 from ..config import MOMENTS, STQuantConfig
 from ..optim import STQuantAdamW
+from ..state import QUANTIZED_STATES
 from .args import add_stquant_args, config_from_args
 
 SUPPORTED_VERSIONS = ((0, 16), (0, 20))
@@ -348,6 +351,39 @@ def _finish_load(orig):
     return patched_load_parameter_state
 
 
+def _move_states(self, device: Any = None) -> None:
+    """Packed and factored moments of ``self``'s STQuantAdamW to ``device`` (None: each to its parameter's
+    device); per-parameter step counters stay on the host, where the optimizer keeps them. The scheduler's
+    few KB of statistics stay where they are."""
+    for p, st in self.optimizer.state.items():
+        for key, v in st.items():
+            if isinstance(v, QUANTIZED_STATES):
+                v.to_(p.device if device is None else device)
+            elif key == "step" and torch.is_tensor(v) and v.device.type != "cpu":
+                st[key] = v.cpu()
+
+
+def _offload(orig):
+    @functools.wraps(orig)
+    def patched_offload_to_cpu(self):
+        if isinstance(getattr(self, "optimizer", None), STQuantAdamW) and not getattr(self, "is_stub_optimizer", False):
+            _move_states(self, "cpu")  # first: the original then frees the accelerator's cache
+        return orig(self)  # parameters and plain tensors (fp32 escapes)
+
+    return patched_offload_to_cpu
+
+
+def _restore(orig):
+    @functools.wraps(orig)
+    def patched_restore_from_cpu(self):
+        result = orig(self)  # parameters and plain tensors back to the accelerator
+        if isinstance(getattr(self, "optimizer", None), STQuantAdamW) and not getattr(self, "is_stub_optimizer", False):
+            _move_states(self)  # the moments follow their parameters
+        return result
+
+    return patched_restore_from_cpu
+
+
 def _add_args(orig):
     @functools.wraps(orig)
     def patched_add_megatron_arguments(parser):
@@ -360,6 +396,13 @@ def _replace(owner: Any, name: str, make) -> None:
     orig = getattr(owner, name)
     _ORIGINALS.append((owner, name, orig))
     setattr(owner, name, make(orig))
+
+
+def _replace_defined(cls: type, name: str, make) -> None:
+    """``_replace`` on the class of ``cls``'s MRO that defines ``name`` (nothing where no version has it)."""
+    owner = next((c for c in cls.__mro__ if name in vars(c)), None)
+    if owner is not None:
+        _replace(owner, name, make)
 
 
 def patch(config: STQuantConfig | None = None, *, from_args: bool = False) -> None:
@@ -391,6 +434,8 @@ def patch(config: STQuantConfig | None = None, *, from_args: bool = False) -> No
     for name in sorted(vars(DistributedOptimizer)):  # every way parameter state is loaded (dp_zero, dp_reshardable, ...)
         if name.startswith("load_parameter_state_from_") and callable(getattr(DistributedOptimizer, name)):
             _replace(DistributedOptimizer, name, _finish_load)
+    _replace_defined(DistributedOptimizer, "offload_to_cpu", _offload)  # RL training
+    _replace_defined(DistributedOptimizer, "restore_from_cpu", _restore)
     # Megatron-LM's parser: patched now if imported, else the moment it is imported (importing it
     # here would pull in all of megatron.training at interpreter start).
     _when_imported("megatron.training.arguments", lambda m: _replace(m, "add_megatron_arguments", _add_args))
