@@ -5,8 +5,9 @@
   (every state tensor and object, step counters, the clock, param groups, the scheduler).
 - ``PackedState.to_`` / ``FactoredState.to_`` and the offload helper of the Megatron patch move every
   tensor of a quantized moment (the codebook's tables included).
-- Megatron (CPU, gloo, 2 ranks; marker ``megatron``): damaged tensors given to the ``_set_`` seam are
-  rejected without change; ``offload_to_cpu`` / ``restore_from_cpu`` round-trip the packed state bit for bit and training continues as if they
+- Megatron (CPU, gloo, 2 ranks; marker ``megatron``): the legacy dp_zero loader is refused and damaged
+  tensors given to the ``_set_`` seam are rejected, both without change; ``offload_to_cpu`` /
+  ``restore_from_cpu`` round-trip the packed state bit for bit and training continues as if they
   had not run.
 """
 
@@ -378,12 +379,14 @@ MEGATRON = dict(bits=4, exp_avg_sq_format="factored", never_factor=["embedding.w
 
 def _megatron_run(rank, world, spec):
     """One rank: patched GPT + DistributedOptimizer, trained, then what ``spec`` asks; returns what the test checks."""
+    import megatron.core.optimizer.distrib_optimizer as dopt
     from megatron.core.optimizer.optimizer import MegatronOptimizer
 
     from stquant_megatron.megatron import patch, unpatch
     from stquant_megatron.testing import gpt, init_megatron_parallel
 
-    stock = {name: vars(MegatronOptimizer)[name] for name in ("offload_to_cpu", "restore_from_cpu")}
+    stock = {name: vars(cls)[name] for cls, name in ((dopt.DistributedOptimizer, "load_parameter_state_from_dp_zero_legacy"),
+                                                      (MegatronOptimizer, "offload_to_cpu"), (MegatronOptimizer, "restore_from_cpu"))}  # fmt: skip
     init_megatron_parallel(1, 1)
     patch(STQuantConfig(**MEGATRON))
     model, opt = gpt.build_gpt_and_optimizer(lr=3e-3, num_layers=2, hidden_size=64, bf16=True)
@@ -395,6 +398,18 @@ def _megatron_run(rank, world, spec):
     res["sharded"] = sum(isinstance(v, FactoredState) and v.sharded for st in inner.state.values() for v in st.values())
     before = _snapshot(inner)
     if spec.get("refuse"):
+        # the legacy loader, reached as Megatron-LM reaches it (--ckpt-convert-update-legacy-dist-opt-format):
+        # only DP rank 0 reads the file; every rank refuses before any collective
+        path = f"{spec['dir']}/legacy_distrib_optim.pt"
+        if rank == 0:
+            torch.save({}, path)
+        torch.distributed.barrier()
+        try:
+            opt.load_parameter_state(path, update_legacy_format=True)
+            res["legacy"] = None
+        except ValueError as e:
+            res["legacy"] = str(e)
+        _assert_same(before, _snapshot(inner), "after the legacy loader")
         # damaged dense tensors through the _set_ seam (what every current format calls per parameter): a
         # perturbed "param" next to a damaged moment must not be written either
         model_param = next(p for p in d.model_param_group_index_map if p.dim() == 2 and p.numel() >= 4096)
@@ -447,16 +462,21 @@ def _megatron_run(rank, world, spec):
         _assert_same(before, _snapshot(inner), "after offload_to_cpu + restore_from_cpu")
     res["continued"] = [h["loss"] for h in gpt.train(model, opt, spec.get("more", 0), start_step=3)]
     unpatch()
-    res["unpatched"] = all(vars(MegatronOptimizer)[name] is stock[name] for name in stock)
+    res["unpatched"] = all(vars(cls)[name] is stock[name] for cls, name in (
+        (dopt.DistributedOptimizer, "load_parameter_state_from_dp_zero_legacy"), (MegatronOptimizer, "offload_to_cpu"),
+        (MegatronOptimizer, "restore_from_cpu")))  # fmt: skip
     return res
 
 
 @pytest.mark.megatron
-def test_megatron_refuses_damaged_seam_tensors_without_change():
+def test_megatron_refuses_legacy_loader_and_damaged_seam_tensors_without_change(tmp_path):
     from stquant_megatron.testing import run_distributed
 
-    for r in run_distributed(_megatron_run, 2, dict(refuse=True, more=1), timeout=400):
+    for r in run_distributed(_megatron_run, 2, dict(refuse=True, dir=str(tmp_path), more=1), timeout=400):
         assert r["kinds"] == ["FactoredState", "PackedState", "Tensor"] and r["sharded"] > 0, r
+        msg = r["legacy"]
+        assert msg and "legacy" in msg and "Nothing was loaded" in msg and "--ckpt-convert-save" in msg, msg
+        assert "without --stquant" in msg, msg
         assert r["seam_factored"]
         for case, msg in r["seam"].items():
             key = {"nan_exp_avg": "exp_avg", "negative_exp_avg_sq": "exp_avg_sq", "short_exp_avg": "exp_avg",

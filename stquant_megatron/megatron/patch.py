@@ -18,6 +18,8 @@ Seams (all looked up at call time, so no Megatron file is edited):
 - ``DistributedOptimizer.load_parameter_state_from_*`` (every parameter-state format): afterwards,
   the factored ``exp_avg_sq`` statistics of sharded matrices are rebuilt from every rank's loaded
   shard (one all-reduce over the data-parallel group: ``STQuantAdamW.finish_factored_load``).
+- ``DistributedOptimizer.load_parameter_state_from_dp_zero_legacy`` (pre-2024 checkpoints): refused,
+  as it writes dense moments into ``optimizer.state`` past ``_set_``; convert with stock Megatron first.
 - ``MegatronOptimizer.offload_to_cpu`` / ``restore_from_cpu`` (RL training): also move the packed and
   factored moments (the originals move plain tensors only), restored to their parameters' device.
 - ``megatron.training.arguments.add_megatron_arguments`` (when Megatron-LM's ``megatron.training``
@@ -351,6 +353,23 @@ def _finish_load(orig):
     return patched_load_parameter_state
 
 
+def _refuse_legacy(orig):
+    @functools.wraps(orig)
+    def patched_load_parameter_state_from_dp_zero_legacy(self, *args, **kwargs):
+        if isinstance(self.optimizer, STQuantAdamW):  # every rank raises, before any collective
+            raise ValueError(
+                "stquant-megatron cannot load a pre-2024 legacy distributed-optimizer checkpoint "
+                "(load_parameter_state_from_dp_zero_legacy, --ckpt-convert-update-legacy-dist-opt-format): that "
+                "loader writes dense fp32 moments straight into optimizer.state, past the packed store. Nothing was "
+                "loaded. Convert it once with stock Megatron (without --stquant): load it with "
+                "--ckpt-convert-update-legacy-dist-opt-format and save it in a current format (--ckpt-convert-format "
+                "torch_dist --ckpt-convert-save DIR), then resume from DIR with --stquant"
+            )  # fmt: skip
+        return orig(self, *args, **kwargs)
+
+    return patched_load_parameter_state_from_dp_zero_legacy
+
+
 def _move_states(self, device: Any = None) -> None:
     """Packed and factored moments of ``self``'s STQuantAdamW to ``device`` (None: each to its parameter's
     device); per-parameter step counters stay on the host, where the optimizer keeps them. The scheduler's
@@ -434,6 +453,7 @@ def patch(config: STQuantConfig | None = None, *, from_args: bool = False) -> No
     for name in sorted(vars(DistributedOptimizer)):  # every way parameter state is loaded (dp_zero, dp_reshardable, ...)
         if name.startswith("load_parameter_state_from_") and callable(getattr(DistributedOptimizer, name)):
             _replace(DistributedOptimizer, name, _finish_load)
+    _replace_defined(DistributedOptimizer, "load_parameter_state_from_dp_zero_legacy", _refuse_legacy)
     _replace_defined(DistributedOptimizer, "offload_to_cpu", _offload)  # RL training
     _replace_defined(DistributedOptimizer, "restore_from_cpu", _restore)
     # Megatron-LM's parser: patched now if imported, else the moment it is imported (importing it
