@@ -18,18 +18,60 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .config import MOMENTS
-from .state import _SCALE_DTYPES, QUANTIZED_STATES, FactoredState, state_from_dict
+from .formats.codebooks import get_codebook
+from .state import _SCALE_DTYPES, QUANTIZED_STATES, FactoredState, PackedState, state_from_dict
 
 if TYPE_CHECKING:
     from .optim import STQuantAdamW
 
 STATE_FORMAT_VERSION = 1
+
+
+def _integer(value: Any, field: str, where: str) -> int:
+    """A whole-number field of a saved state (``to_dict`` writes Python ints): anything else, a float
+    such as 3.5, a bool or a string, is a damaged entry, not something to round."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{where} has {field}={value!r} ({type(value).__name__}); it must be an int")
+    return int(value)
+
+
+def saved_state(d: Any, device: torch.device, where: str) -> PackedState | FactoredState:
+    """A packed or factored moment from its ``to_dict()`` as read from a checkpoint: the plain fields'
+    types first (``state_from_dict`` then checks shapes, dtypes, ranges and values), ValueError naming ``where``."""
+    if isinstance(d, dict) and d.get("factored"):
+        for k in ("offset", "numel"):
+            if d.get(k) is not None:
+                _integer(d[k], k, where)
+    elif isinstance(d, dict):
+        missing = [k for k in ("bits", "numel", "block_size", "codebook", "signed", "codes", "scale") if k not in d]
+        if missing:
+            raise ValueError(f"{where} is malformed (missing {missing}); keys found: {sorted(map(str, d))}")
+        bits, numel, block_size = (_integer(d[k], k, where) for k in ("bits", "numel", "block_size"))
+        if not isinstance(d["codebook"], str) or not isinstance(d["signed"], bool):
+            raise ValueError(f"{where} has codebook={d['codebook']!r}, signed={d['signed']!r}; codebook must be a kind "
+                             "name (str), signed a bool")  # fmt: skip
+        if numel < 0 or block_size < 8 or block_size & (block_size - 1):
+            raise ValueError(f"{where} has numel={numel}, block_size={block_size}; "
+                             "need numel >= 0 and a block size that is a power of two >= 8")  # fmt: skip
+    return state_from_dict(d, device, where)
+
+
+def move_state(state: PackedState | FactoredState, device: torch.device | str) -> None:
+    """Move a packed moment's codes, scales and codebook tables, or a factored one's statistics, to
+    ``device`` in place (Megatron's ``offload_to_cpu`` / ``restore_from_cpu`` move plain tensors only)."""
+    device = torch.device(device)
+    if isinstance(state, FactoredState):
+        state.row, state.col = state.row.to(device), state.col.to(device)
+    else:
+        state.codes, state.scale = state.codes.to(device), state.scale.to(device)
+        state.codebook = get_codebook(state.codebook.kind, state.bits, state.signed, device)
 
 
 def state_dict(self: STQuantAdamW) -> dict[str, Any]:
@@ -164,11 +206,11 @@ def _load_moment(self: STQuantAdamW, p: torch.Tensor, key: str, value: Any, bits
     """A validated moment in this optimizer's format (packed at ``bits`` or the planned width)."""
     name = self.param_name(p)
     if isinstance(value, dict):
-        state = state_from_dict(value, p.device, where=f"checkpoint {key} of {name!r}")
-        if state.numel != p.numel() or state.signed != (key == "exp_avg"):
+        state = saved_state(value, p.device, where=f"checkpoint {key} of {name!r}")
+        if state.signed != (key == "exp_avg"):
             raise ValueError(
-                f"checkpoint {key} of {name!r} has numel={state.numel}, signed={state.signed}; "
-                f"the parameter has numel={p.numel()}: the checkpoint belongs to another model"
+                f"checkpoint {key} of {name!r} is stored {'signed' if state.signed else 'unsigned'}; exp_avg is "
+                "stored signed and exp_avg_sq unsigned: the two moments are swapped or the entry is damaged"
             )
         if isinstance(state, FactoredState) and (
             state.shape != (self._factor_shape(p) or FactoredState.factor_shape(p.shape))
@@ -178,6 +220,9 @@ def _load_moment(self: STQuantAdamW, p: torch.Tensor, key: str, value: Any, bits
                              f"{state.offset}; the parameter has shape {tuple(p.shape)}"
                              f"{'' if self._factor_shape(p) is None else f', a shard of {self._factor_shape(p)}'}: "
                              "the checkpoint belongs to another model or sharding")  # fmt: skip
+        if state.numel != p.numel():
+            raise ValueError(f"checkpoint {key} of {name!r} has numel={state.numel}; the parameter has numel="
+                             f"{p.numel()}: the checkpoint belongs to another model")  # fmt: skip
         if not self._is_packed(p):
             return state.dequantize().reshape(p.shape)
         if key == "exp_avg_sq" and self._factored_now(p, bits):
@@ -188,18 +233,7 @@ def _load_moment(self: STQuantAdamW, p: torch.Tensor, key: str, value: Any, bits
             recoded.append(f"{name}.{key}: factored -> packed")
             value, state = state.dequantize(), None
     else:
-        if not torch.is_tensor(value) or not value.is_floating_point() or value.numel() != p.numel() or (
-            value.dim() > 1 and tuple(value.shape) != tuple(p.shape)
-        ):
-            got = (tuple(value.shape), value.dtype) if torch.is_tensor(value) else type(value).__name__
-            raise ValueError(
-                f"checkpoint {key} of {name!r} should be a float tensor of shape {tuple(p.shape)} (or flat, "
-                f"{p.numel()} elements); got {got}: the checkpoint belongs to another model"
-            )
-        if not bool(torch.isfinite(value).all()):
-            raise ValueError(f"checkpoint {key} of {name!r} has NaN or Inf values")
-        if key == "exp_avg_sq" and bool((value < 0).any()):
-            raise ValueError(f"checkpoint exp_avg_sq of {name!r} has negative values: it is not a second moment")
+        _check_dense(name, key, value, p)
         if not self._is_packed(p):
             return value.detach().to(device=p.device, dtype=torch.float32).reshape(p.shape).clone()
         if key == "exp_avg_sq" and self._factored_now(p, bits):
@@ -217,6 +251,25 @@ def _load_moment(self: STQuantAdamW, p: torch.Tensor, key: str, value: Any, bits
     return state
 
 
+def _check_dense(name: str, key: str, value: Any, p: torch.Tensor) -> None:
+    """A dense checkpoint tensor of ``p`` (a moment, or ``"param"``): a float tensor of ``p``'s shape
+    or flat; moments finite, ``exp_avg_sq`` >= 0. Raises ValueError naming the tensor."""
+    if not torch.is_tensor(value) or not value.is_floating_point() or value.numel() != p.numel() or (
+        value.dim() > 1 and tuple(value.shape) != tuple(p.shape)
+    ):
+        got = (tuple(value.shape), value.dtype) if torch.is_tensor(value) else type(value).__name__
+        raise ValueError(
+            f"checkpoint {key} of {name!r} should be a float tensor of shape {tuple(p.shape)} (or flat, "
+            f"{p.numel()} elements); got {got}: the checkpoint belongs to another model"
+        )
+    if key == "param":
+        return
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"checkpoint {key} of {name!r} has NaN or Inf values")
+    if key == "exp_avg_sq" and bool((value < 0).any()):
+        raise ValueError(f"checkpoint exp_avg_sq of {name!r} has negative values: it is not a second moment")
+
+
 def moment_to_host(value: Any) -> torch.Tensor:
     """A moment as a flat dense fp32 host tensor (what Megatron's dense checkpoint formats hold)."""
     if isinstance(value, QUANTIZED_STATES):
@@ -228,7 +281,12 @@ def moment_to_host(value: Any) -> torch.Tensor:
 def set_moments(self: STQuantAdamW, param: torch.Tensor, tensors: dict[str, Any]) -> None:
     """Set ``param``'s moments from dense tensors (each optional): packed ones are quantized at their
     current width, factored ones staged for ``finish_factored_load`` (their statistics are all-reduced
-    over the shards), fp32 escapes copied."""
+    over the shards), fp32 escapes copied. Every tensor of ``tensors`` (``"param"`` included, which the
+    caller copies) is checked first: a damaged one raises ValueError naming it, and nothing changes."""
+    name = self.param_name(param)
+    for key in ("param", *MOMENTS):
+        if torch.is_tensor(tensors.get(key)):
+            _check_dense(name, key, tensors[key], param)
     self.init_state(param)
     st = self.state[param]
     for key in MOMENTS:

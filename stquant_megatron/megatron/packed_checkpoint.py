@@ -28,7 +28,7 @@ each rank requests only the byte ranges of the entries that overlap its own para
 - Tensor/pipeline/expert parallel sizes must be the saving run's (as for stock ``dp_reshardable``);
   for those, save dense ``fully_reshardable`` checkpoints.
 
-Everything is validated (sizes, CRC32, ``state_from_dict``, finiteness) before the optimizer changes:
+Everything is validated (sizes, CRC32, ``checkpoint.saved_state``, finiteness) before the optimizer changes:
 a damaged checkpoint raises ``ValueError`` naming the parameter and moment, and the optimizer is left
 as it was.
 """
@@ -233,7 +233,7 @@ def _check_layout(layout: Any, key: str) -> None:
 
 
 def _decode_entry(e: dict, piece: torch.Tensor, where: str) -> Any:
-    """The moment of one layout entry from its bytes: a dict for ``state_from_dict`` or a dense tensor."""
+    """The moment of one layout entry from its bytes: a dict for ``checkpoint.saved_state`` or a dense tensor."""
     lo = min(t["offset"] for t in e["tensors"].values())
     if piece.dtype != torch.uint8 or piece.numel() != max(t["offset"] + t["nbytes"] for t in e["tensors"].values()) - lo:
         raise ValueError(f"{where}: {piece.numel()} bytes loaded, the layout lists more; the checkpoint is truncated")
@@ -324,9 +324,7 @@ def prepare(distopt: Any, loaded: Any) -> list[tuple]:
 
 
 def checkpoint_state(d: dict, where: str):
-    from ..state import state_from_dict
-
-    return state_from_dict(d, torch.device("cpu"), where)
+    return checkpoint.saved_state(d, torch.device("cpu"), where)
 
 
 def _dense(value: Any, where: str) -> torch.Tensor:

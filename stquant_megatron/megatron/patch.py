@@ -18,6 +18,10 @@ Seams (all looked up at call time, so no Megatron file is edited):
 - ``DistributedOptimizer.load_parameter_state_from_*`` (every parameter-state format): afterwards,
   the factored ``exp_avg_sq`` statistics of sharded matrices are rebuilt from every rank's loaded
   shard (one all-reduce over the data-parallel group: ``STQuantAdamW.finish_factored_load``).
+- ``DistributedOptimizer.load_parameter_state_from_dp_zero_legacy`` (pre-2024 checkpoints): refused,
+  as it writes dense moments into ``optimizer.state`` past ``_set_``; convert with stock Megatron first.
+- ``MegatronOptimizer.offload_to_cpu`` / ``restore_from_cpu`` (RL training): also move the packed and
+  factored moments (the originals move plain tensors only), restored to their parameters' device.
 - ``megatron.training.arguments.add_megatron_arguments`` (when Megatron-LM's ``megatron.training``
   exists, e.g. the 0.19.2 wheel): also registers the ``--stquant-*`` flags.
 
@@ -41,6 +45,7 @@ from .. import checkpoint
 from . import packed_checkpoint
 from ..config import MOMENTS, STQuantConfig
 from ..optim import STQuantAdamW
+from ..state import QUANTIZED_STATES
 from .args import add_stquant_args, config_from_args
 
 SUPPORTED_VERSIONS = ((0, 16), (0, 20))
@@ -321,9 +326,9 @@ def _set(orig):
             return orig(self, model_param, tensors)
         gi, go = self.model_param_group_index_map[model_param]
         main = inner.param_groups[gi]["params"][go]
+        checkpoint.set_moments(inner, main, tensors)  # checks every tensor first ("param" too): a bad one changes nothing
         if torch.is_tensor(tensors.get("param")):
             main.copy_(tensors["param"].view_as(main))
-        checkpoint.set_moments(inner, main, tensors)
 
     return patched_set_main_param_and_optimizer_states
 
@@ -425,6 +430,55 @@ def _metadata(orig):
 
     return patched_build_sharded_state_dict_metadata
 
+def _refuse_legacy(orig):
+    @functools.wraps(orig)
+    def patched_load_parameter_state_from_dp_zero_legacy(self, *args, **kwargs):
+        if isinstance(self.optimizer, STQuantAdamW):  # every rank raises, before any collective
+            raise ValueError(
+                "stquant-megatron cannot load a pre-2024 legacy distributed-optimizer checkpoint "
+                "(load_parameter_state_from_dp_zero_legacy, --ckpt-convert-update-legacy-dist-opt-format): that "
+                "loader writes dense fp32 moments straight into optimizer.state, past the packed store. Nothing was "
+                "loaded. Convert it once with stock Megatron (without --stquant): load it with "
+                "--ckpt-convert-update-legacy-dist-opt-format and save it in a current format (--ckpt-convert-format "
+                "torch_dist --ckpt-convert-save DIR), then resume from DIR with --stquant"
+            )  # fmt: skip
+        return orig(self, *args, **kwargs)
+
+    return patched_load_parameter_state_from_dp_zero_legacy
+
+
+def _move_states(self, device: Any = None) -> None:
+    """Packed and factored moments of ``self``'s STQuantAdamW to ``device`` (None: each to its parameter's
+    device); per-parameter step counters stay on the host, where the optimizer keeps them. The scheduler's
+    few KB of statistics stay where they are."""
+    for p, st in self.optimizer.state.items():
+        for key, v in st.items():
+            if isinstance(v, QUANTIZED_STATES):
+                checkpoint.move_state(v, p.device if device is None else device)
+            elif key == "step" and torch.is_tensor(v) and v.device.type != "cpu":
+                st[key] = v.cpu()
+
+
+def _offload(orig):
+    @functools.wraps(orig)
+    def patched_offload_to_cpu(self):
+        if isinstance(getattr(self, "optimizer", None), STQuantAdamW) and not getattr(self, "is_stub_optimizer", False):
+            _move_states(self, "cpu")  # first: the original then frees the accelerator's cache
+        return orig(self)  # parameters and plain tensors (fp32 escapes)
+
+    return patched_offload_to_cpu
+
+
+def _restore(orig):
+    @functools.wraps(orig)
+    def patched_restore_from_cpu(self):
+        result = orig(self)  # parameters and plain tensors back to the accelerator
+        if isinstance(getattr(self, "optimizer", None), STQuantAdamW) and not getattr(self, "is_stub_optimizer", False):
+            _move_states(self)  # the moments follow their parameters
+        return result
+
+    return patched_restore_from_cpu
+
 
 def _add_args(orig):
     @functools.wraps(orig)
@@ -438,6 +492,13 @@ def _replace(owner: Any, name: str, make) -> None:
     orig = getattr(owner, name)
     _ORIGINALS.append((owner, name, orig))
     setattr(owner, name, make(orig))
+
+
+def _replace_defined(cls: type, name: str, make) -> None:
+    """``_replace`` on the class of ``cls``'s MRO that defines ``name`` (nothing where no version has it)."""
+    owner = next((c for c in cls.__mro__ if name in vars(c)), None)
+    if owner is not None:
+        _replace(owner, name, make)
 
 
 def patch(config: STQuantConfig | None = None, *, from_args: bool = False, checkpoint_format: str | None = None) -> None:
@@ -482,6 +543,9 @@ def patch(config: STQuantConfig | None = None, *, from_args: bool = False, check
     for name in sorted(vars(DistributedOptimizer)):  # every way parameter state is loaded (dp_zero, dp_reshardable, ...)
         if name.startswith("load_parameter_state_from_") and callable(getattr(DistributedOptimizer, name)):
             _replace(DistributedOptimizer, name, _finish_load)
+    _replace_defined(DistributedOptimizer, "load_parameter_state_from_dp_zero_legacy", _refuse_legacy)
+    _replace_defined(DistributedOptimizer, "offload_to_cpu", _offload)  # RL training
+    _replace_defined(DistributedOptimizer, "restore_from_cpu", _restore)
     # Megatron-LM's parser: patched now if imported, else the moment it is imported (importing it
     # here would pull in all of megatron.training at interpreter start).
     _when_imported("megatron.training.arguments", lambda m: _replace(m, "add_megatron_arguments", _add_args))
