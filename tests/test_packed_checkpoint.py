@@ -40,6 +40,28 @@ def _disk_bytes(ckpt_dir: str) -> dict[str, int]:
     return out
 
 
+def _read_layout(ckpt_dir: str) -> dict:
+    """The layout object of a packed checkpoint, read offline (torch.distributed.checkpoint, one process)."""
+    import io
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    key = next(k for k in FileSystemReader(ckpt_dir).read_metadata().state_dict_metadata if "stquant_layout" in k)
+    sd = {key: io.BytesIO()}
+    dcp.load(sd, storage_reader=FileSystemReader(ckpt_dir), no_dist=True)
+    return sd[key][0] if isinstance(sd[key], list) else sd[key]
+
+
+def _param_chunks(ckpt_dir: str) -> set:
+    """(bucket key, offset, size) of every stored chunk of Megatron's own bucket `param` tensors."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    md = FileSystemReader(ckpt_dir).read_metadata()
+    return {(k[: -len(".param")], c.offsets[0], c.sizes[0]) for k, m in md.state_dict_metadata.items()
+            if k.endswith(".param") for c in m.chunks}  # fmt: skip
+
+
 def test_packed_round_trip_is_exact_and_the_moments_take_their_packed_size(tmp_path):
     """DP=2, 4-bit moments: reloading a packed checkpoint into the same run restores every code, scale and
     param bit for bit; the moments on disk take the bytes they take in memory (+ the layout), a quarter
@@ -66,6 +88,11 @@ def test_packed_round_trip_is_exact_and_the_moments_take_their_packed_size(tmp_p
     dense_moments = d["optimizer"] - p["optimizer"]  # both hold the same params and non-tensor state
     assert 0 < p["stquant_packed"] < 0.25 * dense_moments, (p, d)
     assert p["files"] < d["files"], (p, d)
+    # every entry knows its place in Megatron's bucket space (what an offline converter to the dense format
+    # needs): it is the place of Megatron's own `param` slice of the same shard in the same checkpoint
+    layout = _read_layout(packed)
+    mine = {(e["bucket_key"], e["bucket_offset"], e["numel"]) for r in layout["ranks"] for e in r["entries"]}
+    assert mine and mine <= _param_chunks(packed), sorted(mine - _param_chunks(packed))[:3]
 
 
 def test_packed_resume_is_bit_exact_with_the_scheduler(tmp_path):

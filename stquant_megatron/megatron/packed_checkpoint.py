@@ -88,17 +88,28 @@ def params_only(distopt: Any):
         distopt._stquant_params_only = False
 
 
-def _local_shards(distopt: Any):
-    """(model_param, main param, global name, start, numel) of this rank's shards, in bucket order."""
+def _local_shards(distopt: Any, where: bool = False):
+    """(model_param, main param, global name, start, numel) of this rank's shards, in bucket order; with
+    ``where``, also their place in Megatron's bucket space (the key of the bucket's dense tensors in a
+    dense dp_reshardable checkpoint, the shard's offset in it and the bucket's unpadded size): what an
+    offline converter to the dense format needs."""
     inner = distopt.optimizer
-    for gbuf_range_maps in distopt.gbuf_ranges:
-        for gbuf_range_map_for_all_buckets in gbuf_range_maps.values():
-            for gbuf_range_map in gbuf_range_map_for_all_buckets:
+    dp_rank, dp_size = distopt.data_parallel_group.rank(), distopt.data_parallel_group.size()
+    for gbuf_idx, gbuf_range_maps in enumerate(distopt.gbuf_ranges):
+        for dtype, gbuf_range_map_for_all_buckets in gbuf_range_maps.items():
+            for bucket_idx, gbuf_range_map in enumerate(gbuf_range_map_for_all_buckets):
                 for model_param, range_map in gbuf_range_map["param_map"].items():
                     gi, go = distopt.model_param_group_index_map[model_param]
                     main = inner.param_groups[gi]["params"][go]
                     r = range_map["param"]
-                    yield model_param, main, inner.param_name(main), int(r.start), int(r.size)
+                    out = (model_param, main, inner.param_name(main), int(r.start), int(r.size))
+                    if where:
+                        bucket = distopt.buffers[gbuf_idx].buckets[bucket_idx]
+                        local = bucket.grad_data.numel() // dp_size
+                        out += ({"bucket_key": f"{_prefix(distopt)}.gbuf_idx_{gbuf_idx}.dtype_{dtype}.bucket_idx_{bucket_idx}",
+                                 "bucket_offset": dp_rank * local + int(range_map["gbuf_local"].start),
+                                 "bucket_numel": int(bucket.numel_unpadded)},)  # fmt: skip
+                    yield out
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -127,7 +138,7 @@ def save_entries(distopt: Any) -> dict[str, Any]:
     parts[0][:8] = torch.tensor([LAYOUT_VERSION], dtype=torch.int64).view(torch.uint8)
     offset = _HEADER
     entries = []
-    for _, main, name, start, numel in _local_shards(distopt):
+    for _, main, name, start, numel, place in _local_shards(distopt, where=True):
         inner.init_state(main)
         for key in MOMENTS:
             plain, tensors = _moment_record(inner.state[main][key])
@@ -140,7 +151,7 @@ def save_entries(distopt: Any) -> dict[str, Any]:
                 parts.append(b)
                 offset += b.numel()
             entries.append({"name": name, "start": start, "numel": numel, "moment": key, "plain": plain,
-                            "tensors": spec, "crc32": crc})  # fmt: skip
+                            "tensors": spec, "crc32": crc, **place})  # fmt: skip
     chunk = torch.cat(parts)
     chunk[8:16] = torch.tensor([chunk.numel()], dtype=torch.int64).view(torch.uint8)
     gathered: list[Any] = [None] * dp_size
