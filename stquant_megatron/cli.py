@@ -20,7 +20,26 @@ def main(argv: list[str] | None = None) -> int:
                                      "run, stock against STQuant; Megatron-LM's flag names. See "
                                      "stquant_megatron/megatron/memory.py for what is modelled.")
     _memory_args(mem)
+    ck = sub.add_parser("checkpoint", help="checkpoint tools")
+    cksub = ck.add_subparsers(dest="ckcmd", required=True)
+    conv = cksub.add_parser("convert", help="a packed torch_dist checkpoint -> Megatron's dense format (offline, CPU)",
+                            description="Write the dense form (stock Megatron's dp_reshardable) of a packed torch_dist "
+                                        "checkpoint: one process, no GPU, no process group.")
+    conv.add_argument("src", help="the packed checkpoint's iter_XXXXXXX directory")
+    conv.add_argument("dst", help="a new directory for the dense checkpoint")
+    conv.add_argument("--to", choices=("dense",), default="dense", help="target format (dense; a patched run saves packed)")
     args = ap.parse_args(argv)
+    if args.cmd == "checkpoint":
+        from .megatron.convert import convert_to_dense
+
+        try:
+            counts = convert_to_dense(args.src, args.dst)
+        except ValueError as e:
+            print(f"stquant-megatron checkpoint convert: {e}", file=sys.stderr)
+            return 2
+        print(f"wrote {args.dst}: {counts['entries']} packed entries decoded into {counts['bucket_tensors']} dense "
+              "bucket tensors (stock Megatron's dp_reshardable); copy or link the tracker file beside it as needed")
+        return 0
     if args.cmd == "memory":
         return _memory(args)
     if args.cmd == "flags":

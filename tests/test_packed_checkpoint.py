@@ -9,6 +9,7 @@ checkpoint holds on disk (read from the torch_dist metadata), and the stock form
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -179,3 +180,24 @@ def test_a_damaged_packed_checkpoint_is_refused_and_changes_nothing(tmp_path):
     for err, unchanged in results:
         assert err is not None and "CRC32" in err and "packed checkpoint" in err and "'" in err, err  # names the tensor
         assert unchanged
+
+
+def test_offline_converter_gives_stock_megatron_the_saved_moments(tmp_path):
+    """``stquant-megatron checkpoint convert SRC DST --to dense`` in this (test) process, no process group:
+    a stock DP=2 job loads the result, and every moment it holds equals what the saving job held
+    (dequantized: the dense values the patched run itself would write), its params exactly; its first
+    loss is the saving job's next one."""
+    from stquant_megatron.cli import main as cli
+
+    ck, dense = str(tmp_path / "packed"), str(tmp_path / "dense")
+    for config in (FIXED, FACT):
+        saved = run_distributed(_run, 2, dict(config=config, steps=3, save=ck, fmt="packed", more=2), timeout=600)
+        assert cli(["checkpoint", "convert", ck, dense, "--to", "dense"]) == 0
+        assert cli(["checkpoint", "convert", dense, str(tmp_path / "again")]) == 2  # not packed: refused
+        stock = run_distributed(_run, 2, dict(config=None, steps=0, load=dense, start=3, more=2, fmt="dp_reshardable"),
+                                timeout=600)  # fmt: skip
+        assert stock[0]["inner"] != ["STQuantAdamW"]
+        assert _check_loaded_against_saved([r["saved_dense"] for r in saved], [r["loaded_dense"] for r in stock]) == 0
+        assert stock[0]["continued"][0] == saved[0]["continued"][0], (stock[0]["continued"], saved[0]["continued"])
+        for d in (ck, dense, str(tmp_path / "again")):
+            shutil.rmtree(d, ignore_errors=True)

@@ -1,0 +1,151 @@
+"""Offline conversion of packed torch_dist checkpoints to Megatron's dense format
+(``stquant-megatron checkpoint convert SRC DST --to dense``): one process, no GPU, no process group.
+
+A packed checkpoint (``packed_checkpoint``) keeps Megatron's own tensors (model weights, the
+distributed optimizer's fp32 ``param`` bucket tensors, non-tensor state) and, per data-parallel group,
+the moments as they were in memory plus a layout that records every entry's place in Megatron's
+bucket space. The converter copies every stored item except the packed moments and their layout,
+decodes each entry (codes and scales, factored statistics, fp32 escapes) into the dense
+``<bucket key>.exp_avg`` / ``.exp_avg_sq`` fp32 tensors that stock Megatron's ``dp_reshardable`` writes
+(padding between parameters: zeros, as it holds no state), and rewrites the sharding type in
+``common.pt`` to ``dp_reshardable``. Stock Megatron (or stquant with ``--stquant-checkpoint-format
+dense``) then loads the result like any dense checkpoint. The values are the dequantized moments: what
+the patched run itself would hand to a dense save.
+
+Host memory: the whole converted checkpoint is built in memory before it is written (its dense size).
+``--to packed`` is not offered: a patched run loads dense checkpoints (quantizing them) and saves packed.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from typing import Any
+
+import torch
+
+from .. import checkpoint
+from .packed_checkpoint import LAYOUT_VERSION, _decode_entry, _dense, is_packed_type
+
+
+def _walk_replace(obj: Any, fn):
+    if isinstance(obj, dict):
+        return {k: _walk_replace(v, fn) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_walk_replace(v, fn) for v in obj]
+    return fn(obj)
+
+
+def _raw_bytes_planner():
+    """DCP's default save planner, except that an ``io.BytesIO`` item is written as its bytes (the default
+    torch.save()s every bytes item, which would wrap Megatron's already serialized objects once more)."""
+    from torch.distributed.checkpoint import DefaultSavePlanner
+    from torch.distributed.checkpoint.planner import WriteItemType
+
+    class _RawBytesPlanner(DefaultSavePlanner):
+        def transform_object(self, write_item, object):
+            if write_item.type == WriteItemType.BYTE_IO and isinstance(object, io.BytesIO):
+                return object
+            return super().transform_object(write_item, object)
+
+    return _RawBytesPlanner(flatten_state_dict=False)
+
+
+def _raw_bytes(src: str, md: Any, key: str) -> bytes:
+    """The stored bytes of a bytes item, read from its file as written (no deserialization)."""
+    infos = [(i, s) for i, s in md.storage_data.items() if i.fqn == key]
+    if len(infos) != 1 or getattr(infos[0][1], "transform_descriptors", None):
+        raise ValueError(f"{key}: stored as {len(infos)} pieces or transformed (compressed); not supported")
+    info = infos[0][1]
+    with open(os.path.join(src, info.relative_path), "rb") as f:
+        f.seek(info.offset)
+        data = f.read(info.length)
+    if len(data) != info.length:
+        raise ValueError(f"{key}: {len(data)} of {info.length} bytes in {info.relative_path}: the checkpoint is truncated")
+    return data
+
+
+def convert_to_dense(src: str, dst: str) -> dict[str, int]:
+    """Write the dense form of the packed torch_dist checkpoint directory ``src`` (one ``iter_*`` folder)
+    to the new directory ``dst``. Returns counts (entries decoded, bucket tensors written). Raises
+    ValueError with what was wrong (not a torch_dist checkpoint, not packed, damaged entries)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
+    if not os.path.isfile(os.path.join(src, ".metadata")) or not os.path.isfile(os.path.join(src, "common.pt")):
+        raise ValueError(f"{src!r} is not a torch_dist checkpoint directory (no .metadata / common.pt); give the "
+                         "iter_XXXXXXX folder of a --ckpt-format torch_dist save")  # fmt: skip
+    if os.path.exists(dst) and os.listdir(dst):
+        raise ValueError(f"{dst!r} exists and is not empty; give a new directory")
+    common = torch.load(os.path.join(src, "common.pt"), map_location="cpu", weights_only=False)
+    kind = (common.get("content_metadata") or {}).get("distrib_optim_sharding_type")
+    if not is_packed_type(kind):
+        raise ValueError(f"{src!r} has distrib_optim_sharding_type={kind!r}: it is not a packed stquant checkpoint "
+                         "(nothing to convert; stock Megatron loads it as it is)")  # fmt: skip
+    reader = FileSystemReader(src)
+    md = reader.read_metadata()
+    state: dict[str, Any] = {}
+    raw: dict[str, bytes] = {}  # Megatron's pickled objects, copied byte for byte
+    for key, meta in md.state_dict_metadata.items():
+        if isinstance(meta, TensorStorageMetadata):
+            state[key] = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+        elif isinstance(meta, BytesStorageMetadata) and ".stquant_layout" in key:
+            state[key] = io.BytesIO()
+        elif isinstance(meta, BytesStorageMetadata):
+            raw[key] = _raw_bytes(src, md, key)
+    dcp.load(state, storage_reader=reader, no_dist=True)
+    layouts = [k for k in state if k.split("/")[0].endswith(".stquant_layout")]
+    if not layouts:
+        raise ValueError(f"{src!r} says it is packed but holds no stquant_layout object: the checkpoint is damaged")
+    entries = buckets = 0
+    for lkey in layouts:
+        layout = state.pop(lkey)
+        layout = layout[0] if isinstance(layout, list) else layout
+        if not isinstance(layout, dict) or layout.get("version") != LAYOUT_VERSION:
+            raise ValueError(f"{lkey}: not a stquant layout of version {LAYOUT_VERSION}; convert it with the "
+                             "stquant-megatron version that wrote it")  # fmt: skip
+        pkey = lkey.split("/")[0][: -len("stquant_layout")] + "stquant_packed"
+        if pkey not in state:
+            raise ValueError(f"{pkey} is missing from {src!r}: the checkpoint is damaged")
+        packed = state.pop(pkey)
+        dense: dict[str, torch.Tensor] = {}
+        for r, rank in enumerate(layout["ranks"]):
+            for e in rank["entries"]:
+                if "bucket_key" not in e:
+                    raise ValueError(f"{lkey}: entries without their bucket-space place (an older layout); load the "
+                                     "checkpoint with stquant-megatron and save it with --stquant-checkpoint-format dense")  # fmt: skip
+                lo = min(t["offset"] for t in e["tensors"].values())
+                hi = max(t["offset"] + t["nbytes"] for t in e["tensors"].values())
+                where = f"packed checkpoint {e['moment']} of {e['name']!r} (elements {e['start']}..{e['start'] + e['numel']}, " \
+                        f"saved by data-parallel rank {r})"
+                value = _decode_entry(e, packed[rank["offset"] + lo : rank["offset"] + hi], where)
+                if isinstance(value, dict) and value.get("factored"):
+                    d = {k: v for k, v in value.items() if k not in ("offset", "numel")}
+                    values = checkpoint.saved_state({**d, "offset": e["start"], "numel": e["numel"]},
+                                                    torch.device("cpu"), where).dequantize(device="cpu")  # fmt: skip
+                else:
+                    values = _dense(value, where)
+                if values.numel() != e["numel"]:
+                    raise ValueError(f"{where}: {values.numel()} values decoded, the layout says {e['numel']}")
+                key = f"{e['bucket_key']}.{e['moment']}"
+                if key not in dense:
+                    dense[key] = torch.zeros(int(e["bucket_numel"]), dtype=torch.float32)
+                dense[key][e["bucket_offset"] : e["bucket_offset"] + e["numel"]] = values
+                entries += 1
+        for key, t in dense.items():
+            if f"{key[: key.rindex('.')]}.param" not in state:
+                raise ValueError(f"{key}: the checkpoint has no {key[: key.rindex('.')]}.param tensor beside it")
+            state[key] = t
+            buckets += 1
+    state.update({key: io.BytesIO(b) for key, b in raw.items()})  # written back byte for byte (_RawBytesPlanner)
+    os.makedirs(dst, exist_ok=True)
+    dcp.save(state, storage_writer=FileSystemWriter(dst), planner=_raw_bytes_planner(), no_dist=True)
+    common = _walk_replace(common, lambda x: "dp_reshardable" if is_packed_type(x) else x)
+    torch.save(common, os.path.join(dst, "common.pt"))
+    for name in os.listdir(src):  # Megatron's own small files (metadata.json, ...): as they are
+        path = os.path.join(src, name)
+        if os.path.isfile(path) and not os.path.exists(os.path.join(dst, name)) and not name.endswith(".distcp"):
+            shutil.copy2(path, os.path.join(dst, name))
+    return {"entries": entries, "bucket_tensors": buckets}
