@@ -303,8 +303,21 @@ def test_gpt_packed_checkpoint_reshards_to_one_rank_and_stock_refuses_it(tmp_pat
         run_megatron_lm("pretrain_gpt.py", gpt_args(iters=ITERS) + ["--ckpt-format", "torch_dist", "--load", ck,
                                                                    "--ckpt-step", "3"], workdir=str(tmp_path / "stock"))  # fmt: skip
     assert "--stquant-checkpoint-format dense" in str(info.value), str(info.value)[-3000:]
-    _record("GPT DP=2 bf16, `--stquant --stquant-checkpoint-format packed` → DP=1 job; → stock job", "launch", saver,
-            "DP=1 resume: first loss within 1e-6, then within 1e-2; stock job refused with the way back")
+    # the way back offline: `stquant-megatron checkpoint convert` (this process, no ranks), then stock resumes
+    dense = tmp_path / "dense"
+    out = subprocess.run([sys.executable, "-m", "stquant_megatron.cli", "checkpoint", "convert",
+                          os.path.join(ck, "iter_0000003"), str(dense / "iter_0000003"), "--to", "dense"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    (dense / "latest_checkpointed_iteration.txt").write_text("3")
+    stock = run_megatron_lm("pretrain_gpt.py", gpt_args(iters=ITERS) + ["--ckpt-format", "torch_dist", "--load", str(dense),
+                                                                       "--ckpt-step", "3"], workdir=str(tmp_path / "stock2"))  # fmt: skip
+    assert stock.iterations() == [4, 5, 6] and all(o["inner"] == "AdamW" for r in stock.records for o in r["optimizers"])
+    assert abs(stock.losses()[0] - ref[0]) <= 1e-6 * ref[0], (stock.losses(), ref)
+    assert _rel_close(stock.losses(), ref, 1e-3), (stock.losses(), ref)
+    _record("GPT DP=2 bf16, `--stquant --stquant-checkpoint-format packed` → DP=1 job; → stock job; → converter → stock",
+            "launch", saver, "DP=1 resume: first loss within 1e-6, then within 1e-2; stock job refused with the way back; "
+            "converted offline (`stquant-megatron checkpoint convert`), a stock job resumes within 1e-3")
     print(f"packed DP=2 -> DP=1: {one.losses()} vs {ref}")
 
 

@@ -8,7 +8,7 @@ bucket space. The converter copies every stored item except the packed moments a
 decodes each entry (codes and scales, factored statistics, fp32 escapes) into the dense
 ``<bucket key>.exp_avg`` / ``.exp_avg_sq`` fp32 tensors that stock Megatron's ``dp_reshardable`` writes
 (padding between parameters: zeros, as it holds no state), and rewrites the sharding type in
-``common.pt`` to ``dp_reshardable``. Stock Megatron (or stquant with ``--stquant-checkpoint-format
+the common state (``common.pt``, or its stored object in megatron-core 0.19) to ``dp_reshardable``. Stock Megatron (or stquant with ``--stquant-checkpoint-format
 dense``) then loads the result like any dense checkpoint. The values are the dequantized moments: what
 the patched run itself would hand to a dense save.
 
@@ -74,18 +74,28 @@ def convert_to_dense(src: str, dst: str) -> dict[str, int]:
     from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
-    if not os.path.isfile(os.path.join(src, ".metadata")) or not os.path.isfile(os.path.join(src, "common.pt")):
-        raise ValueError(f"{src!r} is not a torch_dist checkpoint directory (no .metadata / common.pt); give the "
+    if not os.path.isfile(os.path.join(src, ".metadata")):
+        raise ValueError(f"{src!r} is not a torch_dist checkpoint directory (no .metadata); give the "
                          "iter_XXXXXXX folder of a --ckpt-format torch_dist save")  # fmt: skip
     if os.path.exists(dst) and os.listdir(dst):
         raise ValueError(f"{dst!r} exists and is not empty; give a new directory")
-    common = torch.load(os.path.join(src, "common.pt"), map_location="cpu", weights_only=False)
-    kind = (common.get("content_metadata") or {}).get("distrib_optim_sharding_type")
+    reader = FileSystemReader(src)
+    md = reader.read_metadata()
+    # the common (non-sharded) state: common.pt (megatron-core <= 0.16) or the stored object common_state (0.19)
+    common_pt = os.path.join(src, "common.pt")
+    common_key = next((k for k in md.state_dict_metadata if k.split("/")[0] == "common_state"), None)
+    if os.path.isfile(common_pt):
+        common = torch.load(common_pt, map_location="cpu", weights_only=False)
+    elif common_key is not None:
+        common = torch.load(io.BytesIO(_raw_bytes(src, md, common_key)), map_location="cpu", weights_only=False)
+    else:
+        raise ValueError(f"{src!r} has neither common.pt nor a common_state object: not a Megatron torch_dist checkpoint")
+    found = []
+    _walk_replace(common, lambda x: found.append(x) if is_packed_type(x) else None)
+    kind = found[0] if found else None
     if not is_packed_type(kind):
         raise ValueError(f"{src!r} has distrib_optim_sharding_type={kind!r}: it is not a packed stquant checkpoint "
                          "(nothing to convert; stock Megatron loads it as it is)")  # fmt: skip
-    reader = FileSystemReader(src)
-    md = reader.read_metadata()
     state: dict[str, Any] = {}
     raw: dict[str, bytes] = {}  # Megatron's pickled objects, copied byte for byte
     for key, meta in md.state_dict_metadata.items():
@@ -141,9 +151,14 @@ def convert_to_dense(src: str, dst: str) -> dict[str, int]:
             buckets += 1
     state.update({key: io.BytesIO(b) for key, b in raw.items()})  # written back byte for byte (_RawBytesPlanner)
     os.makedirs(dst, exist_ok=True)
-    dcp.save(state, storage_writer=FileSystemWriter(dst), planner=_raw_bytes_planner(), no_dist=True)
     common = _walk_replace(common, lambda x: "dp_reshardable" if is_packed_type(x) else x)
-    torch.save(common, os.path.join(dst, "common.pt"))
+    if common_key is not None and not os.path.isfile(common_pt):
+        buf = io.BytesIO()
+        torch.save(common, buf)
+        state[common_key] = buf
+    dcp.save(state, storage_writer=FileSystemWriter(dst), planner=_raw_bytes_planner(), no_dist=True)
+    if os.path.isfile(common_pt):
+        torch.save(common, os.path.join(dst, "common.pt"))
     for name in os.listdir(src):  # Megatron's own small files (metadata.json, ...): as they are
         path = os.path.join(src, name)
         if os.path.isfile(path) and not os.path.exists(os.path.join(dst, name)) and not name.endswith(".distcp"):
