@@ -170,24 +170,38 @@ def allocate(
     # 2. Repair: while a rank is over its budget, move (by one level) the unit that adds the least
     # error per code bit freed on that rank: one level narrower, or for a factored unit whose
     # statistics cost more there than the narrowest width, one level up.
-    over = used(idx) - budget
-    while bool((over > 1e-9 * budget.abs().clamp_min(1)).any()):
-        r = int(over.argmax())
+    # A move must not raise any rank's overage: the summed overage then falls at every move, so the loop
+    # ends (a factored unit's statistics cost on every rank holding part of it, so without this rule two
+    # ranks could undo each other's moves forever: observed with MoE, EP=2, exp_avg_sq_format="auto").
+    # With one rank the rule is the plain "frees bits on it". Stuck over budget: the cheapest plan (it fits).
+    def all_costs(idx: torch.Tensor) -> torch.Tensor:  # [R, U] bits of each unit on each rank
+        out = a * pick_cost(cw, idx)[None, :]
+        return out + h * pick_cost(cf, idx)[None, :] if f else out
+
+    tol = 1e-9 * budget.abs().clamp_min(1)
+    now = used(idx)
+    while bool((now - budget > tol).any()):
+        r = int((now - budget).argmax())
+        over_now = (now - budget).clamp_min(0)
+        base = all_costs(idx)
         scores, moves = [], []
         for step in (-1, 1):  # narrower first: ties go to narrowing, then to the lowest unit index
             to = torch.minimum(torch.maximum(idx + step, lo_col), hi_col)
-            freed = rank_cost(r, idx) - rank_cost(r, to)
-            can = (to != idx) & (a[r] > 0) & (freed > 0)
+            delta = all_costs(to) - base  # [R, U]
+            freed = -delta[r]
+            raises = ((now[:, None] + delta - budget[:, None]).clamp_min(0) > over_now[:, None] + tol[:, None]).any(0)
+            can = (to != idx) & (a[r] > 0) & (freed > 0) & ~raises
             loss = (e.gather(1, to[:, None]) - e.gather(1, idx[:, None])).squeeze(1) * n
             scores.append(torch.where(can, loss / freed.clamp_min(1e-300), torch.inf))
             moves.append(to)
         score = torch.cat(scores)
         k = int(score.argmin())
-        if score[k] == torch.inf:  # cannot happen when the cheapest plan fits (checked above)
+        if score[k] == torch.inf:
+            idx = cheapest.clone()
             break
         u = k % u_count
         idx[u] = moves[k // u_count][u]
-        over = used(idx) - budget
+        now = used(idx)
 
     # 3. Greedy fill: spend what is left on single-step upgrades, best gain per bit first, each only
     # if it fits on every rank. Passes repeat while one upgraded something.

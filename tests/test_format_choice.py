@@ -64,6 +64,41 @@ def test_allocation_counts_the_statistics_on_every_rank_that_holds_part_of_the_m
             assert cost <= budget * float(rank_numel[r].sum()) + 1e-6
 
 
+def _random_ranks_case(seed):
+    g = torch.Generator().manual_seed(seed)
+    R, U = int(torch.randint(2, 5, (1,), generator=g)), int(torch.randint(2, 9, (1,), generator=g))
+    rn = (torch.rand(R, U, generator=g) ** 3 * 10000).floor() * (torch.rand(R, U, generator=g) > 0.3)
+    rn[:, rn.sum(0) == 0] = 1
+    err = torch.sort(torch.rand(U, 7, generator=g) ** 2, dim=1, descending=True).values
+    fe, fb = torch.rand(U, generator=g) * 0.3, torch.randint(50, 4000, (U,), generator=g).double() * 32
+    return rn, err, fe, fb, float(torch.rand(1, generator=g) * 3 + 2.3)
+
+
+@pytest.mark.parametrize("seed", [9, 83, *range(100, 140)])
+def test_per_rank_repair_ends_and_keeps_every_rank_within_its_budget(seed):
+    """Several ranks, factored options whose statistics cost on every rank holding part of a matrix: the
+    repair used to let two ranks undo each other's moves forever (seeds 9 and 83 hung; so did a MoE EP=2
+    run with exp_avg_sq_format="auto" at its first decision). It must end (2 s alarm) and fit every rank."""
+    import signal
+
+    rn, err, fe, fb, avg = _random_ranks_case(seed)
+
+    def hung(*_):
+        raise TimeoutError(f"allocate did not end (seed {seed})")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(2)
+    try:
+        bits = allocate(rn.sum(0), err, avg_bits=avg, rank_numel=rn, factored_error=fe, factored_bits=fb)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    for r in range(rn.shape[0]):  # this rank's bits: codes and scales of packed units, statistics of factored ones
+        cost = sum(fb[u] if bits[u] == 0 else rn[r, u] * (bits[u] + 0.25) for u in range(rn.shape[1]) if rn[r, u] > 0)
+        assert cost <= avg * float(rn[r].sum()) + 1e-6 or all(
+            b == 0 or b == 2 for b in bits.tolist()), (seed, r, cost, avg * float(rn[r].sum()), bits)
+
+
 # ----------------------------------------------------------------------------- the online signal
 def _grads(kind, gen, a, b):
     """Gradients whose second moment is rank one (``a`` b^T, random signs), rank one plus noise, or noise."""
