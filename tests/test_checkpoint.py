@@ -340,42 +340,6 @@ def test_offload_helper_round_trip_on_this_device_changes_nothing():
     _assert_same(_snapshot(opt_a)["state"], _snapshot(opt_b)["state"])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the offload round trip GPU -> CPU -> GPU)")
-def test_offload_round_trip_on_cuda_is_exact():
-    """GPU -> CPU -> GPU: every quantized tensor on the CPU in between, bit-identical afterwards, and the
-    next steps equal those of a twin that never moved."""
-    from stquant_megatron.megatron.patch import _move_states
-
-    def build():
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32)).cuda()
-        return model, STQuantAdamW(model.named_parameters(), lr=1e-2, config=STQuantConfig(**CONFIG))
-
-    def steps(model, opt, n, seed):
-        gen = torch.Generator(device="cuda").manual_seed(seed)
-        for _ in range(n):
-            opt.zero_grad()
-            model(torch.randn(16, 64, device="cuda", generator=gen)).pow(2).mean().backward()
-            opt.step()
-
-    (ma, oa), (mb, ob) = build(), build()
-    steps(ma, oa, 3, 1)
-    steps(mb, ob, 3, 1)
-    before = _snapshot(ob)
-    _move_states(_inner_holder(ob), "cpu")
-    for st in ob.state.values():
-        for v in st.values():
-            if isinstance(v, PackedState):
-                assert v.codes.device.type == v.scale.device.type == v.codebook.qmap.device.type == "cpu"
-            elif isinstance(v, FactoredState):
-                assert v.row.device.type == v.col.device.type == "cpu"
-    _move_states(_inner_holder(ob))
-    _assert_same(before, _snapshot(ob))
-    steps(ma, oa, 2, 2)
-    steps(mb, ob, 2, 2)
-    _assert_same(_snapshot(oa)["state"], _snapshot(ob)["state"])
-
-
 # --------------------------------------------------------------------- Megatron (CPU, gloo, 2 ranks)
 # exp_avg packed at 4 bits; exp_avg_sq factored (statistics all-reduced over the DP shards), except for the
 # word embeddings (packed); norms and biases fp32 escapes
@@ -447,7 +411,7 @@ def _megatron_run(rank, world, spec):
         # CPU-only machine the CPU shim makes .cuda() the identity, so the moves themselves are identities
         # here: what is checked is that every quantized state goes through checkpoint.move_state with the right device (to the
         # host, then back to its parameter's), that nothing changes and that training goes on as without
-        # them. The real GPU -> CPU -> GPU move is test_offload_round_trip_on_cuda_is_exact (skipped without CUDA).
+        # them. The real GPU -> CPU -> GPU move is not tested here (no GPU; see the closing note of issue 18).
         moves = []
         from stquant_megatron import checkpoint as ckpt_mod
 

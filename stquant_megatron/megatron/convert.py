@@ -25,8 +25,7 @@ from typing import Any
 
 import torch
 
-from .. import checkpoint
-from .packed_checkpoint import LAYOUT_VERSION, _decode_entry, _dense, is_packed_type
+from .packed_checkpoint import LAYOUT_VERSION, _decode_entry, _dense, factored_shard, is_packed_type, span
 
 
 def _walk_replace(obj: Any, fn):
@@ -126,17 +125,13 @@ def convert_to_dense(src: str, dst: str) -> dict[str, int]:
                 if "bucket_key" not in e:
                     raise ValueError(f"{lkey}: entries without their bucket-space place (an older layout); load the "
                                      "checkpoint with stquant-megatron and save it with --stquant-checkpoint-format dense")  # fmt: skip
-                lo = min(t["offset"] for t in e["tensors"].values())
-                hi = max(t["offset"] + t["nbytes"] for t in e["tensors"].values())
+                lo, hi = span(e)
                 where = f"packed checkpoint {e['moment']} of {e['name']!r} (elements {e['start']}..{e['start'] + e['numel']}, " \
                         f"saved by data-parallel rank {r})"
                 value = _decode_entry(e, packed[rank["offset"] + lo : rank["offset"] + hi], where)
                 if isinstance(value, dict) and value.get("factored"):
-                    d = {k: v for k, v in value.items() if k not in ("offset", "numel")}
-                    values = checkpoint.saved_state({**d, "offset": e["start"], "numel": e["numel"]},
-                                                    torch.device("cpu"), where).dequantize(device="cpu")  # fmt: skip
-                else:
-                    values = _dense(value, where)
+                    value = factored_shard(value, e["start"], e["numel"])
+                values = _dense(value, where)
                 if values.numel() != e["numel"]:
                     raise ValueError(f"{where}: {values.numel()} values decoded, the layout says {e['numel']}")
                 key = f"{e['bucket_key']}.{e['moment']}"

@@ -219,8 +219,7 @@ def resolve_requests(sharded_state_dict: Any, checkpoint_dir: str, load) -> None
             for j, e in enumerate(rank["entries"]):
                 if e["name"] not in names:
                     continue
-                lo = min(t["offset"] for t in e["tensors"].values())
-                hi = max(t["offset"] + t["nbytes"] for t in e["tensors"].values())
+                lo, hi = span(e)
                 mine = [(s, n) for name, s, n in want if name == e["name"]]
                 if not any(s < e["start"] + e["numel"] and e["start"] < s + n for s, n in mine) and not (
                     e["plain"].get("factored") and mine
@@ -243,10 +242,21 @@ def _check_layout(layout: Any, key: str) -> None:
                          "load it with the stquant-megatron version that wrote it")  # fmt: skip
 
 
+def span(e: dict) -> tuple[int, int]:
+    """The byte range ``[lo, hi)`` of a layout entry in its rank's chunk."""
+    return (min(t["offset"] for t in e["tensors"].values()), max(t["offset"] + t["nbytes"] for t in e["tensors"].values()))
+
+
+def factored_shard(d: dict, start: int, numel: int) -> dict:
+    """A factored entry's ``to_dict`` (the whole matrix's statistics, from any shard of it) as the shard of
+    elements ``start .. start + numel``."""
+    return {**{k: v for k, v in d.items() if k not in ("offset", "numel")}, "offset": start, "numel": numel}
+
+
 def _decode_entry(e: dict, piece: torch.Tensor, where: str) -> Any:
     """The moment of one layout entry from its bytes: a dict for ``checkpoint.saved_state`` or a dense tensor."""
-    lo = min(t["offset"] for t in e["tensors"].values())
-    if piece.dtype != torch.uint8 or piece.numel() != max(t["offset"] + t["nbytes"] for t in e["tensors"].values()) - lo:
+    lo, hi = span(e)
+    if piece.dtype != torch.uint8 or piece.numel() != hi - lo:
         raise ValueError(f"{where}: {piece.numel()} bytes loaded, the layout lists more; the checkpoint is truncated")
     crc, out = 0, dict(e["plain"])
     for tname, t in e["tensors"].items():
@@ -268,31 +278,33 @@ def _decode_entry(e: dict, piece: torch.Tensor, where: str) -> Any:
     return out.get("dense") if "dense" in out else out
 
 
-def validate(loaded: Any) -> None:
-    """Every loaded entry's sizes and CRC32 (before the optimizer changes); raises ValueError naming it."""
+def validate(loaded: Any) -> dict[str, Any]:
+    """Every loaded entry's sizes and CRC32 (before the optimizer changes); raises ValueError naming it.
+    Returns the decoded entries by piece id, for ``prepare``."""
     if not isinstance(loaded, dict) or "pieces" not in loaded:
         raise ValueError("the packed optimizer moments were not loaded: load packed checkpoints through "
                          "megatron.core.dist_checkpointing.load with stquant_megatron.megatron patched")  # fmt: skip
     layout = loaded["layout"]
     _check_layout(layout, "stquant_layout")
+    out = {}
     for piece_id, piece in loaded["pieces"].items():
         r, j = (int(x) for x in piece_id.split("."))
         e = layout["ranks"][r]["entries"][j]
-        _decode_entry(e, piece, f"packed checkpoint {e['moment']} of {e['name']!r} (elements {e['start']}.."
-                                f"{e['start'] + e['numel']}, saved by data-parallel rank {r})")
+        out[piece_id] = _decode_entry(e, piece, f"packed checkpoint {e['moment']} of {e['name']!r} (elements "
+                                                f"{e['start']}..{e['start'] + e['numel']}, saved by data-parallel rank {r})")  # fmt: skip
+    return out
 
 
-def prepare(distopt: Any, loaded: Any) -> list[tuple]:
-    """Every moment of this rank's shards in this optimizer's format, validated; nothing changes yet.
-    Returns ``(main param, moment, state or ("stage", dense))`` to ``commit``."""
-    validate(loaded)
-    layout, pieces = loaded["layout"], loaded["pieces"]
+def prepare(distopt: Any, loaded: Any, decoded: dict[str, Any]) -> list[tuple]:
+    """Every moment of this rank's shards in this optimizer's format, from ``validate``'s decoded entries;
+    nothing changes yet. Returns ``(main param, moment, state or ("stage", dense))`` to ``commit``."""
+    layout = loaded["layout"]
     inner: STQuantAdamW = distopt.optimizer
     by_name: dict[tuple[str, str], list] = {}
-    for piece_id, piece in pieces.items():
+    for piece_id, value in decoded.items():
         r, j = (int(x) for x in piece_id.split("."))
         e = layout["ranks"][r]["entries"][j]
-        by_name.setdefault((e["name"], e["moment"]), []).append((e, piece))
+        by_name.setdefault((e["name"], e["moment"]), []).append((e, value))
     out, recoded = [], []
     for _, main, name, start, numel in _local_shards(distopt):
         for key in MOMENTS:
@@ -301,19 +313,16 @@ def prepare(distopt: Any, loaded: Any) -> list[tuple]:
             exact = [(e, p) for e, p in found if e["start"] == start and e["numel"] == numel]
             factored = [(e, p) for e, p in found if e["plain"].get("factored")]
             if exact:
-                value = _decode_entry(*exact[0], where)
+                value = exact[0][1]
             elif factored:  # the whole matrix's statistics, from any shard of it
-                d = {k: v for k, v in _decode_entry(*factored[0], where).items() if k not in ("offset", "numel")}
-                value = checkpoint_state({**d, "offset": start, "numel": numel}, where)
+                value = factored_shard(factored[0][1], start, numel)
                 if not isinstance(inner.state[main].get(key), FactoredState):
-                    value = value.dequantize(device="cpu")  # this run packs it: this shard's estimate
-                else:
-                    value = {**d, "offset": start, "numel": numel} if numel != value.shape[0] * value.shape[1] else d
+                    value = checkpoint_state(value, where).dequantize(device="cpu")  # this run packs it: the estimate
             else:
                 value = torch.empty(numel, dtype=torch.float32)
                 covered = torch.zeros(numel, dtype=torch.bool)
-                for e, p in found:
-                    dense = _dense(_decode_entry(e, p, where), where)
+                for e, v in found:
+                    dense = _dense(v, where)
                     a, b = max(start, e["start"]), min(start + numel, e["start"] + e["numel"])
                     if a < b:
                         value[a - start : b - start] = dense[a - e["start"] : b - e["start"]]
@@ -327,7 +336,7 @@ def prepare(distopt: Any, loaded: Any) -> list[tuple]:
                 isinstance(value, dict) and value.get("factored")
             ):  # a factored shard of this run from packed or dense values: statistics all-reduced over the shards
                 value = _dense(value, where)
-                _validate_dense(value, numel, key, where)
+                checkpoint._check_dense(name, key, value, main)
                 out.append((main, key, ("stage", value)))
                 continue
             out.append((main, key, checkpoint._load_moment(inner, main, key, value, None, recoded)))
@@ -342,11 +351,6 @@ def _dense(value: Any, where: str) -> torch.Tensor:
     if torch.is_tensor(value):
         return value.reshape(-1).float()
     return checkpoint_state(value, where).dequantize(device="cpu").reshape(-1)
-
-
-def _validate_dense(value: torch.Tensor, numel: int, key: str, where: str) -> None:
-    if value.numel() != numel or not bool(torch.isfinite(value).all()) or (key == "exp_avg_sq" and bool((value < 0).any())):
-        raise ValueError(f"{where}: expected {numel} finite values (>= 0 for exp_avg_sq)")
 
 
 @torch.no_grad()

@@ -344,12 +344,12 @@ def _load(orig):
                              f"optimizer is {type(inner).__name__}, not stquant's")  # fmt: skip
         if packed:
             loaded = state_dict["param_state"].get("stquant")
-            packed_checkpoint.validate(loaded)  # sizes and CRC32 of every entry before anything changes
+            decoded = packed_checkpoint.validate(loaded)  # sizes and CRC32 of every entry before anything changes
         if isinstance(inner, STQuantAdamW) and meta is not None:
             inner.load_stquant_meta(meta)  # bits first: the moments are then packed at those widths
         if not packed:
             return orig(self, state_dict)
-        self._stquant_prepared = packed_checkpoint.prepare(self, loaded)  # in this run's format; committed after the params
+        self._stquant_prepared = packed_checkpoint.prepare(self, loaded, decoded)  # in this run's format; committed after the params
         try:
             return orig(self, {**state_dict, "param_state_sharding_type": "dp_reshardable"})
         finally:
