@@ -100,6 +100,7 @@ class Spec:
         return s.lr * (1.0 if self.lr is None else self.lr)
 
 
+# provenance: specs begin
 def specs(steps: int) -> list[Spec]:
     """The compared configurations; scheduled runs' warm-up and interval scale with the run length."""
     sched = dict(warmup_steps=max(1, round(0.10 * steps)), interval=max(4, round(0.075 * steps)))
@@ -147,11 +148,18 @@ def specs(steps: int) -> list[Spec]:
     for avg in (3.0, 2.75, 2.5):
         out.append(Spec(f"avg{avg}-sr", f"ours scheduled {avg}, stochastic rounding", "stq",
                         dict(avg_bits=avg, **packed_sr, **sched), default=False))  # fmt: skip
+    # bf16 scales with block 256: a quarter of the scale bits (1/16 per element instead of 1/4), which
+    # the budget (scale bits included) spends on codes
+    lean_sr = dict(scale_dtype="bf16", block_size=256, **packed_sr)
+    for avg in (3.0, 2.75):
+        out.append(Spec(f"avg{avg}-lean-sr", f"ours scheduled {avg}, stochastic rounding, bf16 scales, block 256", "stq",
+                        dict(avg_bits=avg, **lean_sr, **sched), default=False))  # fmt: skip
     out.append(Spec("f4-sr", "ours 4-bit exp_avg, factored exp_avg_sq, stochastic rounding", "stq",
                     dict(bits=4, **fact_sr), default=False))  # fmt: skip
     out.append(Spec("auto-avg2.75-sr", "ours scheduled 2.75, format chosen per unit, stochastic rounding", "stq",
                     dict(avg_bits=2.75, exp_avg_sq_format="auto", **sr, **sched), default=False))  # fmt: skip
     return out
+# provenance: specs end
 
 
 # ----------------------------------------------------------------------------------- model
@@ -275,8 +283,14 @@ def _norm(family: str, config: dict) -> str:
     return json.dumps([family, config], sort_keys=True)
 
 
-def _cfg_key(sp: Spec) -> str:
-    return _norm(sp.family, sp.config)
+def _run_key(family: str, config: dict, lr: float) -> str:
+    """A run's identity besides key and seed: its configuration and its peak learning rate (the specs
+    live outside the code hash, ``benchmarks/provenance.py``: a run is reused only for an equal one)."""
+    return f"{_norm(family, config)} lr={lr:.9g}"
+
+
+def _cfg_key(sp: Spec, s: Setup) -> str:
+    return _run_key(sp.family, sp.config, sp.peak_lr(s))
 
 
 def run_deps(family: str) -> str:
@@ -300,7 +314,7 @@ def append_run(path: str | None, sp: Spec, s: Setup, r: dict) -> None:
 
 
 def load_runs(path: str, s: Setup, fresh_only: bool = False) -> dict:
-    """Runs of ``path`` with the same set-up, keyed by (key, seed, configuration); the last line of a
+    """Runs of ``path`` with the same set-up, keyed by (key, seed, configuration and learning rate); the last line of a
     key wins. ``fresh_only``: only runs whose recorded code hash equals the current code's."""
     out = {}
     if not os.path.exists(path):
@@ -312,7 +326,8 @@ def load_runs(path: str, s: Setup, fresh_only: bool = False) -> dict:
             if fresh_only and (r.get("code") or {}).get(run_deps(r["family"])) != STARTED["code"][run_deps(r["family"])]:
                 continue
             if {k: v for k, v in (r.get("setup") or {}).items() if k != "seeds"} == want:
-                out[(r["key"], r["seed"], _norm(r["family"], r["config"]))] = dict(r, reused=True)
+                lr = r.get("lr", s.lr)  # runs logged before per-spec learning rates ran at the set-up's
+                out[(r["key"], r["seed"], _run_key(r["family"], r["config"], lr))] = dict(r, reused=True)
     return out
 
 
@@ -437,8 +452,9 @@ def main(argv=None) -> int:
         args.resume = True
     log_path = os.path.splitext(args.json)[0] + ".runs.jsonl" if args.json else None
     cached = load_runs(log_path, s, args.fresh_only) if args.resume else {}
-    results = [cached[(sp.key, sd, _cfg_key(sp))] for sd in s.seeds for sp in spec_list if (sp.key, sd, _cfg_key(sp)) in cached]
-    jobs = [(sp, sd) for sd in s.seeds for sp in spec_list if (sp.key, sd, _cfg_key(sp)) not in cached]
+    wanted = [(sp, sd, (sp.key, sd, _cfg_key(sp, s))) for sd in s.seeds for sp in spec_list]
+    results = [cached[k] for _, _, k in wanted if k in cached]
+    jobs = [(sp, sd) for sp, sd, k in wanted if k not in cached]
     if results:
         print(f"reusing {len(results)} run(s) from {log_path}", flush=True)
     if args.from_log:
@@ -450,7 +466,7 @@ def main(argv=None) -> int:
     if args.jobs == 1:
         for sp, sd in sorted(jobs, key=lambda j: j[0].key == "adamw"):  # the reference last: another
             if args.resume:  # process writing the same log may have run it meanwhile
-                done = load_runs(log_path, s, args.fresh_only).get((sp.key, sd, _cfg_key(sp)))
+                done = load_runs(log_path, s, args.fresh_only).get((sp.key, sd, _cfg_key(sp, s)))
                 if done is not None:
                     results.append(done)
                     print(f"  {sp.label} seed {sd}: reused (finished {done.get('finished')})", flush=True)

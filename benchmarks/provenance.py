@@ -36,17 +36,18 @@ _TRITON = ["!stquant_megatron/kernels/triton_adam.py", "!stquant_megatron/kernel
 _OPTIMIZER = ["stquant_megatron/**", "!stquant_megatron/megatron/**", "!stquant_megatron/testing/**",
               "!stquant_megatron/cli.py", "!stquant_megatron/report.py", "!stquant_megatron/launch.py",
               "!stquant_megatron/checkpoint.py", *_TRITON]  # fmt: skip
+_FRONTIER = ["~benchmarks/frontier.py", "~benchmarks/quality.py", "stquant_megatron/testing/data.py"]
 DEPS: dict[str, list[str]] = {
     "optimizer": _OPTIMIZER,
     # the step benchmark: the optimizer and the script
     "step": _OPTIMIZER + ["benchmarks/step.py"],
     # the frontier's reference and peer runs (fp32 AdamW, bitsandbytes, torchao): the model, data and loop
-    "frontier-peers": ["benchmarks/frontier.py", "benchmarks/quality.py", "stquant_megatron/testing/data.py"],
+    # ("~": the file less its spec region; every run records its configuration, matched when reused)
+    "frontier-peers": _FRONTIER,
     # the frontier's own runs: the same plus the optimizer
-    "frontier": _OPTIMIZER + ["benchmarks/frontier.py", "benchmarks/quality.py", "stquant_megatron/testing/data.py"],
+    "frontier": _OPTIMIZER + _FRONTIER,
     # the factoring signal on the frontier's model
-    "factoring_signal": _OPTIMIZER + ["benchmarks/frontier.py", "benchmarks/quality.py",
-                                      "stquant_megatron/testing/data.py", "benchmarks/factoring_signal.py"],
+    "factoring_signal": _OPTIMIZER + _FRONTIER + ["benchmarks/factoring_signal.py"],
     # the quality benchmark (Megatron GPT through the seams, digits ViT standalone)
     "quality": ["stquant_megatron/**", "!stquant_megatron/cli.py", "!stquant_megatron/report.py",
                 "benchmarks/quality.py", *_TRITON],  # fmt: skip
@@ -64,6 +65,31 @@ DEPS: dict[str, list[str]] = {
 }
 
 
+# A "~path" entry hashes that file less its spec region: the lines from SPEC_BEGIN to SPEC_END, both
+# included. The region holds only the compared configurations (names, labels, config dicts); a
+# benchmark that uses it records each run's configuration and reuses a run only for an equal one, so
+# adding or relabelling a configuration leaves the other runs' code unchanged.
+SPEC_BEGIN = "# provenance: specs begin"
+SPEC_END = "# provenance: specs end"
+
+
+def strip_spec_region(data: bytes, where: str = "file") -> bytes:
+    """``data`` less its spec region (unchanged without one); ValueError on unpaired markers."""
+    lines = data.splitlines(keepends=True)
+    begins = [i for i, ln in enumerate(lines) if ln.strip() == SPEC_BEGIN.encode()]
+    ends = [i for i, ln in enumerate(lines) if ln.strip() == SPEC_END.encode()]
+    if not begins and not ends:
+        return data
+    if len(begins) != 1 or len(ends) != 1 or ends[0] < begins[0]:
+        raise ValueError(f"{where}: expected one '{SPEC_BEGIN}' line followed by one '{SPEC_END}' line; "
+                         f"found begins at lines {[i + 1 for i in begins]}, ends at {[i + 1 for i in ends]}")
+    return b"".join(lines[: begins[0]] + lines[ends[0] + 1 :])
+
+
+def _stripped(name: str) -> set[str]:
+    return {p[1:] for p in DEPS[name] if p.startswith("~")}
+
+
 def _match(path: str, pattern: str) -> bool:
     if pattern.endswith("/**"):
         return path.startswith(pattern[:-2])
@@ -74,7 +100,7 @@ def _select(name: str, paths) -> list[str]:
     """The paths of dependency set ``name`` among ``paths``: Python sources and shell scripts under the
     listed folders and the listed files, less the ``!`` exclusions."""
     pats = DEPS[name]
-    inc = [p for p in pats if not p.startswith("!")]
+    inc = [p.lstrip("~") for p in pats if not p.startswith("!")]
     exc = [p[1:] for p in pats if p.startswith("!")]
     out = set()
     for p in paths:
@@ -97,6 +123,7 @@ def dep_files(name: str, root: str = ROOT) -> list[str]:
         pass
     found = []
     for pat in DEPS[name]:
+        pat = pat.lstrip("~")
         base = pat[:-3] if pat.endswith("/**") else pat
         full = os.path.join(root, base)
         if pat.startswith("!"):
@@ -118,9 +145,12 @@ def _digest(items) -> str:
 
 def code_hash(name: str, root: str = ROOT) -> str:
     """SHA-256 (first 16 hex digits) over the path and bytes of every file of dependency set ``name``."""
+    strip = _stripped(name)
+
     def read(rel):
         with open(os.path.join(root, rel), "rb") as f:
-            return f.read()
+            data = f.read()
+        return strip_spec_region(data, rel) if rel in strip else data
 
     return _digest((rel, read(rel)) for rel in dep_files(name, root))
 
@@ -130,7 +160,9 @@ def code_hash_at(name: str, commit: str, root: str = ROOT) -> str | None:
     try:
         git = lambda *a, **k: subprocess.run(["git", "-C", root, *a], capture_output=True, check=True, **k).stdout  # noqa: E731
         paths = git("ls-tree", "-r", "--name-only", commit, text=True).splitlines()
-        return _digest((rel, git("show", f"{commit}:{rel}")) for rel in _select(name, paths))
+        strip = _stripped(name)
+        return _digest((rel, strip_spec_region(git("show", f"{commit}:{rel}"), rel) if rel in strip else git("show", f"{commit}:{rel}"))
+                       for rel in _select(name, paths))  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         return None
 

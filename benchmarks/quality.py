@@ -115,29 +115,34 @@ class OptSpec:
     default: bool = True  # False: runs only when named in --optimizers
 
 
+# provenance: specs begin
 def optimizer_specs(steps: int, only: list[str] | None = None) -> list[OptSpec]:
     """The compared optimizers; adaptive runs' warm-up and interval scale with the run length."""
     warmup = max(1, round(0.10 * steps))
     interval = max(4, round(0.075 * steps))
     sched = dict(warmup_steps=warmup, interval=interval, stats_steps=min(4, interval))
-    packed = dict(exp_avg_sq_format="packed")  # the GPT task is Megatron (packed anyway); digits: the same rows
+    # the GPT task is Megatron (packed anyway); digits: the same rows. The rows name their rounding:
+    # scheduled runs round stochastically by default (STQuantConfig), these rows round to nearest.
+    packed = dict(exp_avg_sq_format="packed", stochastic_rounding=False)
     specs = [
         OptSpec("adamw", "fp32 AdamW", "32", "torch"),
+        # exactly what STQuantConfig() / --stquant alone give (scheduler warm-up and interval at their defaults)
+        OptSpec("default", "STQuant default, STQuantConfig()", "auto 3.0, SR", "stq", {}),
         OptSpec("bnb8", "bnb AdamW8bit", "8", "bnb8"),
         OptSpec("ao8", "torchao AdamW8bit", "8", "ao8"),
         OptSpec("ao4", "torchao AdamW4bit", "4", "ao4"),
         OptSpec("stq8", "STQuant 8-bit", "8", "stq", dict(bits=8, **packed)),
         OptSpec("stq4", "STQuant 4-bit", "4", "stq", dict(bits=4, **packed)),
-        OptSpec("auto4.0", "STQuant adaptive 4.0", "auto 4.0", "stq", dict(avg_bits=4.0, **packed, **sched)),
-        OptSpec("auto3.5", "STQuant adaptive 3.5", "auto 3.5", "stq", dict(avg_bits=3.5, **packed, **sched)),
+        OptSpec("auto4.0", "STQuant adaptive 4.0, nearest", "auto 4.0", "stq", dict(avg_bits=4.0, **packed, **sched)),
+        OptSpec("auto3.5", "STQuant adaptive 3.5, nearest", "auto 3.5", "stq", dict(avg_bits=3.5, **packed, **sched)),
     ]
     # the frontier's configurations (benchmarks/frontier.py), run when named; factored ones too
     lean = dict(scale_dtype="bf16", block_size=256, **packed)
-    fact = dict(exp_avg_sq_format="factored")
+    fact = dict(exp_avg_sq_format="factored", stochastic_rounding=False)
     for avg in (3.0, 2.5):
-        specs.append(OptSpec(f"auto{avg}", f"STQuant adaptive {avg}", f"auto {avg}", "stq",
+        specs.append(OptSpec(f"auto{avg}", f"STQuant adaptive {avg}, nearest", f"auto {avg}", "stq",
                              dict(avg_bits=avg, **packed, **sched), default=False))  # fmt: skip
-        specs.append(OptSpec(f"auto{avg}-lean", f"STQuant adaptive {avg}, bf16 scales, block 256", f"auto {avg}", "stq",
+        specs.append(OptSpec(f"auto{avg}-lean", f"STQuant adaptive {avg}, nearest, bf16 scales, block 256", f"auto {avg}", "stq",
                              dict(avg_bits=avg, **lean, **sched), default=False))  # fmt: skip
     specs.append(OptSpec("fact4", "STQuant 4-bit m, factored v", "4 + fact.", "stq", dict(bits=4, **fact), default=False))
     for avg in (5.5, 4.0, 3.0):
@@ -149,6 +154,7 @@ def optimizer_specs(steps: int, only: list[str] | None = None) -> list[OptSpec]:
             raise SystemExit(f"--optimizers: unknown {unknown}; choose from {[s.key for s in specs]}")
         return [s for s in specs if s.key in only or s.key == "adamw"]
     return [s for s in specs if s.default]
+# provenance: specs end
 
 
 def _clean_groups(groups: list[dict]) -> list[dict]:

@@ -81,6 +81,37 @@ def test_code_hash_follows_the_dependency_files_and_ignores_the_others(tmp_path)
     assert provenance.code_hash("step", str(tmp_path)) != h1
 
 
+def test_frontier_hash_ignores_its_spec_region_and_nothing_else(tmp_path):
+    """Adding a configuration to the frontier's spec list leaves the other runs fresh; any other edit
+    of the same file (the model, the loop, the run log's matching) makes them stale."""
+    body = "import torch\n\n{}\ndef specs():\n    return [1]\n{}\n\n\ndef run():\n    return 2\n"
+    path = tmp_path / "benchmarks/frontier.py"
+    path.parent.mkdir(parents=True)
+    path.write_text(body.format(provenance.SPEC_BEGIN, provenance.SPEC_END))
+    h0 = provenance.code_hash("frontier-peers", str(tmp_path))
+    path.write_text(body.format(provenance.SPEC_BEGIN, provenance.SPEC_END).replace("[1]", "[1, 'new spec']"))
+    assert provenance.code_hash("frontier-peers", str(tmp_path)) == h0
+    path.write_text(body.format(provenance.SPEC_BEGIN, provenance.SPEC_END).replace("return 2", "return 3"))
+    assert provenance.code_hash("frontier-peers", str(tmp_path)) != h0
+    path.write_text(body.format(provenance.SPEC_BEGIN, "# no end marker"))
+    with pytest.raises(ValueError, match="benchmarks/frontier.py.*specs end"):
+        provenance.code_hash("frontier-peers", str(tmp_path))
+
+
+def test_the_spec_regions_hold_only_the_spec_functions():
+    """What the hash leaves out: exactly one function per file, the configurations it lists."""
+    import ast
+
+    for rel, fn in (("benchmarks/frontier.py", "specs"), ("benchmarks/quality.py", "optimizer_specs")):
+        data = (ROOT / rel).read_bytes()
+        kept = provenance.strip_spec_region(data)
+        assert len(kept) < len(data) and kept.count(b"def ") > 3
+        start = data.index(provenance.SPEC_BEGIN.encode())
+        inner = data[start:].split(b"\n", 1)[1].split(provenance.SPEC_END.encode())[0].decode()
+        tree = ast.parse(inner)
+        assert [type(n).__name__ for n in tree.body] == ["FunctionDef"] and tree.body[0].name == fn, rel
+
+
 @pytest.mark.parametrize("name", sorted(provenance.DEPS))
 def test_code_hash_at_head_equals_the_working_tree_for_committed_files(name):
     """The hash recomputed from git's objects (how runs recorded before hashes existed get theirs)
