@@ -33,9 +33,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # is the PyTorch twin (kernels/torch_adam.py; the kernels are bit-identical to it, tests/test_kernels.py
 # and tests/test_gpu_parity.py) and the Triton files never run.
 _TRITON = ["!stquant_megatron/kernels/triton_adam.py", "!stquant_megatron/kernels/triton_factored.py"]
+_CHECKPOINT_IO = ["!stquant_megatron/checkpoint.py", "!stquant_megatron/megatron/packed_checkpoint.py",
+                  "!stquant_megatron/megatron/convert.py"]  # fmt: skip
 _OPTIMIZER = ["stquant_megatron/**", "!stquant_megatron/megatron/**", "!stquant_megatron/testing/**",
               "!stquant_megatron/cli.py", "!stquant_megatron/report.py", "!stquant_megatron/launch.py",
-              "!stquant_megatron/checkpoint.py", *_TRITON]  # fmt: skip
+              *_CHECKPOINT_IO, *_TRITON]  # fmt: skip
 _FRONTIER = ["~benchmarks/frontier.py", "~benchmarks/quality.py", "stquant_megatron/testing/data.py"]
 DEPS: dict[str, list[str]] = {
     "optimizer": _OPTIMIZER,
@@ -48,9 +50,10 @@ DEPS: dict[str, list[str]] = {
     "frontier": _OPTIMIZER + _FRONTIER,
     # the factoring signal on the frontier's model
     "factoring_signal": _OPTIMIZER + _FRONTIER + ["benchmarks/factoring_signal.py"],
-    # the quality benchmark (Megatron GPT through the seams, digits ViT standalone)
-    "quality": ["stquant_megatron/**", "!stquant_megatron/cli.py", "!stquant_megatron/report.py",
-                "benchmarks/quality.py", *_TRITON],  # fmt: skip
+    # the quality benchmark (Megatron GPT through the seams, digits ViT standalone; it never saves or
+    # loads a checkpoint, and the memory model is the CLI's)
+    "quality": ["stquant_megatron/**", "!stquant_megatron/cli.py", "!stquant_megatron/report.py", *_CHECKPOINT_IO,
+                "!stquant_megatron/megatron/memory.py", "benchmarks/quality.py", *_TRITON],  # fmt: skip
     # Megatron-LM's own pretrain_*.py under the patch (tests/test_megatron_lm.py writes the rows)
     "megatron_lm": ["stquant_megatron/**", "!stquant_megatron/report.py", "patches/**", "tests/test_megatron_lm.py",
                     *_TRITON],  # fmt: skip
