@@ -22,9 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     _memory_args(mem)
     ck = sub.add_parser("checkpoint", help="checkpoint tools")
     cksub = ck.add_subparsers(dest="ckcmd", required=True)
-    conv = cksub.add_parser("convert", help="a packed torch_dist checkpoint -> Megatron's dense format (offline, CPU)",
-                            description="Write the dense form (stock Megatron's dp_reshardable) of a packed torch_dist "
-                                        "checkpoint: one process, no GPU, no process group.")
+    conv = cksub.add_parser("convert", help="a packed checkpoint -> Megatron's dense format (offline, CPU)",
+                            description="Write the dense form (stock Megatron's) of a packed torch_dist (dp_reshardable) "
+                                        "or legacy torch checkpoint: one process, no GPU, no process group.")
     conv.add_argument("src", help="the packed checkpoint's iter_XXXXXXX directory")
     conv.add_argument("dst", help="a new directory for the dense checkpoint")
     conv.add_argument("--to", choices=("dense",), default="dense", help="target format (dense; a patched run saves packed)")
@@ -37,8 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             print(f"stquant-megatron checkpoint convert: {e}", file=sys.stderr)
             return 2
-        print(f"wrote {args.dst}: {counts['entries']} packed entries decoded into {counts['bucket_tensors']} dense "
-              "bucket tensors (stock Megatron's dp_reshardable); copy or link the tracker file beside it as needed")
+        into = (f"{counts['bucket_tensors']} dense bucket tensors (stock Megatron's torch_dist dp_reshardable)"
+                if "bucket_tensors" in counts else f"{counts['files']} dense distrib_optim.pt file(s) (stock legacy torch)")
+        print(f"wrote {args.dst}: {counts['entries']} packed entries decoded into {into}; copy or link the tracker "
+              "file beside it as needed")  # fmt: skip
         return 0
     if args.cmd == "memory":
         return _memory(args)

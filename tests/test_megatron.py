@@ -64,7 +64,7 @@ def _run(rank, world, spec):
 
     init_megatron_parallel(spec.get("tp", 1), spec.get("pp", 1))
     if spec.get("config") is not None:
-        patch(STQuantConfig(**spec["config"]))
+        patch(STQuantConfig(**spec["config"]), checkpoint_format=spec.get("ckpt_format"))
     else:
         unpatch()
     model_kwargs = dict(num_layers=spec.get("layers", 2), hidden_size=64, bf16=spec.get("bf16", True))

@@ -302,7 +302,7 @@ def test_gpt_packed_checkpoint_reshards_to_one_rank_and_stock_refuses_it(tmp_pat
     with pytest.raises(MegatronLMError) as info:
         run_megatron_lm("pretrain_gpt.py", gpt_args(iters=ITERS) + ["--ckpt-format", "torch_dist", "--load", ck,
                                                                    "--ckpt-step", "3"], workdir=str(tmp_path / "stock"))  # fmt: skip
-    assert "--stquant-checkpoint-format dense" in str(info.value), str(info.value)[-3000:]
+    assert "stquant-megatron checkpoint convert" in str(info.value), str(info.value)[-3000:]
     # the way back offline: `stquant-megatron checkpoint convert` (this process, no ranks), then stock resumes
     dense = tmp_path / "dense"
     out = subprocess.run([sys.executable, "-m", "stquant_megatron.cli", "checkpoint", "convert",

@@ -66,18 +66,20 @@ def _raw_bytes(src: str, md: Any, key: str) -> bytes:
 
 
 def convert_to_dense(src: str, dst: str) -> dict[str, int]:
-    """Write the dense form of the packed torch_dist checkpoint directory ``src`` (one ``iter_*`` folder)
+    """Write the dense form of the packed torch_dist or legacy torch checkpoint directory ``src`` (one ``iter_*`` folder)
     to the new directory ``dst``. Returns counts (entries decoded, bucket tensors written). Raises
     ValueError with what was wrong (not a torch_dist checkpoint, not packed, damaged entries)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
-    if not os.path.isfile(os.path.join(src, ".metadata")):
-        raise ValueError(f"{src!r} is not a torch_dist checkpoint directory (no .metadata); give the "
-                         "iter_XXXXXXX folder of a --ckpt-format torch_dist save")  # fmt: skip
     if os.path.exists(dst) and os.listdir(dst):
         raise ValueError(f"{dst!r} exists and is not empty; give a new directory")
+    if not os.path.isfile(os.path.join(src, ".metadata")):
+        if _legacy_files(src):
+            return convert_legacy_to_dense(src, dst)
+        raise ValueError(f"{src!r} is neither a torch_dist checkpoint directory (no .metadata) nor a legacy torch one "
+                         "(no mp_rank_*/distrib_optim.pt); give the iter_XXXXXXX folder of a save")  # fmt: skip
     reader = FileSystemReader(src)
     md = reader.read_metadata()
     # the common (non-sharded) state: common.pt (megatron-core <= 0.16) or the stored object common_state (0.19)
@@ -158,4 +160,84 @@ def convert_to_dense(src: str, dst: str) -> dict[str, int]:
         path = os.path.join(src, name)
         if os.path.isfile(path) and not os.path.exists(os.path.join(dst, name)) and not name.endswith(".distcp"):
             shutil.copy2(path, os.path.join(dst, name))
-    return {"entries": entries, "bucket_tensors": buckets}
+    return {"entries": entries, "bucket_tensors": buckets}  # torch_dist
+
+
+# ----------------------------------------------------------------------------------- legacy torch
+def _legacy_files(src: str) -> list[str]:
+    """The ``distrib_optim.pt`` files of a legacy torch checkpoint directory (one per TP/PP rank)."""
+    if not os.path.isdir(src):
+        return []
+    return sorted(os.path.join(src, d, "distrib_optim.pt") for d in os.listdir(src)
+                  if d.startswith("mp_rank_") and os.path.isfile(os.path.join(src, d, "distrib_optim.pt")))  # fmt: skip
+
+
+def _legacy_dense(state: Any, where: str) -> tuple[Any, int]:
+    """One optimizer's packed dp_zero state -> stock Megatron's dense one (entries decoded)."""
+    from .packed_checkpoint import PackedMoments, _check_layout
+
+    if not isinstance(state, dict) or not isinstance(state.get("stquant"), dict):
+        return state, 0
+    st = state.pop("stquant")
+    layout, data = st.get("layout"), st.get("packed")
+    _check_layout(layout, f"{where}: stquant layout")
+    if not torch.is_tensor(data) or data.dtype != torch.uint8:
+        raise ValueError(f"{where}: the packed moments are not a uint8 tensor: the checkpoint is damaged")
+    worlds: dict[int, dict[str, Any]] = {}
+    for gbuf_idx, dtypes in state.items():
+        if not isinstance(gbuf_idx, int):
+            continue
+        for dtype, entry in dtypes.items():
+            if not isinstance(entry, PackedMoments):
+                raise ValueError(f"{where}: buffer {gbuf_idx} ({dtype}) is not in the packed form")
+            n = entry.numel_unpadded
+            worlds[gbuf_idx] = {"dtype": dtype, "param": entry.param, "numel_unpadded": n,
+                                "exp_avg": torch.zeros(n, dtype=torch.float32), "exp_avg_sq": torch.zeros(n, dtype=torch.float32)}  # fmt: skip
+    count = 0
+    for r, rank in enumerate(layout["ranks"]):
+        for e in rank["entries"]:
+            lo, hi = span(e)
+            at = f"{where}: packed {e['moment']} of {e['name']!r} (elements {e['start']}..{e['start'] + e['numel']}, " \
+                 f"saved by data-parallel rank {r})"
+            world = worlds.get(e.get("buffer"))
+            if world is None or "world_offset" not in e:
+                raise ValueError(f"{at}: its buffer is not in the file: the checkpoint is damaged")
+            value = _decode_entry(e, data[rank["offset"] + lo : rank["offset"] + hi], at)
+            if isinstance(value, dict) and value.get("factored"):
+                value = factored_shard(value, e["start"], e["numel"])
+            values = _dense(value, at)
+            if values.numel() != e["numel"] or e["world_offset"] + e["numel"] > world["numel_unpadded"]:
+                raise ValueError(f"{at}: {values.numel()} values at {e['world_offset']} do not fit the buffer")
+            world[e["moment"]][e["world_offset"] : e["world_offset"] + e["numel"]] = values
+            count += 1
+    for gbuf_idx, w in worlds.items():
+        state[gbuf_idx] = {w.pop("dtype"): w}
+    return state, count
+
+
+def convert_legacy_to_dense(src: str, dst: str) -> dict[str, int]:
+    """The legacy torch checkpoint directory ``src``: every file copied, each packed ``distrib_optim.pt``
+    (one per TP/PP rank; a list of states for a chained optimizer, e.g. MoE) rewritten in stock
+    Megatron's dense dp_zero form."""
+    from .packed_checkpoint import PackedMoments
+
+    files = _legacy_files(src)
+    total = 0
+    with torch.serialization.safe_globals([PackedMoments]):
+        converted = {}
+        for path in files:
+            rel = os.path.relpath(path, src)
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            states = data if isinstance(data, list) else [data]
+            out = []
+            for i, st in enumerate(states):
+                st, n = _legacy_dense(st, f"{rel}[{i}]" if isinstance(data, list) else rel)
+                out.append(st)
+                total += n
+            converted[rel] = out if isinstance(data, list) else out[0]
+    if total == 0:
+        raise ValueError(f"{src!r} holds no packed stquant moments (nothing to convert; stock Megatron loads it as it is)")
+    shutil.copytree(src, dst, dirs_exist_ok=True, ignore=lambda d, names: [n for n in names if n == "distrib_optim.pt"])
+    for rel, data in converted.items():
+        torch.save(data, os.path.join(dst, rel))
+    return {"entries": total, "files": len(converted)}

@@ -47,12 +47,12 @@ from ..config import MOMENTS
 from ..optim import STQuantAdamW
 from ..state import QUANTIZED_STATES, FactoredState
 
-PACKED_DP_RESHARDABLE = (
-    "dp_reshardable+stquant_packed (optimizer moments packed by stquant-megatron: load this checkpoint with "
-    "stquant-megatron installed, e.g. --stquant; to continue with stock Megatron, load it once with stquant-megatron "
-    "and save it with --stquant-checkpoint-format dense)"
-)
+_WAY_BACK = ("load it with stquant-megatron installed (e.g. --stquant), or convert it to stock Megatron's dense form "
+             "offline: stquant-megatron checkpoint convert SRC DST --to dense")  # fmt: skip
+PACKED_DP_RESHARDABLE = f"dp_reshardable+stquant_packed (optimizer moments packed by stquant-megatron: {_WAY_BACK})"
 """``distrib_optim_sharding_type`` of a packed checkpoint (a stock run's error message quotes it)."""
+PACKED_DP_ZERO = f"dp_zero+stquant_packed (optimizer moments packed by stquant-megatron: {_WAY_BACK})"
+"""``format`` of the ``"stquant"`` entry of a packed legacy ``torch`` checkpoint's ``distrib_optim.pt``."""
 
 FORMATS = ("dense", "packed")
 LAYOUT_VERSION = 1
@@ -90,26 +90,29 @@ def params_only(distopt: Any):
 
 def _local_shards(distopt: Any, where: bool = False):
     """(model_param, main param, global name, start, numel) of this rank's shards, in bucket order; with
-    ``where``, also their place in Megatron's bucket space (the key of the bucket's dense tensors in a
-    dense dp_reshardable checkpoint, the shard's offset in it and the bucket's unpadded size): what an
-    offline converter to the dense format needs."""
+    ``where``, also their place in Megatron's dense forms (dp_reshardable: the key of the bucket's dense
+    tensors, the shard's offset in it and the bucket's unpadded size; legacy dp_zero: the buffer and the
+    shard's offset in its unpadded world tensors): what an offline converter to the dense format needs."""
     inner = distopt.optimizer
     dp_rank, dp_size = distopt.data_parallel_group.rank(), distopt.data_parallel_group.size()
     for gbuf_idx, gbuf_range_maps in enumerate(distopt.gbuf_ranges):
         for dtype, gbuf_range_map_for_all_buckets in gbuf_range_maps.items():
+            world_start = 0  # the bucket's start in the buffer's unpadded world tensors (legacy dp_zero)
             for bucket_idx, gbuf_range_map in enumerate(gbuf_range_map_for_all_buckets):
+                bucket = distopt.buffers[gbuf_idx].buckets[bucket_idx]
                 for model_param, range_map in gbuf_range_map["param_map"].items():
                     gi, go = distopt.model_param_group_index_map[model_param]
                     main = inner.param_groups[gi]["params"][go]
                     r = range_map["param"]
                     out = (model_param, main, inner.param_name(main), int(r.start), int(r.size))
                     if where:
-                        bucket = distopt.buffers[gbuf_idx].buckets[bucket_idx]
                         local = bucket.grad_data.numel() // dp_size
+                        offset = dp_rank * local + int(range_map["gbuf_local"].start)
                         out += ({"bucket_key": f"{_prefix(distopt)}.gbuf_idx_{gbuf_idx}.dtype_{dtype}.bucket_idx_{bucket_idx}",
-                                 "bucket_offset": dp_rank * local + int(range_map["gbuf_local"].start),
-                                 "bucket_numel": int(bucket.numel_unpadded)},)  # fmt: skip
+                                 "bucket_offset": offset, "bucket_numel": int(bucket.numel_unpadded),
+                                 "buffer": gbuf_idx, "world_offset": world_start + offset},)  # fmt: skip
                     yield out
+                world_start += int(bucket.numel_unpadded)
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -126,14 +129,9 @@ def _prefix(distopt: Any) -> str:
     return f"optimizer.distributed.dp_group_idx_{distopt.data_parallel_group_idx}"
 
 
-def save_entries(distopt: Any) -> dict[str, Any]:
-    """This rank's packed moments as Megatron sharded objects (collective over the data-parallel group:
-    every rank's chunk length and entries are gathered so that each writes at its own offset)."""
-    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
-
+def _pack_chunk(distopt: Any) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """(this rank's chunk: a header and every moment of its shards as in memory, the chunk's entries)."""
     inner = distopt.optimizer
-    group = distopt.data_parallel_group
-    dp_rank, dp_size = group.rank(), group.size()
     parts: list[torch.Tensor] = [torch.zeros(_HEADER, dtype=torch.uint8)]
     parts[0][:8] = torch.tensor([LAYOUT_VERSION], dtype=torch.int64).view(torch.uint8)
     offset = _HEADER
@@ -154,13 +152,31 @@ def save_entries(distopt: Any) -> dict[str, Any]:
                             "tensors": spec, "crc32": crc, **place})  # fmt: skip
     chunk = torch.cat(parts)
     chunk[8:16] = torch.tensor([chunk.numel()], dtype=torch.int64).view(torch.uint8)
-    gathered: list[Any] = [None] * dp_size
-    torch.distributed.all_gather_object(gathered, {"nbytes": chunk.numel(), "entries": entries}, group=group)
+    return chunk, entries
+
+
+def _layout(gathered: list[dict[str, Any]]) -> dict[str, Any]:
+    """The layout of every rank's chunk (``{"nbytes", "entries"}`` per rank, in rank order)."""
     offsets = [0]
     for g in gathered:
         offsets.append(offsets[-1] + g["nbytes"])
-    layout = {"version": LAYOUT_VERSION, "dp_size": dp_size, "total": offsets[-1],
-              "ranks": [{"offset": offsets[r], **gathered[r]} for r in range(dp_size)]}  # fmt: skip
+    return {"version": LAYOUT_VERSION, "dp_size": len(gathered), "total": offsets[-1],
+            "ranks": [{"offset": offsets[r], "nbytes": g["nbytes"], "entries": g["entries"]}
+                      for r, g in enumerate(gathered)]}  # fmt: skip
+
+
+def save_entries(distopt: Any) -> dict[str, Any]:
+    """This rank's packed moments as Megatron sharded objects (collective over the data-parallel group:
+    every rank's chunk length and entries are gathered so that each writes at its own offset)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+
+    group = distopt.data_parallel_group
+    dp_rank, dp_size = group.rank(), group.size()
+    chunk, entries = _pack_chunk(distopt)
+    gathered: list[Any] = [None] * dp_size
+    torch.distributed.all_gather_object(gathered, {"nbytes": chunk.numel(), "entries": entries}, group=group)
+    layout = _layout(gathered)
+    offsets = [r["offset"] for r in layout["ranks"]] + [layout["total"]]
     inst = getattr(distopt, "distributed_optimizer_instance_id", 0)
     prefix = _prefix(distopt)
     return {
@@ -211,27 +227,38 @@ def resolve_requests(sharded_state_dict: Any, checkpoint_dir: str, load) -> None
     for i, req in enumerate(requests):
         layout = loaded[f"layout_{i}"]
         _check_layout(layout, req["layout"].key)
-        want = {(name, start, numel) for _, _, name, start, numel in _local_shards(req.owner)}
-        names = {n for n, _, _ in want}
         key = req["layout"].key[: -len("stquant_layout")] + "stquant_packed"
         pieces = {}
-        for r, rank in enumerate(layout["ranks"]):
-            for j, e in enumerate(rank["entries"]):
-                if e["name"] not in names:
-                    continue
-                lo, hi = span(e)
-                mine = [(s, n) for name, s, n in want if name == e["name"]]
-                if not any(s < e["start"] + e["numel"] and e["start"] < s + n for s, n in mine) and not (
-                    e["plain"].get("factored") and mine
-                ):  # factored statistics describe the whole matrix: any entry of it serves
-                    continue
-                pieces[f"{r}.{j}"] = ShardedTensor(
-                    key=key, data=torch.empty(hi - lo, dtype=torch.uint8), dtype=torch.uint8, local_shape=(hi - lo,),
-                    global_shape=(layout["total"],), global_offset=(rank["offset"] + lo,), axis_fragmentations=None,
-                    replica_id=req["layout"].replica_id, prepend_axis_num=0, allow_shape_mismatch=False,
-                    flattened_range=None,
-                )  # fmt: skip
+        for r, j, lo, hi in _needed(layout, _wanted(req.owner)):
+            pieces[f"{r}.{j}"] = ShardedTensor(
+                key=key, data=torch.empty(hi - lo, dtype=torch.uint8), dtype=torch.uint8, local_shape=(hi - lo,),
+                global_shape=(layout["total"],), global_offset=(layout["ranks"][r]["offset"] + lo,),
+                axis_fragmentations=None, replica_id=req["layout"].replica_id, prepend_axis_num=0,
+                allow_shape_mismatch=False, flattened_range=None,
+            )  # fmt: skip
         req["pieces"] = pieces
+
+
+def _wanted(distopt: Any) -> list[tuple[str, int, int]]:
+    """(name, start, numel) of this rank's parameter shards."""
+    return [(name, start, numel) for _, _, name, start, numel in _local_shards(distopt)]
+
+
+def _needed(layout: dict[str, Any], want: list[tuple[str, int, int]]) -> list[tuple[int, int, int, int]]:
+    """(saving rank, entry index, byte range in its chunk) of the layout's entries that overlap the shards
+    ``want``; a factored entry serves any shard of its matrix (its statistics describe the whole matrix)."""
+    by_name: dict[str, list[tuple[int, int]]] = {}
+    for name, s, n in want:
+        by_name.setdefault(name, []).append((s, n))
+    out = []
+    for r, rank in enumerate(layout["ranks"]):
+        for j, e in enumerate(rank["entries"]):
+            mine = by_name.get(e["name"])
+            if not mine:
+                continue
+            if e["plain"].get("factored") or any(s < e["start"] + e["numel"] and e["start"] < s + n for s, n in mine):
+                out.append((r, j, *span(e)))
+    return out
 
 
 def _check_layout(layout: Any, key: str) -> None:
@@ -363,6 +390,167 @@ def commit(distopt: Any, prepared: list[tuple]) -> None:
         else:
             inner.state[main][key] = value
     inner._note_bytes()
+
+
+# ----------------------------------------------------------------------------------- legacy torch (dp_zero)
+class PackedMoments:
+    """One (buffer, dtype) entry of a packed legacy ``distrib_optim.pt``, where Megatron's dp_zero form has a
+    dict of world tensors: the main params only (``"param"``, ``"numel_unpadded"``); the moments are in the
+    file's ``"stquant"`` entry. Stock Megatron's ``torch.load`` (``weights_only``) stops at this class,
+    naming it; a loader that gets past that and asks for a moment gets ``KeyError`` quoting
+    ``PACKED_DP_ZERO`` (the way back). ``stquant_megatron.megatron.patch`` allowlists it for ``torch.load``."""
+
+    def __init__(self, param: torch.Tensor, numel_unpadded: int):
+        self.param, self.numel_unpadded = param, int(numel_unpadded)
+
+    def __getitem__(self, key: str) -> Any:
+        if key in ("param", "numel_unpadded"):
+            return getattr(self, key)
+        raise KeyError(f"{key!r}: this distrib_optim.pt is {PACKED_DP_ZERO}")
+
+
+def _dp_zero(distopt: Any) -> tuple[Any, int, int, int]:
+    group = distopt.data_parallel_group_gloo
+    if group is None:
+        raise ValueError("packed legacy torch checkpoints need Megatron's gloo data-parallel group "
+                         "(--no-gloo-process-groups was given?); use --ckpt-format torch_dist")  # fmt: skip
+    return group, group.rank(), group.size(), torch.distributed.get_process_group_ranks(group)[0]
+
+
+def _buckets(distopt: Any):
+    """(buffer index, dtype, bucket, its param map, its start in the buffer's unpadded world tensors)."""
+    for gbuf_idx, gbuf_range_maps in enumerate(distopt.gbuf_ranges):
+        for dtype, maps in gbuf_range_maps.items():
+            start = 0
+            for bucket_idx, m in enumerate(maps):
+                bucket = distopt.buffers[gbuf_idx].buckets[bucket_idx]
+                yield gbuf_idx, dtype, bucket, m["param_map"], start
+                start += int(bucket.numel_unpadded)
+
+
+def _main(distopt: Any, model_param: Any) -> torch.Tensor:
+    gi, go = distopt.model_param_group_index_map[model_param]
+    return distopt.optimizer.param_groups[gi]["params"][go]
+
+
+@torch.no_grad()
+def legacy_state(distopt: Any) -> dict[str, Any] | None:
+    """What ``get_parameter_state_dp_zero`` returns, packed (collective over the gloo data-parallel group;
+    the dict on its rank 0, None elsewhere): Megatron's dp_zero form holding the main params (gathered
+    bucket by bucket, as Megatron does) and, under ``"stquant"``, every rank's moments as in memory with
+    their layout. Nothing dense is built for the moments."""
+    group, rank, size, root = _dp_zero(distopt)
+    state: dict[Any, Any] = {"buckets_coalesced": True}
+    worlds: dict[tuple[int, Any], torch.Tensor] = {}
+    for gbuf_idx, dtype, bucket, param_map, start in _buckets(distopt):
+        n_local = bucket.grad_data.numel() // size
+        local = torch.zeros(n_local, dtype=torch.float32)
+        for model_param, rm in param_map.items():
+            local[rm["gbuf_local"].start : rm["gbuf_local"].end].copy_(_main(distopt, model_param).detach().reshape(-1).cpu())
+        recv = [torch.zeros(n_local, dtype=torch.float32) for _ in range(size)] if rank == 0 else None
+        torch.distributed.gather(local, recv, root, group)
+        if rank == 0:
+            numel = distopt.buffers[gbuf_idx].numel_unpadded
+            world = worlds.setdefault((gbuf_idx, dtype), torch.zeros(numel, dtype=torch.float32))
+            n = int(bucket.numel_unpadded)
+            world[start : start + n].copy_(torch.cat(recv)[:n])
+    chunk, entries = _pack_chunk(distopt)
+    gathered: list[Any] = [None] * size if rank == 0 else None
+    torch.distributed.gather_object({"nbytes": chunk.numel(), "entries": entries, "chunk": chunk}, gathered, root, group)
+    if rank != 0:
+        return None
+    for (gbuf_idx, dtype), world in worlds.items():
+        state.setdefault(gbuf_idx, {})[dtype] = PackedMoments(world, world.numel())
+    state["stquant"] = {"format": PACKED_DP_ZERO, "layout": _layout(gathered),
+                        "packed": torch.cat([g.pop("chunk") for g in gathered])}  # fmt: skip
+    return state
+
+
+def _agree(group: Any, error: str | None) -> None:
+    """Raise the first rank's error on every rank of ``group`` (before any rank changes anything)."""
+    errors: list[Any] = [None] * group.size()
+    torch.distributed.all_gather_object(errors, error, group=group)
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise ValueError(first)
+
+
+@torch.no_grad()
+def legacy_load(distopt: Any, state_dict: Any) -> bool:
+    """``load_parameter_state_from_dp_zero`` for a packed legacy file (collective over the gloo
+    data-parallel group; ``state_dict`` on its rank 0). False, having done nothing, for a dense one.
+    Rank 0 sends each rank the main params of its shards (as Megatron scatters them) and the byte ranges
+    of the moments' entries that overlap them; every rank validates and re-codes its own (``validate``,
+    ``prepare``), all agree that none failed, and only then do params and moments change."""
+    group, rank, size, root = _dp_zero(distopt)
+    packed = [isinstance(state_dict, dict) and isinstance(state_dict.get("stquant"), dict)]
+    torch.distributed.broadcast_object_list(packed, src=root, group=group)
+    if not packed[0]:
+        return False
+    wants: list[Any] = [None] * size if rank == 0 else None
+    torch.distributed.gather_object(_wanted(distopt), wants, root, group)
+    plans: list[Any] = [None] * size
+    if rank == 0:
+        plans = _legacy_plans(distopt, state_dict, wants)
+    mine: list[Any] = [None]
+    torch.distributed.scatter_object_list(mine, plans, src=root, group=group)
+    plan = mine[0]
+    error, prepared, params = plan.get("error"), None, []
+    if error is None:
+        try:
+            loaded = {"layout": plan["layout"], "pieces": plan["pieces"]}
+            prepared = prepare(distopt, loaded, validate(loaded))
+            params = []
+            for gbuf_idx, dtype, bucket, param_map, start in _buckets(distopt):
+                local = plan["params"][(gbuf_idx, start)]
+                for model_param, rm in param_map.items():
+                    main = _main(distopt, model_param)
+                    value = local[rm["gbuf_local"].start : rm["gbuf_local"].end]
+                    if value.numel() != main.numel():
+                        raise ValueError(f"legacy checkpoint: {value.numel()} param values for a shard of {main.numel()}")
+                    params.append((main, value))
+        except ValueError as e:
+            error = str(e)
+    _agree(group, error)
+    for main, value in params:
+        main.copy_(value.view_as(main))
+    commit(distopt, prepared)
+    return True
+
+
+def _legacy_plans(distopt: Any, state_dict: dict, wants: list[Any]) -> list[dict[str, Any]]:
+    """Rank 0's message to each rank: its params bucket by bucket and its moments' pieces (or an error)."""
+    size = len(wants)
+    st = state_dict["stquant"]
+    try:
+        if st.get("format") != PACKED_DP_ZERO and not str(st.get("format", "")).startswith("dp_zero+stquant_packed"):
+            raise ValueError(f"distrib_optim.pt: unknown stquant format {st.get('format')!r}")
+        layout, data = st["layout"], st["packed"]
+        _check_layout(layout, "distrib_optim.pt stquant layout")
+        if not torch.is_tensor(data) or data.dtype != torch.uint8:
+            raise ValueError("distrib_optim.pt: the packed moments are not a uint8 tensor: the checkpoint is damaged")
+        params: list[dict] = [{} for _ in range(size)]
+        for gbuf_idx, dtype, bucket, param_map, start in _buckets(distopt):
+            entry = state_dict.get(gbuf_idx, {}).get(dtype) if isinstance(state_dict.get(gbuf_idx), dict) else None
+            numel = distopt.buffers[gbuf_idx].numel_unpadded
+            got = entry.numel_unpadded if isinstance(entry, PackedMoments) else None
+            if got != numel or not torch.is_tensor(entry.param) or entry.param.numel() != numel:
+                raise ValueError(f"distrib_optim.pt: buffer {gbuf_idx} ({dtype}) holds {got} elements, this model "
+                                 f"{numel}: the checkpoint is for another model or parallel layout")  # fmt: skip
+            n, world_n = int(bucket.numel_unpadded), bucket.grad_data.numel()
+            world = torch.nn.functional.pad(entry.param.float()[start : start + n], (0, world_n - n))
+            for r, piece in enumerate(world.chunk(size)):
+                params[r][(gbuf_idx, start)] = piece.clone()
+    except (KeyError, TypeError, ValueError) as e:
+        return [{"error": f"cannot load this packed legacy checkpoint: {e}"}] * size
+    plans = []
+    for r in range(size):
+        pieces = {}
+        for sr, j, lo, hi in _needed(layout, wants[r]):
+            base = layout["ranks"][sr]["offset"]
+            pieces[f"{sr}.{j}"] = data[base + lo : base + hi].clone()  # short if truncated: ``validate`` says so
+        plans.append({"layout": layout, "pieces": pieces, "params": params[r]})
+    return plans
 
 
 def default_format() -> str:

@@ -430,6 +430,46 @@ def _metadata(orig):
 
     return patched_build_sharded_state_dict_metadata
 
+_LEGACY_SAVE = {"depth": 0}  # > 0 while a save_parameter_state (legacy torch checkpoint) runs
+
+
+def _legacy_save_scope(orig):
+    @functools.wraps(orig)
+    def patched_save_parameter_state(self, *args, **kwargs):
+        _LEGACY_SAVE["depth"] += 1
+        try:
+            return orig(self, *args, **kwargs)
+        finally:
+            _LEGACY_SAVE["depth"] -= 1
+
+    return patched_save_parameter_state
+
+
+def _dp_zero_state(orig):
+    @functools.wraps(orig)
+    def patched_get_parameter_state_dp_zero(self, *args, **kwargs):
+        # the legacy torch save (DistributedOptimizer / ChainedOptimizer.save_parameter_state, default
+        # arguments); the torch_dist dp_zero and fully_reshardable forms call it with arguments: dense
+        if (_LEGACY_SAVE["depth"] and not args and not kwargs and isinstance(self.optimizer, STQuantAdamW)
+                and checkpoint_format() == "packed"):  # fmt: skip
+            return packed_checkpoint.legacy_state(self)
+        return orig(self, *args, **kwargs)
+
+    return patched_get_parameter_state_dp_zero
+
+
+def _legacy_load(orig):
+    @functools.wraps(orig)
+    def patched_load_parameter_state_from_dp_zero(self, state_dict, *args, **kwargs):
+        if (isinstance(self.optimizer, STQuantAdamW) and not kwargs.get("update_legacy_format")
+                and packed_checkpoint.legacy_load(self, state_dict)):  # fmt: skip
+            self.optimizer.finish_factored_load()  # collective, as after every load
+            return None
+        return orig(self, state_dict, *args, **kwargs)
+
+    return patched_load_parameter_state_from_dp_zero
+
+
 def _refuse_legacy(orig):
     @functools.wraps(orig)
     def patched_load_parameter_state_from_dp_zero_legacy(self, *args, **kwargs):
@@ -508,8 +548,8 @@ def patch(config: STQuantConfig | None = None, *, from_args: bool = False, check
         config: how to pack; with ``from_args=True`` and no config, the ``--stquant-*`` flags of
             Megatron-LM's parsed args decide when the optimizer is built (``--stquant`` off: stock).
         checkpoint_format: ``"dense"`` (Megatron's own fp32 moments) or ``"packed"`` (the moments as in
-            memory; ``packed_checkpoint``) for torch_dist checkpoints that Megatron-LM saves with
-            dp_reshardable; None: ``--stquant-checkpoint-format`` with ``from_args``, else the
+            memory; ``packed_checkpoint``) in the checkpoints Megatron-LM saves as torch_dist with
+            dp_reshardable and as legacy torch (``save_parameter_state``); None: ``--stquant-checkpoint-format`` with ``from_args``, else the
             ``STQUANT_CHECKPOINT_FORMAT`` environment variable, else dense. (megatron-core callers choose
             per save: ``metadata={"distrib_optim_sharding_type": packed_checkpoint.PACKED_DP_RESHARDABLE}``.)
     """
@@ -544,6 +584,14 @@ def patch(config: STQuantConfig | None = None, *, from_args: bool = False, check
         if name.startswith("load_parameter_state_from_") and callable(getattr(DistributedOptimizer, name)):
             _replace(DistributedOptimizer, name, _finish_load)
     _replace_defined(DistributedOptimizer, "load_parameter_state_from_dp_zero_legacy", _refuse_legacy)
+    # packed legacy torch checkpoints (distrib_optim.pt): the outermost wrapper of the dp_zero loader
+    from megatron.core.optimizer.optimizer import ChainedOptimizer
+
+    _replace(DistributedOptimizer, "load_parameter_state_from_dp_zero", _legacy_load)
+    _replace(DistributedOptimizer, "get_parameter_state_dp_zero", _dp_zero_state)
+    _replace_defined(DistributedOptimizer, "save_parameter_state", _legacy_save_scope)
+    _replace_defined(ChainedOptimizer, "save_parameter_state", _legacy_save_scope)
+    torch.serialization.add_safe_globals([packed_checkpoint.PackedMoments])
     _replace_defined(DistributedOptimizer, "offload_to_cpu", _offload)  # RL training
     _replace_defined(DistributedOptimizer, "restore_from_cpu", _restore)
     # Megatron-LM's parser: patched now if imported, else the moment it is imported (importing it
