@@ -330,12 +330,15 @@ MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--expert-model-parallel-
 
 @pytest.mark.megatron
 @pytest.mark.megatron_lm
-def test_moe_ep2_dense_and_expert_optimizers_pack_agree_and_resume(tmp_path):
+@pytest.mark.parametrize("ckpt", ["dense", "packed"])
+def test_moe_ep2_dense_and_expert_optimizers_pack_agree_and_resume(ckpt, tmp_path):
     """4 experts, top-2, EP=2 (x DP=2 for the dense part): Megatron builds a dense and an expert
     DistributedOptimizer; both get packed, scheduled state; each decides once for all its units
-    (the experts of both EP ranks under their global index), and a torch_dist resume is exact."""
+    (the experts of both EP ranks under their global index), and a torch_dist resume is exact, with the
+    moments written dense or packed (then one packed tensor and layout per optimizer's data-parallel group)."""
     ck = str(tmp_path / "ckpt")
-    base = gpt_args(iters=ITERS) + MOE + ["--stquant", *SCHED, "--ckpt-format", "torch_dist"]
+    base = gpt_args(iters=ITERS) + MOE + ["--stquant", *SCHED, "--ckpt-format", "torch_dist",
+                                          "--stquant-checkpoint-format", ckpt]  # fmt: skip
     straight = run_megatron_lm("pretrain_gpt.py", base + ["--save", ck, "--save-interval", "3"], route="launch",
                                workdir=str(tmp_path / "straight"))  # fmt: skip
     resumed = run_megatron_lm("pretrain_gpt.py", base + ["--load", ck, "--ckpt-step", "3"], route="launch",
@@ -364,8 +367,20 @@ def test_moe_ep2_dense_and_expert_optimizers_pack_agree_and_resume(tmp_path):
     assert resumed.grad_norms() == straight.grad_norms()[3:]
     assert [o["scheduler_bits"] for r in resumed.records for o in r["optimizers"]] == \
         [o["scheduler_bits"] for r in straight.records for o in r["optimizers"]]  # fmt: skip
-    _record("GPT MoE 4 experts top-2, EP=2, `--stquant-avg-bits 4.0`", "launch", straight,
-            "dense + expert optimizers packed, ranks agree; resume identical")
+    from torch.distributed.checkpoint import FileSystemReader
+
+    stored = FileSystemReader(os.path.join(ck, "iter_0000003")).read_metadata().state_dict_metadata
+    layouts = sorted(k for k in stored if k.endswith("stquant_layout") or "stquant_layout/" in k)
+    moments = [k for k in stored if k.endswith((".exp_avg", ".exp_avg_sq"))]
+    if ckpt == "packed":  # a layout per data-parallel group of each optimizer (dense: one; expert: one per EP
+        # rank, whose expert-data-parallel groups differ), no dense moments
+        groups = sorted(k.split("stquant_layout")[0] for k in layouts)
+        assert groups == ["chained_0.optimizer.distributed.dp_group_idx_0.", "chained_1.optimizer.distributed.dp_group_idx_0.",
+                          "chained_1.optimizer.distributed.dp_group_idx_1."] and not moments, (layouts, moments[:4])  # fmt: skip
+    else:
+        assert not layouts and moments
+    _record(f"GPT MoE 4 experts top-2, EP=2, `--stquant-avg-bits 4.0`{', packed checkpoint' if ckpt == 'packed' else ''}",
+            "launch", straight, "dense + expert optimizers packed, ranks agree; resume identical")  # fmt: skip
     print(f"MoE EP=2: {straight.bytes_per_param():.3f} B/param, losses {straight.losses()}; "
           f"wall straight {straight.wall_s:.1f} s, resumed {resumed.wall_s:.1f} s")  # fmt: skip
 
@@ -412,7 +427,8 @@ def test_moe_ep2_format_choice_agrees_and_resumes(tmp_path):
 # ---------------------------------------------------------------------------------------------- VLM
 @pytest.mark.megatron
 @pytest.mark.megatron_lm
-def test_vlm_trains_packed_with_units_in_vision_projector_and_language(tmp_path):
+@pytest.mark.parametrize("ckpt", ["dense", "packed"])
+def test_vlm_trains_packed_with_units_in_vision_projector_and_language(ckpt, tmp_path):
     """``pretrain_vlm.py`` (LLaVA: CLIP ViT + MLP projector + GPT, local specs, mock multimodal
     data), DP=2, scheduled through the launch route, legacy ``torch`` checkpoints (the only format
     the script allows): the scheduler's units cover all three parts, the ranks agree, the history
@@ -420,7 +436,7 @@ def test_vlm_trains_packed_with_units_in_vision_projector_and_language(tmp_path)
     from stquant_megatron.testing.megatron_lm import vlm_args
 
     ck = str(tmp_path / "ckpt")
-    base = vlm_args(iters=ITERS) + ["--stquant", *SCHED]
+    base = vlm_args(iters=ITERS) + ["--stquant", *SCHED, "--stquant-checkpoint-format", ckpt]
     straight = run_megatron_lm("pretrain_vlm.py", base + ["--save", ck, "--save-interval", "3"], route="launch",
                                workdir=str(tmp_path / "straight"))  # fmt: skip
     # Resume from iteration 3 as a job that stopped there would: a save dir holding iteration 3 only.
@@ -447,12 +463,20 @@ def test_vlm_trains_packed_with_units_in_vision_projector_and_language(tmp_path)
     assert resumed.iterations() == [4, 5, 6]
     assert resumed.losses() == straight.losses()[3:], (resumed.losses(), straight.losses())
     assert resumed.grad_norms() == straight.grad_norms()[3:]
+    import torch
+
+    from stquant_megatron.megatron.packed_checkpoint import PackedMoments
+
+    with torch.serialization.safe_globals([PackedMoments]):
+        saved = torch.load(os.path.join(ck, "iter_0000003", "mp_rank_00", "distrib_optim.pt"), weights_only=True)
+    assert ("stquant" in saved) == (ckpt == "packed"), sorted(map(str, saved))
     png = tmp_path / "bits.png"
     out = subprocess.run([sys.executable, "-m", "stquant_megatron.cli", "report", os.path.join(ck, "stquant_history.jsonl"),
                           "--out", str(png)], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert out.returncode == 0 and png.stat().st_size > 1000, out.stdout + out.stderr
     assert "vision_projection" in out.stdout and "vision_model" in out.stdout, out.stdout
-    _record("VLM DP=2 bf16, `--stquant-avg-bits 4.0`, legacy torch save/resume", "launch", straight,
+    _record(f"VLM DP=2 bf16, `--stquant-avg-bits 4.0`, legacy torch save/resume{' (packed)' if ckpt == 'packed' else ''}",
+            "launch", straight,
             "units in vision, projector and language; ranks agree; resume identical")
     print(f"VLM: {bpp:.3f} B/param, losses {straight.losses()}; wall straight {straight.wall_s:.1f} s, "
           f"resumed {resumed.wall_s:.1f} s\n{out.stdout}")  # fmt: skip
