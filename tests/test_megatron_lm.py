@@ -147,6 +147,11 @@ def test_gpt_dp2_stquant8_launch_tracks_stock(precision, tmp_path, tmp_path_fact
         # the same with the moments written packed (stquant_megatron.megatron.packed_checkpoint)
         pytest.param("packed-ckpt", "bf16", "launch", ["--stquant-bits", "4", "--stquant-checkpoint-format", "packed",
                                                        *PACKED], marks=megatron_lm),  # fmt: skip
+        # ... saved asynchronously (--async-save: torch_dist's background writer; mcore's, as nvidia-resiliency-ext
+        # is not installed here)
+        pytest.param("packed-async", "bf16", "launch", ["--stquant-bits", "4", "--stquant-checkpoint-format", "packed",
+                                                        "--async-save", "--use-persistent-ckpt-worker", "--async-strategy",
+                                                        "mcore", *PACKED], marks=megatron_lm),  # fmt: skip
         pytest.param("sched4", "fp32", "patches", SCHED, marks=megatron_lm),
         # scheduled 4.0 bits (the default) with the matrices' exp_avg_sq factored
         pytest.param("factored", "bf16", "launch", ["--stquant-exp-avg-sq-format", "factored"], marks=megatron_lm),
@@ -165,6 +170,9 @@ def test_gpt_save_resume_is_exact(name, precision, route, flags, tmp_path, tmp_p
                               workdir=str(tmp_path / "resumed"), **kw)  # fmt: skip
     assert resumed.iterations() == [4, 5, 6]
     print(f"{name}: resumed {resumed.losses()} straight {straight.losses()[3:]}")
+    if "--async-save" in flags:  # Megatron-LM switches it off (with a warning) where it cannot run it
+        log = "\n".join(straight.logs)
+        assert "Disabling --async-save" not in log and "Starting Async Caller" in log, log[-3000:]
     if name == "factored":
         assert _rel_close(resumed.losses(), straight.losses()[3:], TOL_FACTORED_RESUME), (resumed.losses(), straight.losses())
         assert _rel_close(resumed.grad_norms(), straight.grad_norms()[3:], 1e-3)

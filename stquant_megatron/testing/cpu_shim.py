@@ -265,6 +265,19 @@ def is_cpu_shim_installed() -> bool:
     return bool(_PATCHES)
 
 
+PRELOAD: dict = {}
+"""``{"orig": FileSystemWriterAsync.preload_tensors}`` once ``megatron_lm`` replaced it by ``preload_copies``."""
+
+
+def preload_copies(write_buckets, non_blocking=True):
+    """megatron-core's async writer's ``preload_tensors`` (its "copy to host") with the snapshot a GPU's
+    device-to-host copy takes: on the CPU, ``tensor.to("cpu")`` is the live tensor, which the next
+    iterations change in place while the background write runs. (Module level: the async request
+    that carries it is pickled to the forked writer.)"""
+    out = PRELOAD["orig"](write_buckets, non_blocking)
+    return [(f, k, (b, [(item, t.clone()) for item, t in tensors])) for f, k, (b, tensors) in out]
+
+
 def install_cpu_shim(patch_megatron: bool = True) -> None:
     """Make CUDA calls used by megatron-core run on CPU (test-only, process-wide, idempotent).
 

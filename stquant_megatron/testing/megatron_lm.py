@@ -41,6 +41,12 @@ Every CPU-only workaround the wrapper applies (none is needed on a GPU machine w
    ``torch.nn.LayerNorm``, which it builds with Megatron's ``config=`` keyword (a TypeError in
    megatron-core 0.19.2 on any machine without TE); the wrapper makes the default Megatron's
    ``WrappedTorchNorm`` (same LayerNorm, Megatron's constructor signature).
+10. ``--async-save --use-persistent-ckpt-worker``: Megatron-LM starts its persistent checkpoint
+   worker with ``forkserver``, whose child re-imports the script without this wrapper (and fails on
+   1.): it is started with ``fork`` instead, as in 5. And the async writer's "copy to host" of each
+   tensor (``FileSystemWriterAsync.preload_tensors``), the snapshot the background write saves while
+   training goes on, is a no-op for CPU tensors: the writer would save values the next iterations
+   changed in place. It takes a copy, as the device-to-host copy does on a GPU.
 Flags every run needs on CPU (``CPU_FLAGS``): ``--distributed-backend gloo --transformer-impl local
 --no-persist-layer-norm --no-gradient-accumulation-fusion --no-masked-softmax-fusion`` (and
 ``--no-rope-fusion`` with RoPE); dropout 0 for exact comparisons (the shim shares one RNG between
@@ -274,6 +280,12 @@ def _install_workarounds() -> None:
     from stquant_megatron.testing import gpt
 
     dsutils.compile_helpers = lambda: None  # 4. nothing to `make`
+    start_async_worker = minit.init_persistent_async_worker
+    minit.init_persistent_async_worker = lambda rank, mp_mode="spawn": start_async_worker(rank, "fork")  # 10.
+    from stquant_megatron.testing import cpu_shim
+
+    cpu_shim.PRELOAD["orig"] = fa.FileSystemWriterAsync.preload_tensors
+    fa.FileSystemWriterAsync.preload_tensors = staticmethod(cpu_shim.preload_copies)  # 10.
     margs.get_device_arch_version = lambda: 9  # 7. (Hopper: TP needs CUDA_DEVICE_MAX_CONNECTIONS=1)
 
     def no_cuda(orig):  # 3.
