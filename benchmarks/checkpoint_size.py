@@ -3,13 +3,15 @@
 
 A GPT of 6 layers, hidden 512 (19.05M parameters, vocabulary 256, ``--mock-data``) trains on 2 CPU
 gloo ranks (data-parallel 2, bf16, distributed optimizer) under the test-only wrapper
-``stquant_megatron.testing.megatron_lm``, saves a ``torch_dist`` checkpoint (``dp_reshardable``) after
-2 of 3 iterations, and a second job loads it and trains the third (its loss must equal the first job's). Per configuration (stock; ours with
-dense and with packed moments, at the default and at fixed 4 bits) it records:
+``stquant_megatron.testing.megatron_lm``, saves a ``torch_dist`` checkpoint (``dp_reshardable``) or a legacy
+``torch`` one after 2 of 3 iterations, and a second job loads it and trains the third (its loss must equal the
+first job's). Per configuration (stock; ours with dense and with packed moments, at the default and at fixed
+4 bits; legacy: the default, dense and packed) it records:
 
 - the checkpoint's bytes on disk: all files, and per part from the torch_dist storage metadata (what
   the files hold): optimizer moments (``stquant_packed`` or the dense ``exp_avg``/``exp_avg_sq``
-  bucket tensors), the rest of the optimizer (fp32 main params, non-tensor state), the model;
+  bucket tensors), the rest of the optimizer (fp32 main params, non-tensor state), the model (legacy:
+  the moments' tensors in ``distrib_optim.pt``);
 - the optimizer state in memory (``STQuantAdamW.state_bytes()`` / the stock tensors, summed over the ranks);
 - each job's save / load wall time and the peak resident memory of a rank during the save above its
   level just before (the wrapper samples ``/proc/self/statm`` every 2 ms), the max over the ranks.
@@ -33,13 +35,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from provenance import hardware, provenance  # noqa: E402
 
-CONFIGS = [
-    ("stock", "stock Megatron", []),
-    ("default-dense", "ours default (--stquant), dense checkpoint", ["--stquant"]),
-    ("default-packed", "ours default (--stquant), packed checkpoint", ["--stquant", "--stquant-checkpoint-format", "packed"]),
-    ("fixed4-dense", "ours --stquant-bits 4, dense checkpoint", ["--stquant", "--stquant-bits", "4"]),
-    ("fixed4-packed", "ours --stquant-bits 4, packed checkpoint",
-     ["--stquant", "--stquant-bits", "4", "--stquant-checkpoint-format", "packed"]),
+PACKED = ["--stquant-checkpoint-format", "packed"]
+CONFIGS = [  # (key, label, flags, --ckpt-format)
+    ("stock", "stock Megatron", [], "torch_dist"),
+    ("default-dense", "ours default (--stquant), dense checkpoint", ["--stquant"], "torch_dist"),
+    ("default-packed", "ours default (--stquant), packed checkpoint", ["--stquant", *PACKED], "torch_dist"),
+    ("fixed4-dense", "ours --stquant-bits 4, dense checkpoint", ["--stquant", "--stquant-bits", "4"], "torch_dist"),
+    ("fixed4-packed", "ours --stquant-bits 4, packed checkpoint", ["--stquant", "--stquant-bits", "4", *PACKED], "torch_dist"),
+    # (no stock legacy row: on this CPU, stock Megatron's dp_zero loader asks the file for torch AdamW's
+    # per-parameter `step` tensors, which no legacy file holds; our dense legacy file has stock's form)
+    ("default-dense-torch", "ours default, dense, legacy torch", ["--stquant"], "torch"),
+    ("default-packed-torch", "ours default, packed, legacy torch", ["--stquant", *PACKED], "torch"),
 ]  # fmt: skip
 
 
@@ -64,21 +70,53 @@ def disk_bytes(ckpt_dir: str) -> dict[str, int]:
     return out
 
 
-def run(key: str, flags: list[str], work: str, layers: int, hidden: int) -> dict:
+def legacy_disk_bytes(ckpt_dir: str) -> dict[str, int]:
+    """The same parts for a legacy torch checkpoint directory (``mp_rank_00/model_optim_rng.pt`` and
+    ``distrib_optim.pt``), from the tensors the optimizer file holds."""
+    import torch
+
+    from stquant_megatron.megatron.packed_checkpoint import PackedMoments
+
+    rank = os.path.join(ckpt_dir, "mp_rank_00")
+    path = os.path.join(rank, "distrib_optim.pt")
+    with torch.serialization.safe_globals([PackedMoments]):
+        state = torch.load(path, weights_only=True)
+    moments = 0
+    if isinstance(state.get("stquant"), dict):
+        moments = state["stquant"]["packed"].numel()
+    for gbuf, dtypes in state.items():
+        if isinstance(gbuf, int):
+            for d in dtypes.values():
+                if isinstance(d, dict):
+                    moments += sum(d[k].numel() * d[k].element_size() for k in ("exp_avg", "exp_avg_sq"))
+    files = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(ckpt_dir) for f in fs)
+    model = os.path.getsize(os.path.join(rank, "model_optim_rng.pt"))
+    return {"moments": moments, "optimizer_other": os.path.getsize(path) - moments, "model": model, "layout": 0,
+            "files": files}  # fmt: skip
+
+
+def run(key: str, flags: list[str], fmt: str, work: str, layers: int, hidden: int) -> dict:
     from stquant_megatron.testing.megatron_lm import gpt_args, run_megatron_lm
 
     ck = os.path.join(work, key)
     route = dict(route="launch") if flags else {}
-    base = gpt_args(layers=layers, hidden=hidden, heads=8, iters=3) + [*flags, "--ckpt-format", "torch_dist"]
+    base = gpt_args(layers=layers, hidden=hidden, heads=8, iters=3) + [*flags, "--ckpt-format", fmt]
     saving = run_megatron_lm("pretrain_gpt.py", base + ["--save", ck, "--save-interval", "2"],
                              workdir=os.path.join(work, key + ".save"), **route)  # fmt: skip
-    loading = run_megatron_lm("pretrain_gpt.py", [*base, "--load", ck, "--ckpt-step", "2"],
-                              workdir=os.path.join(work, key + ".load"), **route)  # fmt: skip
+    it = os.path.join(ck, "iter_0000002")
+    load = [*base, "--load", ck, "--ckpt-step", "2"]
+    if fmt == "torch":  # Megatron-LM reads a legacy checkpoint's iteration from the tracker file: one holding 2 only
+        only = os.path.join(work, key + ".at2")
+        os.makedirs(only)
+        os.symlink(it, os.path.join(only, "iter_0000002"))
+        with open(os.path.join(only, "latest_checkpointed_iteration.txt"), "w") as f:
+            f.write("2")
+        load = [*base, "--load", only]
+    loading = run_megatron_lm("pretrain_gpt.py", load, workdir=os.path.join(work, key + ".load"), **route)
     assert loading.iterations() == [3], loading.iterations()
     # the resumed job's iteration 3 is the saving job's (bit-exact resume)
     assert loading.losses() == saving.losses()[2:], (loading.losses(), saving.losses())
-    it = os.path.join(ck, "iter_0000002")
-    parts = disk_bytes(it)
+    parts = disk_bytes(it) if fmt == "torch_dist" else legacy_disk_bytes(it)
     opts = [o for r in saving.records for o in (r["optimizers"] or [])]
     nparams = sum(o["params"] for o in opts)
     saves = [r["saves"][0] for r in saving.records]  # the save after iteration 2 (the final one follows)
@@ -88,14 +126,14 @@ def run(key: str, flags: list[str], work: str, layers: int, hidden: int) -> dict
         save_seconds=max(s["seconds"] for s in saves), load_seconds=max(s["seconds"] for s in loads),
         save_rss_extra=max(s["rss_peak"] - s["rss_before"] for s in saves),
         load_rss_extra=max(s["rss_peak"] - s["rss_before"] for s in loads),
-        losses=saving.losses(), resumed_loss=loading.losses(), inner=sorted({o["inner"] for o in opts}),
+        losses=saving.losses(), resumed_loss=loading.losses(), inner=sorted({o["inner"] for o in opts}), ckpt_format=fmt,
     )  # fmt: skip
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", metavar="PATH", help="write the rows and the provenance")
-    ap.add_argument("--only", nargs="+", metavar="KEY", help="subset of " + " ".join(k for k, _, _ in CONFIGS))
+    ap.add_argument("--only", nargs="+", metavar="KEY", help="subset of " + " ".join(k for k, *_ in CONFIGS))
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--hidden", type=int, default=512)
     args = ap.parse_args(argv)
@@ -103,10 +141,10 @@ def main(argv=None) -> int:
     work = tempfile.mkdtemp(prefix="stquant_ckpt_")
     rows = []
     try:
-        for key, label, flags in CONFIGS:
+        for key, label, flags, fmt in CONFIGS:
             if args.only and key not in args.only:
                 continue
-            r = run(key, flags, work, args.layers, args.hidden)
+            r = run(key, flags, fmt, work, args.layers, args.hidden)
             r["label"] = label
             rows.append(r)
             d = r["disk"]
