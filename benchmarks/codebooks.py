@@ -44,6 +44,26 @@ def roundtrip(x: torch.Tensor, kind: str, bits: int, signed: bool, block: int = 
     return dequantize_blocks(codes, scale, cb).view(-1)[: flat.numel()].view_as(x)
 
 
+def signed_log_levels(bits: int, step: float) -> torch.Tensor:
+    """A candidate signed log codebook (not one of ours): 0 and +-2**(-(L - k) * step), k = 1..L,
+    L = 2**(bits - 1) - 1 (the same number of levels as the signed kinds)."""
+    n = 2 ** (bits - 1) - 1
+    pos = torch.exp2(-(n - torch.arange(1, n + 1, dtype=torch.float32)) * step)
+    return torch.cat([-pos.flip(0), torch.zeros(1), pos])
+
+
+def roundtrip_levels(x: torch.Tensor, levels: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """Block absmax scaling and nearest rounding to sorted ``levels`` in [-1, 1] (fp32 reference)."""
+    flat = x.reshape(-1).float()
+    pad = (-flat.numel()) % block
+    xb = torch.nn.functional.pad(flat, (0, pad)).view(-1, block)
+    scale = xb.abs().amax(1, keepdim=True).clamp_min(1e-30)
+    y = xb / scale
+    mids = (levels[1:] + levels[:-1]) / 2
+    q = levels[torch.bucketize(y, mids)]
+    return (q * scale).view(-1)[: flat.numel()].view_as(x)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=300)
@@ -95,6 +115,25 @@ def main() -> None:
         for bits in range(2, 9):
             row = {k: err(moment, k, bits) for k in kinds if k != "log" or bits in LOG_STEP}
             print(f"  {bits} bits  " + " ".join(f"{row.get(k, float('nan')):10.4g}" for k in kinds) + f"   {min(row, key=row.get)}")
+
+    # Candidate (issue: a signed log codebook for exp_avg at 2-3 bits): at 2 bits every signed kind is
+    # {-1, 0, 1}; at 3 and 4 bits, signed log levels with several octave steps against ours.
+    def err_levels(levels: torch.Tensor) -> float:
+        num = den = 0.0
+        for m, v in units:
+            ref = m / (v.sqrt() + 1e-8)
+            u = roundtrip_levels(m, levels) / (v.sqrt() + 1e-8)
+            num += float(((u - ref) ** 2).sum())
+            den += float((ref**2).sum())
+        return num / den
+
+    steps = (0.5, 1.0, 1.5, 2.0, 3.0)
+    print("\nexp_avg, candidate signed log codebook (octaves between levels), same error E")
+    print("            " + " ".join(f"{'log/' + str(st):>10s}" for st in steps) + f" {'pow2':>10s} {'linear':>10s}")
+    for bits in (3, 4):
+        cand = [err_levels(signed_log_levels(bits, st)) for st in steps]
+        print(f"  {bits} bits  " + " ".join(f"{e:10.4g}" for e in cand)
+              + f" {err('exp_avg', 'pow2', bits):10.4g} {err('exp_avg', 'linear', bits):10.4g}")
 
 
 if __name__ == "__main__":
