@@ -272,9 +272,14 @@ PRELOAD: dict = {}
 def preload_copies(write_buckets, non_blocking=True):
     """megatron-core's async writer's ``preload_tensors`` (its "copy to host") with the snapshot a GPU's
     device-to-host copy takes: on the CPU, ``tensor.to("cpu")`` is the live tensor, which the next
-    iterations change in place while the background write runs. (Module level: the async request
-    that carries it is pickled to the forked writer.)"""
+    iterations change in place while the background write runs. Only for ``--async-save``: synchronous
+    saves are left as they are (what the checkpoint benchmark's host-memory column measures). (Module
+    level: the async request that carries it is pickled to the forked writer.)"""
     out = PRELOAD["orig"](write_buckets, non_blocking)
+    from megatron.training.global_vars import get_args
+
+    if not getattr(get_args(), "async_save", False):  # a synchronous save writes before training goes on
+        return out
     return [(f, k, (b, [(item, t.clone()) for item, t in tensors])) for f, k, (b, tensors) in out]
 
 
