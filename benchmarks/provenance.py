@@ -89,8 +89,9 @@ def strip_spec_region(data: bytes, where: str = "file") -> bytes:
     return b"".join(lines[: begins[0]] + lines[ends[0] + 1 :])
 
 
-def _stripped(name: str) -> set[str]:
-    return {p[1:] for p in DEPS[name] if p.startswith("~")}
+def _hashed(name: str, rel: str, data: bytes) -> bytes:
+    """The bytes of ``rel`` that dependency set ``name`` hashes (a "~" entry: less its spec region)."""
+    return strip_spec_region(data, rel) if "~" + rel in DEPS[name] else data
 
 
 def _match(path: str, pattern: str) -> bool:
@@ -148,12 +149,9 @@ def _digest(items) -> str:
 
 def code_hash(name: str, root: str = ROOT) -> str:
     """SHA-256 (first 16 hex digits) over the path and bytes of every file of dependency set ``name``."""
-    strip = _stripped(name)
-
     def read(rel):
         with open(os.path.join(root, rel), "rb") as f:
-            data = f.read()
-        return strip_spec_region(data, rel) if rel in strip else data
+            return _hashed(name, rel, f.read())
 
     return _digest((rel, read(rel)) for rel in dep_files(name, root))
 
@@ -163,9 +161,7 @@ def code_hash_at(name: str, commit: str, root: str = ROOT) -> str | None:
     try:
         git = lambda *a, **k: subprocess.run(["git", "-C", root, *a], capture_output=True, check=True, **k).stdout  # noqa: E731
         paths = git("ls-tree", "-r", "--name-only", commit, text=True).splitlines()
-        strip = _stripped(name)
-        return _digest((rel, strip_spec_region(git("show", f"{commit}:{rel}"), rel) if rel in strip else git("show", f"{commit}:{rel}"))
-                       for rel in _select(name, paths))  # fmt: skip
+        return _digest((rel, _hashed(name, rel, git("show", f"{commit}:{rel}"))) for rel in _select(name, paths))
     except (OSError, subprocess.CalledProcessError):
         return None
 

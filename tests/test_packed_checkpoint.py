@@ -142,18 +142,19 @@ def test_a_stock_run_refuses_a_packed_checkpoint_with_a_message(tmp_path):
 
 
 def _corrupt_then_load(rank, world, spec):
-    """Load a damaged packed checkpoint into a trained optimizer: ValueError, and nothing changed."""
+    """Load a damaged packed checkpoint (torch_dist, or legacy with ``fmt="torch"``) into a trained
+    optimizer: ValueError, and nothing changed."""
     from stquant_megatron.megatron import patch
     from stquant_megatron import STQuantConfig
     from stquant_megatron.testing import gpt, init_megatron_parallel
 
     init_megatron_parallel(1, 1)
-    patch(STQuantConfig(**spec["config"]))
+    patch(STQuantConfig(**spec["config"]), checkpoint_format=spec.get("ckpt_format"))
     model, opt = gpt.build_gpt_and_optimizer(lr=3e-3, num_layers=2, hidden_size=64, bf16=True)
     gpt.train(model, opt, 2, micro_batch_size=2)
     before = _snapshot(opt)
     try:
-        gpt.load_checkpoint(model, opt, spec["load"], "packed")
+        gpt.load_checkpoint(model, opt, spec["load"], spec.get("fmt", "packed"))
     except ValueError as e:
         err = str(e)
     else:
@@ -299,30 +300,10 @@ def test_a_damaged_packed_legacy_checkpoint_is_refused_on_every_rank_and_changes
     for r in ranks:  # one flipped byte in the middle of each rank's moments
         data[r["offset"] + r["nbytes"] // 2] ^= 0x5A
     torch.save(state, path)
-    results = run_distributed(_corrupt_then_load_legacy, 2, dict(config=FIXED, load=ck), timeout=600)
+    results = run_distributed(_corrupt_then_load, 2, dict(config=FIXED, load=ck, **LEGACY), timeout=600)
     for err, unchanged in results:  # both ranks raise (the damage was in each one's own entries) and agree
         assert err is not None and "CRC32" in err and "packed checkpoint" in err, err
         assert unchanged
-
-
-def _corrupt_then_load_legacy(rank, world, spec):
-    from stquant_megatron import STQuantConfig
-    from stquant_megatron.megatron import patch
-    from stquant_megatron.testing import gpt, init_megatron_parallel
-
-    init_megatron_parallel(1, 1)
-    patch(STQuantConfig(**spec["config"]), checkpoint_format="packed")
-    model, opt = gpt.build_gpt_and_optimizer(lr=3e-3, num_layers=2, hidden_size=64, bf16=True)
-    gpt.train(model, opt, 2, micro_batch_size=2)
-    before = _snapshot(opt)
-    try:
-        gpt.load_checkpoint(model, opt, spec["load"], "torch")
-    except ValueError as e:
-        err = str(e)
-    else:
-        err = None
-    after = _snapshot(opt)
-    return err, all(torch.equal(before[k], after[k]) for k in before) and before.keys() == after.keys()
 
 
 def test_offline_converter_turns_a_packed_legacy_checkpoint_into_stock_megatron_s(tmp_path):

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .packed_checkpoint import LAYOUT_VERSION, _decode_entry, _dense, factored_shard, is_packed_type, span
+from .packed_checkpoint import LAYOUT_VERSION, _decode_entry, _dense, entry_where, factored_shard, is_packed_type, span
 
 
 def _walk_replace(obj: Any, fn):
@@ -63,6 +63,20 @@ def _raw_bytes(src: str, md: Any, key: str) -> bytes:
     if len(data) != info.length:
         raise ValueError(f"{key}: {len(data)} of {info.length} bytes in {info.relative_path}: the checkpoint is truncated")
     return data
+
+
+def _entry_values(e: dict, data: torch.Tensor, base: int, rank: int, prefix: str = "") -> tuple[torch.Tensor, str]:
+    """(dense fp32 values of one layout entry, how errors name it), decoded from its saving rank's chunk
+    at ``base`` in ``data``."""
+    lo, hi = span(e)
+    where = prefix + entry_where(e, rank)
+    value = _decode_entry(e, data[base + lo : base + hi], where)
+    if isinstance(value, dict) and value.get("factored"):
+        value = factored_shard(value, e["start"], e["numel"])
+    values = _dense(value, where)
+    if values.numel() != e["numel"]:
+        raise ValueError(f"{where}: {values.numel()} values decoded, the layout says {e['numel']}")
+    return values, where
 
 
 def convert_to_dense(src: str, dst: str) -> dict[str, int]:
@@ -127,15 +141,7 @@ def convert_to_dense(src: str, dst: str) -> dict[str, int]:
                 if "bucket_key" not in e:
                     raise ValueError(f"{lkey}: entries without their bucket-space place (an older layout); load the "
                                      "checkpoint with stquant-megatron and save it with --stquant-checkpoint-format dense")  # fmt: skip
-                lo, hi = span(e)
-                where = f"packed checkpoint {e['moment']} of {e['name']!r} (elements {e['start']}..{e['start'] + e['numel']}, " \
-                        f"saved by data-parallel rank {r})"
-                value = _decode_entry(e, packed[rank["offset"] + lo : rank["offset"] + hi], where)
-                if isinstance(value, dict) and value.get("factored"):
-                    value = factored_shard(value, e["start"], e["numel"])
-                values = _dense(value, where)
-                if values.numel() != e["numel"]:
-                    raise ValueError(f"{where}: {values.numel()} values decoded, the layout says {e['numel']}")
+                values, _ = _entry_values(e, packed, rank["offset"], r)
                 key = f"{e['bucket_key']}.{e['moment']}"
                 if key not in dense:
                     dense[key] = torch.zeros(int(e["bucket_numel"]), dtype=torch.float32)
@@ -174,15 +180,11 @@ def _legacy_files(src: str) -> list[str]:
 
 def _legacy_dense(state: Any, where: str) -> tuple[Any, int]:
     """One optimizer's packed dp_zero state -> stock Megatron's dense one (entries decoded)."""
-    from .packed_checkpoint import PackedMoments, _check_layout
+    from .packed_checkpoint import PackedMoments, legacy_payload
 
     if not isinstance(state, dict) or not isinstance(state.get("stquant"), dict):
         return state, 0
-    st = state.pop("stquant")
-    layout, data = st.get("layout"), st.get("packed")
-    _check_layout(layout, f"{where}: stquant layout")
-    if not torch.is_tensor(data) or data.dtype != torch.uint8:
-        raise ValueError(f"{where}: the packed moments are not a uint8 tensor: the checkpoint is damaged")
+    layout, data = legacy_payload(state.pop("stquant"), where)
     worlds: dict[int, dict[str, Any]] = {}
     for gbuf_idx, dtypes in state.items():
         if not isinstance(gbuf_idx, int):
@@ -196,17 +198,11 @@ def _legacy_dense(state: Any, where: str) -> tuple[Any, int]:
     count = 0
     for r, rank in enumerate(layout["ranks"]):
         for e in rank["entries"]:
-            lo, hi = span(e)
-            at = f"{where}: packed {e['moment']} of {e['name']!r} (elements {e['start']}..{e['start'] + e['numel']}, " \
-                 f"saved by data-parallel rank {r})"
             world = worlds.get(e.get("buffer"))
             if world is None or "world_offset" not in e:
-                raise ValueError(f"{at}: its buffer is not in the file: the checkpoint is damaged")
-            value = _decode_entry(e, data[rank["offset"] + lo : rank["offset"] + hi], at)
-            if isinstance(value, dict) and value.get("factored"):
-                value = factored_shard(value, e["start"], e["numel"])
-            values = _dense(value, at)
-            if values.numel() != e["numel"] or e["world_offset"] + e["numel"] > world["numel_unpadded"]:
+                raise ValueError(f"{where}: {entry_where(e, r)}: its buffer is not in the file: the checkpoint is damaged")
+            values, at = _entry_values(e, data, rank["offset"], r, f"{where}: ")
+            if e["world_offset"] + e["numel"] > world["numel_unpadded"]:
                 raise ValueError(f"{at}: {values.numel()} values at {e['world_offset']} do not fit the buffer")
             world[e["moment"]][e["world_offset"] : e["world_offset"] + e["numel"]] = values
             count += 1

@@ -88,6 +88,24 @@ def params_only(distopt: Any):
         distopt._stquant_params_only = False
 
 
+def _buckets(distopt: Any):
+    """(buffer index, dtype, bucket index, bucket, its param map, its start in the buffer's unpadded world
+    tensors (legacy dp_zero)) of every bucket, in Megatron's order."""
+    for gbuf_idx, gbuf_range_maps in enumerate(distopt.gbuf_ranges):
+        for dtype, maps in gbuf_range_maps.items():
+            start = 0
+            for bucket_idx, m in enumerate(maps):
+                bucket = distopt.buffers[gbuf_idx].buckets[bucket_idx]
+                yield gbuf_idx, dtype, bucket_idx, bucket, m["param_map"], start
+                start += int(bucket.numel_unpadded)
+
+
+def main_param(distopt: Any, model_param: Any) -> torch.Tensor:
+    """The inner optimizer's (fp32 main) parameter shard of ``model_param``."""
+    gi, go = distopt.model_param_group_index_map[model_param]
+    return distopt.optimizer.param_groups[gi]["params"][go]
+
+
 def _local_shards(distopt: Any, where: bool = False):
     """(model_param, main param, global name, start, numel) of this rank's shards, in bucket order; with
     ``where``, also their place in Megatron's dense forms (dp_reshardable: the key of the bucket's dense
@@ -95,24 +113,18 @@ def _local_shards(distopt: Any, where: bool = False):
     shard's offset in its unpadded world tensors): what an offline converter to the dense format needs."""
     inner = distopt.optimizer
     dp_rank, dp_size = distopt.data_parallel_group.rank(), distopt.data_parallel_group.size()
-    for gbuf_idx, gbuf_range_maps in enumerate(distopt.gbuf_ranges):
-        for dtype, gbuf_range_map_for_all_buckets in gbuf_range_maps.items():
-            world_start = 0  # the bucket's start in the buffer's unpadded world tensors (legacy dp_zero)
-            for bucket_idx, gbuf_range_map in enumerate(gbuf_range_map_for_all_buckets):
-                bucket = distopt.buffers[gbuf_idx].buckets[bucket_idx]
-                for model_param, range_map in gbuf_range_map["param_map"].items():
-                    gi, go = distopt.model_param_group_index_map[model_param]
-                    main = inner.param_groups[gi]["params"][go]
-                    r = range_map["param"]
-                    out = (model_param, main, inner.param_name(main), int(r.start), int(r.size))
-                    if where:
-                        local = bucket.grad_data.numel() // dp_size
-                        offset = dp_rank * local + int(range_map["gbuf_local"].start)
-                        out += ({"bucket_key": f"{_prefix(distopt)}.gbuf_idx_{gbuf_idx}.dtype_{dtype}.bucket_idx_{bucket_idx}",
-                                 "bucket_offset": offset, "bucket_numel": int(bucket.numel_unpadded),
-                                 "buffer": gbuf_idx, "world_offset": world_start + offset},)  # fmt: skip
-                    yield out
-                world_start += int(bucket.numel_unpadded)
+    for gbuf_idx, dtype, bucket_idx, bucket, param_map, world_start in _buckets(distopt):
+        for model_param, range_map in param_map.items():
+            main = main_param(distopt, model_param)
+            r = range_map["param"]
+            out = (model_param, main, inner.param_name(main), int(r.start), int(r.size))
+            if where:
+                local = bucket.grad_data.numel() // dp_size
+                offset = dp_rank * local + int(range_map["gbuf_local"].start)
+                out += ({"bucket_key": f"{_prefix(distopt)}.gbuf_idx_{gbuf_idx}.dtype_{dtype}.bucket_idx_{bucket_idx}",
+                         "bucket_offset": offset, "bucket_numel": int(bucket.numel_unpadded),
+                         "buffer": gbuf_idx, "world_offset": world_start + offset},)  # fmt: skip
+            yield out
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -305,6 +317,21 @@ def _decode_entry(e: dict, piece: torch.Tensor, where: str) -> Any:
     return out.get("dense") if "dense" in out else out
 
 
+def entry_where(e: dict, rank: int) -> str:
+    """How errors name a layout entry saved by data-parallel rank ``rank``."""
+    return (f"packed checkpoint {e['moment']} of {e['name']!r} (elements {e['start']}..{e['start'] + e['numel']}, "
+            f"saved by data-parallel rank {rank})")
+
+
+def legacy_payload(st: Any, where: str) -> tuple[dict[str, Any], torch.Tensor]:
+    """(layout, packed bytes) of a packed legacy file's ``"stquant"`` entry, checked."""
+    layout, data = st.get("layout"), st.get("packed")
+    _check_layout(layout, f"{where} stquant layout")
+    if not torch.is_tensor(data) or data.dtype != torch.uint8:
+        raise ValueError(f"{where}: the packed moments are not a uint8 tensor: the checkpoint is damaged")
+    return layout, data
+
+
 def validate(loaded: Any) -> dict[str, Any]:
     """Every loaded entry's sizes and CRC32 (before the optimizer changes); raises ValueError naming it.
     Returns the decoded entries by piece id, for ``prepare``."""
@@ -317,8 +344,7 @@ def validate(loaded: Any) -> dict[str, Any]:
     for piece_id, piece in loaded["pieces"].items():
         r, j = (int(x) for x in piece_id.split("."))
         e = layout["ranks"][r]["entries"][j]
-        out[piece_id] = _decode_entry(e, piece, f"packed checkpoint {e['moment']} of {e['name']!r} (elements "
-                                                f"{e['start']}..{e['start'] + e['numel']}, saved by data-parallel rank {r})")  # fmt: skip
+        out[piece_id] = _decode_entry(e, piece, entry_where(e, r))
     return out
 
 
@@ -417,22 +443,6 @@ def _dp_zero(distopt: Any) -> tuple[Any, int, int, int]:
     return group, group.rank(), group.size(), torch.distributed.get_process_group_ranks(group)[0]
 
 
-def _buckets(distopt: Any):
-    """(buffer index, dtype, bucket, its param map, its start in the buffer's unpadded world tensors)."""
-    for gbuf_idx, gbuf_range_maps in enumerate(distopt.gbuf_ranges):
-        for dtype, maps in gbuf_range_maps.items():
-            start = 0
-            for bucket_idx, m in enumerate(maps):
-                bucket = distopt.buffers[gbuf_idx].buckets[bucket_idx]
-                yield gbuf_idx, dtype, bucket, m["param_map"], start
-                start += int(bucket.numel_unpadded)
-
-
-def _main(distopt: Any, model_param: Any) -> torch.Tensor:
-    gi, go = distopt.model_param_group_index_map[model_param]
-    return distopt.optimizer.param_groups[gi]["params"][go]
-
-
 @torch.no_grad()
 def legacy_state(distopt: Any) -> dict[str, Any] | None:
     """What ``get_parameter_state_dp_zero`` returns, packed (collective over the gloo data-parallel group;
@@ -442,11 +452,12 @@ def legacy_state(distopt: Any) -> dict[str, Any] | None:
     group, rank, size, root = _dp_zero(distopt)
     state: dict[Any, Any] = {"buckets_coalesced": True}
     worlds: dict[tuple[int, Any], torch.Tensor] = {}
-    for gbuf_idx, dtype, bucket, param_map, start in _buckets(distopt):
+    for gbuf_idx, dtype, _, bucket, param_map, start in _buckets(distopt):
         n_local = bucket.grad_data.numel() // size
         local = torch.zeros(n_local, dtype=torch.float32)
         for model_param, rm in param_map.items():
-            local[rm["gbuf_local"].start : rm["gbuf_local"].end].copy_(_main(distopt, model_param).detach().reshape(-1).cpu())
+            shard = main_param(distopt, model_param).detach().reshape(-1).cpu()
+            local[rm["gbuf_local"].start : rm["gbuf_local"].end].copy_(shard)
         recv = [torch.zeros(n_local, dtype=torch.float32) for _ in range(size)] if rank == 0 else None
         torch.distributed.gather(local, recv, root, group)
         if rank == 0:
@@ -500,11 +511,10 @@ def legacy_load(distopt: Any, state_dict: Any) -> bool:
         try:
             loaded = {"layout": plan["layout"], "pieces": plan["pieces"]}
             prepared = prepare(distopt, loaded, validate(loaded))
-            params = []
-            for gbuf_idx, dtype, bucket, param_map, start in _buckets(distopt):
+            for gbuf_idx, dtype, _, bucket, param_map, start in _buckets(distopt):
                 local = plan["params"][(gbuf_idx, start)]
                 for model_param, rm in param_map.items():
-                    main = _main(distopt, model_param)
+                    main = main_param(distopt, model_param)
                     value = local[rm["gbuf_local"].start : rm["gbuf_local"].end]
                     if value.numel() != main.numel():
                         raise ValueError(f"legacy checkpoint: {value.numel()} param values for a shard of {main.numel()}")
@@ -523,14 +533,11 @@ def _legacy_plans(distopt: Any, state_dict: dict, wants: list[Any]) -> list[dict
     size = len(wants)
     st = state_dict["stquant"]
     try:
-        if st.get("format") != PACKED_DP_ZERO and not str(st.get("format", "")).startswith("dp_zero+stquant_packed"):
+        if not str(st.get("format", "")).startswith("dp_zero+stquant_packed"):  # PACKED_DP_ZERO, any wording
             raise ValueError(f"distrib_optim.pt: unknown stquant format {st.get('format')!r}")
-        layout, data = st["layout"], st["packed"]
-        _check_layout(layout, "distrib_optim.pt stquant layout")
-        if not torch.is_tensor(data) or data.dtype != torch.uint8:
-            raise ValueError("distrib_optim.pt: the packed moments are not a uint8 tensor: the checkpoint is damaged")
+        layout, data = legacy_payload(st, "distrib_optim.pt")
         params: list[dict] = [{} for _ in range(size)]
-        for gbuf_idx, dtype, bucket, param_map, start in _buckets(distopt):
+        for gbuf_idx, dtype, _, bucket, param_map, start in _buckets(distopt):
             entry = state_dict.get(gbuf_idx, {}).get(dtype) if isinstance(state_dict.get(gbuf_idx), dict) else None
             numel = distopt.buffers[gbuf_idx].numel_unpadded
             got = entry.numel_unpadded if isinstance(entry, PackedMoments) else None

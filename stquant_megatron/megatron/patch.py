@@ -305,8 +305,7 @@ def _get(orig):
         inner = self.optimizer
         if not isinstance(inner, STQuantAdamW):
             return orig(self, model_param)
-        gi, go = self.model_param_group_index_map[model_param]
-        main = inner.param_groups[gi]["params"][go]
+        main = packed_checkpoint.main_param(self, model_param)
         if getattr(self, "_stquant_params_only", False):  # a packed checkpoint: the moments go separately
             return {"param": main}
         inner.init_state(main)
@@ -324,8 +323,7 @@ def _set(orig):
         inner = self.optimizer
         if not isinstance(inner, STQuantAdamW):
             return orig(self, model_param, tensors)
-        gi, go = self.model_param_group_index_map[model_param]
-        main = inner.param_groups[gi]["params"][go]
+        main = packed_checkpoint.main_param(self, model_param)
         checkpoint.set_moments(inner, main, tensors)  # checks every tensor first ("param" too): a bad one changes nothing
         if torch.is_tensor(tensors.get("param")):
             main.copy_(tensors["param"].view_as(main))
@@ -549,7 +547,8 @@ def patch(config: STQuantConfig | None = None, *, from_args: bool = False, check
             Megatron-LM's parsed args decide when the optimizer is built (``--stquant`` off: stock).
         checkpoint_format: ``"dense"`` (Megatron's own fp32 moments) or ``"packed"`` (the moments as in
             memory; ``packed_checkpoint``) in the checkpoints Megatron-LM saves as torch_dist with
-            dp_reshardable and as legacy torch (``save_parameter_state``); None: ``--stquant-checkpoint-format`` with ``from_args``, else the
+            dp_reshardable and as legacy torch (``save_parameter_state``); None:
+            ``--stquant-checkpoint-format`` with ``from_args``, else the
             ``STQUANT_CHECKPOINT_FORMAT`` environment variable, else dense. (megatron-core callers choose
             per save: ``metadata={"distrib_optim_sharding_type": packed_checkpoint.PACKED_DP_RESHARDABLE}``.)
     """
