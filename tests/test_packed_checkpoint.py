@@ -340,3 +340,120 @@ def test_offline_converter_turns_a_packed_legacy_checkpoint_into_stock_megatron_
         model = os.path.join(os.path.dirname(_distrib_optim(ck)), "model_optim_rng.pt")
         with open(model, "rb") as a, open(os.path.join(os.path.dirname(_distrib_optim(dense)), "model_optim_rng.pt"), "rb") as b:
             assert a.read() == b.read()  # everything else copied as it is
+
+
+# ----------------------------------------------------------------------------------- fully_reshardable (model space)
+FR = "packed_fully_reshardable"  # --dist-ckpt-optim-fully-reshardable with --stquant-checkpoint-format packed
+
+
+def _model_space_tensors(ckpt_dir: str, part: str) -> dict[str, torch.Tensor]:
+    """Every stored tensor of a torch_dist checkpoint whose key contains ``part``, read offline."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    md = FileSystemReader(ckpt_dir).read_metadata()
+    sd = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in md.state_dict_metadata.items()
+          if isinstance(m, TensorStorageMetadata) and part in k}  # fmt: skip
+    dcp.load(sd, storage_reader=FileSystemReader(ckpt_dir), no_dist=True)
+    return sd
+
+
+def test_packed_fully_reshardable_round_trip_is_exact_and_small(tmp_path):
+    """TP=2: a packed fully_reshardable checkpoint reloads every code, scale and param bit for bit; it holds
+    no dense moment tensor, its params are stock's model-space tensors, and its moments take the bytes they
+    take in memory."""
+    packed, dense = str(tmp_path / "packed"), str(tmp_path / "dense")
+    spec = dict(tp=2, config=FIXED, steps=3, reload_same=True, more=2, bytes=True)
+    rp = run_distributed(_run, 2, dict(spec, save=packed, fmt=FR), timeout=600)
+    rd = run_distributed(_run, 2, dict(spec, save=dense, fmt="fully_reshardable"), timeout=600)
+    for r in rp:
+        assert r["before"].keys() == r["after"].keys() and any(k.endswith(".codes") for k in r["before"])
+        for k in r["before"]:
+            assert torch.equal(r["before"][k], r["after"][k]), k
+    assert rp[0]["continued"] == rd[0]["continued"]
+    p, d = _disk_bytes(packed), _disk_bytes(dense)
+    assert p["stquant_packed"] > 0 and d["stquant_packed"] == 0
+    assert not _model_space_tensors(packed, "optimizer.state.exp_avg")  # no dense moments at all
+    params_p, params_d = _model_space_tensors(packed, "optimizer.state.param."), _model_space_tensors(dense, "optimizer.state.param.")
+    assert params_p.keys() == params_d.keys() and params_p
+    for k in params_p:  # the same model-space params as stock's own fully_reshardable writes
+        assert torch.equal(params_p[k], params_d[k]), k
+    state = sum(r["state_bytes"] for r in rp)  # replicated tensors are stored once: at most what the ranks hold
+    assert p["stquant_packed"] <= state + 2048 * len(rp), (p["stquant_packed"], state)
+    assert p["stquant_packed"] < 0.25 * (d["optimizer"] - p["optimizer"]), (p, d)
+
+
+@pytest.mark.parametrize("case", ["tp2-to-tp1", "pp2-to-pp1", "pp2-to-pp1-factored", "dp1-to-dp2-factored", "tp2-to-tp1-factored"])
+def test_packed_fully_reshardable_changes_tp_pp_and_dp(case, tmp_path):
+    """A packed fully_reshardable checkpoint loads at another TP, PP or DP size: every moment within one
+    re-quantization step of what the saving job held (its own dense moments; the factored statistics
+    exactly where the tensor-parallel matrix is unchanged), params exact, and the first resumed loss is the
+    saving job's next one (TP: up to bf16 reductions in another order, as for stock's dense format)."""
+    config = FACT if "factored" in case else FIXED
+    ck = str(tmp_path / "c")
+    save_world, save = {"tp2": (2, dict(tp=2)), "pp2": (2, dict(pp=2)), "dp1": (1, dict(train_mbs=4))}[case[:3]]
+    load_world, load = (2, {}) if case.startswith("dp1") else (1, dict(mbs=2))
+    saved = run_distributed(_run, save_world, dict(save, config=config, steps=3, save=ck, fmt=FR, more=2), timeout=600)
+    res = run_distributed(_run, load_world, dict(load, config=config, steps=0, load=ck, fmt=FR, start=3, more=2), timeout=600)
+    got, ref = res[0]["continued"], saved[0]["continued"] if saved[0]["continued"][0] is not None else saved[-1]["continued"]
+    keep = ("param", "exp_avg") if case == "tp2-to-tp1-factored" else None  # the TP halves' factored statistics
+    # become one matrix's, estimated again from their dense values: not comparable element by element
+    assert _check_loaded_against_saved(*([_only(x["saved_dense"], keep) for x in r] for r in (saved, res))) > 0
+    tol = 2e-3 if case.startswith("tp2") else 1e-6
+    assert _close(got[:1], ref[:1], tol), (got, ref)
+    assert _close(got[1:], ref[1:], 1e-2), (got, ref)
+
+
+def _only(shards: list[dict], keys) -> list[dict]:
+    return shards if keys is None else [{**e, "tensors": {k: v for k, v in e["tensors"].items() if k in keys}} for e in shards]
+
+
+def test_a_stock_run_refuses_a_packed_fully_reshardable_checkpoint(tmp_path):
+    ck = str(tmp_path / "c")
+    run_distributed(_run, 2, dict(tp=2, config=FIXED, steps=2, save=ck, fmt=FR, more=0), timeout=600)
+    errors = run_distributed(_stock_loads_packed, 2, dict(tp=2, config=None, steps=0, load=ck, fmt=FR, more=1), timeout=600)
+    for e in errors:
+        assert e is not None and "fully_reshardable+stquant_packed" in e and "stquant-megatron checkpoint convert" in e, e
+
+
+def test_a_damaged_packed_fully_reshardable_checkpoint_is_refused_and_changes_nothing(tmp_path):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    ck = str(tmp_path / "c")
+    run_distributed(_run, 2, dict(config=FIXED, steps=2, save=ck, fmt=FR, more=0), timeout=600)
+    md = FileSystemReader(ck).read_metadata()
+    chunks = [s for i, s in md.storage_data.items() if "stquant_packed" in i.fqn]
+    assert len(chunks) == 2  # one per rank
+    for info in chunks:
+        with open(os.path.join(ck, info.relative_path), "r+b") as f:
+            f.seek(info.offset + info.length // 2)
+            b = f.read(1)
+            f.seek(info.offset + info.length // 2)
+            f.write(bytes([b[0] ^ 0x5A]))
+    results = run_distributed(_corrupt_then_load, 2, dict(config=FIXED, load=ck, fmt=FR), timeout=600)
+    for err, unchanged in results:
+        assert err is not None and "CRC32" in err and "packed checkpoint" in err, err
+        assert unchanged
+
+
+def test_offline_converter_writes_stock_fully_reshardable_form(tmp_path):
+    """The converter's output equals a dense fully_reshardable save of the same deterministic TP=2 run,
+    tensor for tensor (params, exp_avg, exp_avg_sq in model space), and a job at TP=1 resumes from it
+    with the saving job's next loss."""
+    from stquant_megatron.cli import main as cli
+
+    for config in (FIXED, FACT):
+        ck, dense, conv = (str(tmp_path / n) for n in ("packed", "dense", "conv"))
+        saved = run_distributed(_run, 2, dict(tp=2, config=config, steps=3, save=ck, fmt=FR, more=2), timeout=600)
+        run_distributed(_run, 2, dict(tp=2, config=config, steps=3, save=dense, fmt="fully_reshardable", more=0), timeout=600)
+        assert cli(["checkpoint", "convert", ck, conv, "--to", "dense"]) == 0
+        got, want = _model_space_tensors(conv, "optimizer."), _model_space_tensors(dense, "optimizer.")
+        assert got.keys() == want.keys() and any(".exp_avg_sq." in k for k in got), sorted(set(got) ^ set(want))[:4]
+        for k in got:
+            assert torch.equal(got[k], want[k]), (k, float((got[k] - want[k]).abs().max()))
+        res = run_distributed(_run, 1, dict(config=config, ckpt_format="dense", steps=0, load=conv, fmt="fully_reshardable",
+                                            start=3, more=1), timeout=600)  # fmt: skip
+        assert _close(res[0]["continued"], saved[0]["continued"][:1], 2e-3), (res[0]["continued"], saved[0]["continued"])
+        for d in (ck, dense, conv):
+            shutil.rmtree(d, ignore_errors=True)

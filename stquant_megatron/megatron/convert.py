@@ -25,7 +25,18 @@ from typing import Any
 
 import torch
 
-from .packed_checkpoint import LAYOUT_VERSION, _decode_entry, _dense, entry_where, factored_shard, is_packed_type, span
+from .packed_checkpoint import (
+    _MODEL_SPACE,
+    LAYOUT_VERSION,
+    _decode_entry,
+    _dense,
+    _piece_index,
+    entry_where,
+    factored_shard,
+    is_packed_type,
+    packed_kind,
+    span,
+)
 
 
 def _walk_replace(obj: Any, fn):
@@ -135,7 +146,18 @@ def convert_to_dense(src: str, dst: str) -> dict[str, int]:
         if pkey not in state:
             raise ValueError(f"{pkey} is missing from {src!r}: the checkpoint is damaged")
         packed = state.pop(pkey)
-        dense: dict[str, torch.Tensor] = {}
+        if layout.get("kind") == "fully_reshardable":
+            prefix = lkey.split("/")[0][: -len(f"{_MODEL_SPACE}.stquant_layout")]
+            n, model_space = _model_space_dense(layout, packed)
+            entries += n
+            for (moment, model_key), t in model_space.items():
+                key, param_key = (f"{prefix}optimizer.state.{m}.{model_key}" for m in (moment, "param"))
+                if param_key not in state or tuple(state[param_key].shape) != tuple(t.shape):
+                    raise ValueError(f"{key}: the checkpoint has no {param_key} tensor of shape {tuple(t.shape)} beside it")
+                state[key] = t
+                buckets += 1
+            continue
+        dense = {}
         for r, rank in enumerate(layout["ranks"]):
             for e in rank["entries"]:
                 if "bucket_key" not in e:
@@ -154,7 +176,7 @@ def convert_to_dense(src: str, dst: str) -> dict[str, int]:
             buckets += 1
     state.update({key: io.BytesIO(b) for key, b in raw.items()})  # written back byte for byte (_RawBytesPlanner)
     os.makedirs(dst, exist_ok=True)
-    common = _walk_replace(common, lambda x: "dp_reshardable" if is_packed_type(x) else x)
+    common = _walk_replace(common, lambda x: packed_kind(x) if is_packed_type(x) else x)
     if common_key is not None and not os.path.isfile(common_pt):
         buf = io.BytesIO()
         torch.save(common, buf)
@@ -166,7 +188,30 @@ def convert_to_dense(src: str, dst: str) -> dict[str, int]:
         path = os.path.join(src, name)
         if os.path.isfile(path) and not os.path.exists(os.path.join(dst, name)) and not name.endswith(".distcp"):
             shutil.copy2(path, os.path.join(dst, name))
-    return {"entries": entries, "bucket_tensors": buckets}  # torch_dist
+    return {"entries": entries, "bucket_tensors": buckets}  # torch_dist (model-space tensors for fully_reshardable)
+
+
+def _model_space_dense(layout: dict, packed: torch.Tensor) -> tuple[int, dict[tuple[str, str], torch.Tensor]]:
+    """(entries decoded, stock fully_reshardable's dense moments in model space by (moment, model key)) of a
+    packed fully_reshardable layout: every entry scattered to its global elements."""
+    dense: dict[tuple[str, str], torch.Tensor] = {}
+    count = 0
+    for r, rank in enumerate(layout["ranks"]):
+        for e in rank["entries"]:
+            place = rank["placements"].get(e["name"])
+            if place is None:
+                raise ValueError(f"{entry_where(e, r)}: no placement in the layout: the checkpoint is damaged")
+            values, where = _entry_values(e, packed, rank["offset"], r)
+            for piece in place["pieces"]:
+                pos, glob = _piece_index(piece, place["numel"], e["start"], e["start"] + e["numel"])
+                key = (e["moment"], piece["key"])
+                t = dense.setdefault(key, torch.zeros(piece["global_shape"], dtype=torch.float32))
+                if list(t.shape) != piece["global_shape"]:
+                    raise ValueError(f"{where}: {piece['key']} has global shape {piece['global_shape']} here and {list(t.shape)} "
+                                     "in another entry: the checkpoint is damaged")  # fmt: skip
+                t.view(-1)[glob] = values[pos]
+            count += 1
+    return count, dense
 
 
 # ----------------------------------------------------------------------------------- legacy torch

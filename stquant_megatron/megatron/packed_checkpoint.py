@@ -51,6 +51,8 @@ _WAY_BACK = ("load it with stquant-megatron installed (e.g. --stquant), or conve
              "offline: stquant-megatron checkpoint convert SRC DST --to dense")  # fmt: skip
 PACKED_DP_RESHARDABLE = f"dp_reshardable+stquant_packed (optimizer moments packed by stquant-megatron: {_WAY_BACK})"
 """``distrib_optim_sharding_type`` of a packed checkpoint (a stock run's error message quotes it)."""
+PACKED_FULLY_RESHARDABLE = f"fully_reshardable+stquant_packed (optimizer moments packed by stquant-megatron: {_WAY_BACK})"
+"""``distrib_optim_sharding_type`` of a packed ``--dist-ckpt-optim-fully-reshardable`` checkpoint."""
 PACKED_DP_ZERO = f"dp_zero+stquant_packed (optimizer moments packed by stquant-megatron: {_WAY_BACK})"
 """``format`` of the ``"stquant"`` entry of a packed legacy ``torch`` checkpoint's ``distrib_optim.pt``."""
 
@@ -59,8 +61,21 @@ LAYOUT_VERSION = 1
 _HEADER = 16  # bytes at the start of every rank's chunk: never empty, and a marker of the layout version
 
 
+def packed_kind(sharding_type: Any) -> str | None:
+    """Megatron's sharding type under a packed one (``"dp_reshardable"`` or ``"fully_reshardable"``), else None."""
+    for kind in ("dp_reshardable", "fully_reshardable"):
+        if isinstance(sharding_type, str) and sharding_type.startswith(f"{kind}+stquant_packed"):
+            return kind
+    return None
+
+
 def is_packed_type(sharding_type: Any) -> bool:
-    return isinstance(sharding_type, str) and sharding_type.startswith("dp_reshardable+stquant_packed")
+    return packed_kind(sharding_type) is not None
+
+
+def packed_type(kind: str) -> str:
+    """The packed sharding type over Megatron's ``kind``."""
+    return {"dp_reshardable": PACKED_DP_RESHARDABLE, "fully_reshardable": PACKED_FULLY_RESHARDABLE}[kind]
 
 
 def check_format(value: Any, where: str = "checkpoint_format") -> str:
@@ -141,14 +156,17 @@ def _prefix(distopt: Any) -> str:
     return f"optimizer.distributed.dp_group_idx_{distopt.data_parallel_group_idx}"
 
 
-def _pack_chunk(distopt: Any) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-    """(this rank's chunk: a header and every moment of its shards as in memory, the chunk's entries)."""
+def _pack_chunk(distopt: Any, names: set[str] | None = None) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """(this rank's chunk: a header and every moment of its shards (of parameters ``names``: all by default)
+    as in memory, the chunk's entries)."""
     inner = distopt.optimizer
     parts: list[torch.Tensor] = [torch.zeros(_HEADER, dtype=torch.uint8)]
     parts[0][:8] = torch.tensor([LAYOUT_VERSION], dtype=torch.int64).view(torch.uint8)
     offset = _HEADER
     entries = []
     for _, main, name, start, numel, place in _local_shards(distopt, where=True):
+        if names is not None and name not in names:
+            continue
         inner.init_state(main)
         for key in MOMENTS:
             plain, tensors = _moment_record(inner.state[main][key])
@@ -201,6 +219,160 @@ def save_entries(distopt: Any) -> dict[str, Any]:
     }  # fmt: skip
 
 
+# ----------------------------------------------------------------------------------- fully_reshardable (model space)
+# Megatron's fully_reshardable format stores each parameter's state in model space (the model's own
+# ShardedTensor key, global shape and tensor-parallel offsets), so it loads at other TP/PP/EP/DP sizes.
+# Packed, every rank of the world writes its chunk (codes and scales as in memory) into one uint8 tensor;
+# the layout adds, per parameter, its *placement*: which ShardedTensor(s) Megatron saves it as (key, global
+# shape and offset) and which of its local elements fill each (a strided view of the flat local tensor, so
+# that factories such as the SwiGLU fc1 split are exact). A loading rank maps its own shards and the saved
+# entries to global element indices per key; equal placement and range: the entry as it is (bit-exact).
+_MODEL_SPACE = "optimizer.fully_reshardable"
+
+
+def _sharded_leaves(tree: Any) -> list:
+    if isinstance(tree, dict):
+        return [x for v in tree.values() for x in _sharded_leaves(v)]
+    if isinstance(tree, (list, tuple)):
+        return [x for v in tree for x in _sharded_leaves(v)]
+    return [tree]
+
+
+def _placement(sh: Any, shape: tuple[int, ...]) -> dict[str, Any]:
+    """Where the elements of a local tensor of ``shape``, saved by Megatron as ``sh`` (its model
+    ShardedTensor or ShardedTensorFactory), live in model space."""
+    import dataclasses
+
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    numel = 1
+    for n in shape:
+        numel *= int(n)
+    idx = torch.arange(numel, dtype=torch.int64).reshape(shape)
+    built = _sharded_leaves(dataclasses.replace(sh, data=idx).build()) if isinstance(sh, ShardedTensorFactory) else [sh]
+    pieces = []
+    for t in built:
+        data = idx if t is sh else t.data
+        ok = isinstance(t, ShardedTensor) and t.flattened_range is None and torch.is_tensor(data)
+        if not ok or data.untyped_storage().data_ptr() != idx.untyped_storage().data_ptr():
+            raise ValueError(f"{sh.key}: Megatron saves this parameter in a form packed checkpoints do not map "
+                             f"({type(t).__name__}); save with --stquant-checkpoint-format dense")  # fmt: skip
+        pieces.append({"key": t.key, "global_shape": [int(x) for x in t.global_shape],
+                       "global_offset": [int(x) for x in t.global_offset], "prepend": int(t.prepend_axis_num),
+                       "shape": list(data.shape), "stride": list(data.stride()), "at": int(data.storage_offset()),
+                       "pad": bool(t.allow_shape_mismatch)})  # fmt: skip
+    return {"numel": numel, "pieces": pieces}
+
+
+def _main_replica(replica_id: Any) -> bool:
+    """Whether a model tensor's replica id is the main one apart from its data-parallel part (the last): the
+    copy Megatron saves (tied output layers and tensor-parallel copies of replicated tensors are not)."""
+    ids = replica_id if isinstance(replica_id, (tuple, list)) else (replica_id, 0)
+    return all(int(x) == 0 for x in ids[:-1])
+
+
+def placements(distopt: Any, model_sharded_state_dict: Any) -> dict[str, dict[str, Any]]:
+    """The placement of every parameter this rank holds a shard of, by its global name (``"main"``: whether
+    this rank's copy is the one Megatron saves)."""
+    from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories
+
+    tensors, _ = extract_sharded_tensors_and_factories(model_sharded_state_dict)
+    by_param = {id(sh.data): sh for sh in _sharded_leaves(tensors)}
+    out = {}
+    for model_param, _, name, _, _ in _local_shards(distopt):
+        sh = by_param.get(id(model_param))
+        if sh is None:
+            raise ValueError(f"{name}: not in the model's sharded state dict, which a packed fully_reshardable "
+                             "checkpoint places the moments by (keep_vars=True?)")  # fmt: skip
+        out[name] = {**_placement(sh, tuple(model_param.shape)), "main": _main_replica(sh.replica_id)}
+    return out
+
+
+def _piece_index(piece: dict, numel: int, lo: int, hi: int, shape: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions ``- lo`` of the local flat elements in ``[lo, hi)`` that fill ``piece``, their flat indices in
+    a global tensor of ``shape`` (default: the piece's own global shape; elements outside it are left out,
+    as a tensor Megatron saves with ``allow_shape_mismatch``, e.g. a vocabulary padded for another TP size,
+    is narrowed))."""
+    shape = piece["global_shape"] if shape is None else shape
+    pre, off = piece["prepend"], piece["global_offset"]
+    strides = [1] * len(shape)
+    for d in range(len(shape) - 2, -1, -1):
+        strides[d] = strides[d + 1] * shape[d + 1]
+    local = torch.arange(numel, dtype=torch.int64).as_strided(piece["shape"], piece["stride"], piece["at"])
+    glob = torch.full(piece["shape"], sum(off[d] * strides[d] for d in range(pre)), dtype=torch.int64)
+    inside = torch.ones(piece["shape"], dtype=torch.bool)
+    for d, n in enumerate(piece["shape"]):
+        view = [1] * len(piece["shape"])
+        view[d] = n
+        coord = off[pre + d] + torch.arange(n, dtype=torch.int64)
+        glob += (coord * strides[pre + d]).view(view)
+        inside &= (coord < shape[pre + d]).view(view)
+    sel = (local >= lo) & (local < hi) & inside
+    return local[sel] - lo, glob[sel]
+
+
+def _boxes(places: Any) -> dict[str, list[tuple[list[int], list[int]]]]:
+    """Global boxes (offset, extent) of the placements' pieces, by key."""
+    out: dict[str, list] = {}
+    for place in places:
+        for p in place["pieces"]:
+            out.setdefault(p["key"], []).append((p["global_offset"], [1] * p["prepend"] + p["shape"]))
+    return out
+
+
+def _meets(place: dict, boxes: dict) -> bool:
+    """Whether a placement's pieces meet any of ``boxes`` (a box test: it may say yes for a shard that only
+    its box overlaps)."""
+    for p in place["pieces"]:
+        lo, ext = p["global_offset"], [1] * p["prepend"] + p["shape"]
+        for lo_q, ext_q in boxes.get(p["key"], ()):
+            if len(lo) == len(lo_q) and all(a < b + m and b < a + n for a, n, b, m in zip(lo, ext, lo_q, ext_q)):
+                return True
+    return False
+
+
+def _world_layout(distopt: Any, chunk: torch.Tensor, entries: list, places: dict) -> dict[str, Any]:
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, {"nbytes": chunk.numel(), "entries": entries, "placements": places})
+    layout = _layout(gathered)
+    layout["kind"] = "fully_reshardable"
+    for rank, g in zip(layout["ranks"], gathered):
+        rank["placements"] = g["placements"]
+    return layout
+
+
+def save_entries_model_space(distopt: Any, model_sharded_state_dict: Any) -> dict[str, Any]:
+    """This rank's packed moments and the world's layout as Megatron sharded objects (collective over the
+    world: every rank's chunk length, entries and placements are gathered)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+
+    if getattr(distopt, "distributed_optimizer_instance_id", 0):
+        raise ValueError("packed fully_reshardable checkpoints with several distributed-optimizer instances are not "
+                         "supported; save with --stquant-checkpoint-format dense")  # fmt: skip
+    places = placements(distopt, model_sharded_state_dict)
+    chunk, entries = _pack_chunk(distopt, {name for name, p in places.items() if p["main"]})
+    layout = _world_layout(distopt, chunk, entries, {name: places[name] for name in {e["name"] for e in entries}})
+    rank = torch.distributed.get_rank()
+    return {
+        "layout": ShardedObject(f"{_MODEL_SPACE}.stquant_layout", layout, (1,), (0,), replica_id=rank),
+        "packed": ShardedTensor(
+            key=f"{_MODEL_SPACE}.stquant_packed", data=chunk, dtype=torch.uint8, local_shape=(chunk.numel(),),
+            global_shape=(layout["total"],), global_offset=(layout["ranks"][rank]["offset"],), axis_fragmentations=None,
+            replica_id=0, prepend_axis_num=0, allow_shape_mismatch=False, flattened_range=None,
+        ),
+    }  # fmt: skip
+
+
+def load_request_model_space(distopt: Any, model_sharded_state_dict: Any) -> PackedRequest:
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    distopt._stquant_placements = placements(distopt, model_sharded_state_dict)
+    req = PackedRequest()
+    req["layout"] = ShardedObject(f"{_MODEL_SPACE}.stquant_layout", None, (1,), (0,), replica_id=torch.distributed.get_rank())
+    req.owner = distopt
+    return req
+
+
 def load_request(distopt: Any) -> PackedRequest:
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
@@ -241,7 +413,9 @@ def resolve_requests(sharded_state_dict: Any, checkpoint_dir: str, load) -> None
         _check_layout(layout, req["layout"].key)
         key = req["layout"].key[: -len("stquant_layout")] + "stquant_packed"
         pieces = {}
-        for r, j, lo, hi in _needed(layout, _wanted(req.owner)):
+        model_space = layout.get("kind") == "fully_reshardable"
+        wanted = _boxes(req.owner._stquant_placements.values()) if model_space else _wanted(req.owner)
+        for r, j, lo, hi in _needed(layout, wanted):
             pieces[f"{r}.{j}"] = ShardedTensor(
                 key=key, data=torch.empty(hi - lo, dtype=torch.uint8), dtype=torch.uint8, local_shape=(hi - lo,),
                 global_shape=(layout["total"],), global_offset=(layout["ranks"][r]["offset"] + lo,),
@@ -256,13 +430,20 @@ def _wanted(distopt: Any) -> list[tuple[str, int, int]]:
     return [(name, start, numel) for _, _, name, start, numel in _local_shards(distopt)]
 
 
-def _needed(layout: dict[str, Any], want: list[tuple[str, int, int]]) -> list[tuple[int, int, int, int]]:
+def _needed(layout: dict[str, Any], want: Any) -> list[tuple[int, int, int, int]]:
     """(saving rank, entry index, byte range in its chunk) of the layout's entries that overlap the shards
-    ``want``; a factored entry serves any shard of its matrix (its statistics describe the whole matrix)."""
+    ``want`` (bucket space: ``_wanted``; model space: ``_boxes`` of this rank's placements); a factored entry
+    serves any shard of its matrix (its statistics describe the whole matrix)."""
+    out = []
+    if layout.get("kind") == "fully_reshardable":
+        for r, rank in enumerate(layout["ranks"]):
+            for j, e in enumerate(rank["entries"]):
+                if _meets(rank["placements"][e["name"]], want):
+                    out.append((r, j, *span(e)))
+        return out
     by_name: dict[str, list[tuple[int, int]]] = {}
     for name, s, n in want:
         by_name.setdefault(name, []).append((s, n))
-    out = []
     for r, rank in enumerate(layout["ranks"]):
         for j, e in enumerate(rank["entries"]):
             mine = by_name.get(e["name"])
@@ -350,40 +531,43 @@ def validate(loaded: Any) -> dict[str, Any]:
 
 def prepare(distopt: Any, loaded: Any, decoded: dict[str, Any]) -> list[tuple]:
     """Every moment of this rank's shards in this optimizer's format, from ``validate``'s decoded entries;
-    nothing changes yet. Returns ``(main param, moment, state or ("stage", dense))`` to ``commit``."""
+    nothing changes yet. Returns ``(main param, moment, state or ("stage", dense))`` to ``commit``.
+    An entry saved for the same shard (same parameter, element range and, in model space, placement) is
+    taken as it is; otherwise the shard's dense values are assembled from the entries that cover it."""
     layout = loaded["layout"]
     inner: STQuantAdamW = distopt.optimizer
-    by_name: dict[tuple[str, str], list] = {}
+    model_space = layout.get("kind") == "fully_reshardable"
+    by_moment: dict[str, list] = {key: [] for key in MOMENTS}
     for piece_id, value in decoded.items():
         r, j = (int(x) for x in piece_id.split("."))
         e = layout["ranks"][r]["entries"][j]
-        by_name.setdefault((e["name"], e["moment"]), []).append((e, value))
+        place = layout["ranks"][r]["placements"][e["name"]] if model_space else None
+        by_moment.setdefault(e["moment"], []).append((e, place, value))
     out, recoded = [], []
     for _, main, name, start, numel in _local_shards(distopt):
+        place = distopt._stquant_placements[name] if model_space else None
+        boxes = _boxes([place]) if model_space else None
         for key in MOMENTS:
             where = f"packed checkpoint {key} of {name!r} (elements {start}..{start + numel})"
-            found = by_name.get((name, key), [])
-            exact = [(e, p) for e, p in found if e["start"] == start and e["numel"] == numel]
-            factored = [(e, p) for e, p in found if e["plain"].get("factored")]
+            found = [(e, pl, v) for e, pl, v in by_moment[key]
+                     if (_meets(pl, boxes) if model_space else e["name"] == name)]  # fmt: skip
+            same = [(e, v) for e, pl, v in found if _same_place(pl, place)]  # the same parameter shard's matrix
+            exact = [v for e, v in same if e["start"] == start and e["numel"] == numel]
+            factored = [v for e, v in same if e["plain"].get("factored")]
             if exact:
-                value = exact[0][1]
+                value = exact[0]
             elif factored:  # the whole matrix's statistics, from any shard of it
-                value = factored_shard(factored[0][1], start, numel)
+                value = factored_shard(factored[0], start, numel)
                 if not isinstance(inner.state[main].get(key), FactoredState):
                     value = checkpoint_state(value, where).dequantize(device="cpu")  # this run packs it: the estimate
             else:
-                value = torch.empty(numel, dtype=torch.float32)
-                covered = torch.zeros(numel, dtype=torch.bool)
-                for e, v in found:
-                    dense = _dense(v, where)
-                    a, b = max(start, e["start"]), min(start + numel, e["start"] + e["numel"])
-                    if a < b:
-                        value[a - start : b - start] = dense[a - e["start"] : b - e["start"]]
-                        covered[a - start : b - start] = True
+                value, covered = (_assemble_model_space(found, place, start, numel, where) if model_space
+                                  else _assemble(found, start, numel, where))  # fmt: skip
                 if not bool(covered.all()):
+                    hint = ("" if model_space else " or tensor/pipeline-parallel layout (packed dp_reshardable "
+                            "checkpoints reshard across data-parallel sizes only; save fully_reshardable for those)")
                     raise ValueError(f"{where}: the checkpoint covers {int(covered.sum())} of its {numel} elements; "
-                                     "it was saved for another model or tensor/pipeline-parallel layout (packed "
-                                     "checkpoints reshard across data-parallel sizes only)")  # fmt: skip
+                                     f"it was saved for another model{hint}")  # fmt: skip
             st = inner.state[main].get(key)
             if isinstance(st, FactoredState) and name in inner._factor_slots and not (
                 isinstance(value, dict) and value.get("factored")
@@ -394,6 +578,63 @@ def prepare(distopt: Any, loaded: Any, decoded: dict[str, Any]) -> list[tuple]:
                 continue
             out.append((main, key, checkpoint._load_moment(inner, main, key, value, None, recoded)))
     return out
+
+
+def _same_place(a: dict | None, b: dict | None) -> bool:
+    return a is b or (a is not None and b is not None and a["numel"] == b["numel"] and a["pieces"] == b["pieces"])
+
+
+def _assemble(found: list, start: int, numel: int, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dense values of the elements ``start .. start + numel`` of a parameter, which of them the bucket-space
+    entries ``found`` cover)."""
+    value = torch.empty(numel, dtype=torch.float32)
+    covered = torch.zeros(numel, dtype=torch.bool)
+    for e, _, v in found:
+        a, b = max(start, e["start"]), min(start + numel, e["start"] + e["numel"])
+        if a < b:
+            dense = _dense(v, where)
+            value[a - start : b - start] = dense[a - e["start"] : b - e["start"]]
+            covered[a - start : b - start] = True
+    return value, covered
+
+
+def _assemble_model_space(found: list, place: dict, start: int, numel: int, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same in model space: each piece of this shard's placement and of the saved entries' placements
+    mapped to global element indices of its key (one parameter at a time: the buffer spans this shard's
+    indices)."""
+    value = torch.empty(numel, dtype=torch.float32)
+    covered = torch.zeros(numel, dtype=torch.bool)
+    dense: dict[int, torch.Tensor] = {}
+    for piece in place["pieces"]:
+        pos, glob = _piece_index(piece, place["numel"], start, start + numel)
+        if not pos.numel():
+            continue
+        g0 = int(glob.min())
+        buf = torch.empty(int(glob.max()) - g0 + 1, dtype=torch.float32)
+        have = torch.zeros(buf.numel(), dtype=torch.bool)
+        for i, (e, pl, v) in enumerate(found):
+            for q in pl["pieces"]:
+                if q["key"] != piece["key"]:
+                    continue
+                if len(q["global_shape"]) != len(piece["global_shape"]):
+                    continue
+                qpos, qglob = _piece_index(q, pl["numel"], e["start"], e["start"] + e["numel"], piece["global_shape"])
+                sel = (qglob >= g0) & (qglob < g0 + buf.numel())
+                if not bool(sel.any()):
+                    continue
+                if i not in dense:
+                    dense[i] = _dense(v, where)
+                    if dense[i].numel() != e["numel"]:
+                        raise ValueError(f"{where}: a saved entry decodes to {dense[i].numel()} values, its layout "
+                                         f"says {e['numel']}: the checkpoint is damaged")  # fmt: skip
+                buf[qglob[sel] - g0] = dense[i][qpos[sel]]
+                have[qglob[sel] - g0] = True
+        value[pos] = buf[glob - g0]
+        covered[pos] = have[glob - g0]
+        if piece["pad"]:  # rows beyond what was saved (a vocabulary padded for this TP size): no state, as Megatron
+            value[pos[~have[glob - g0]]] = 0.0
+            covered[pos] = True
+    return value, covered
 
 
 def checkpoint_state(d: dict, where: str):
@@ -444,34 +685,69 @@ def _dp_zero(distopt: Any) -> tuple[Any, int, int, int]:
 
 
 @torch.no_grad()
+def params_dp_zero(distopt: Any, use_gloo_comm: bool = True, empty_data: bool = False,
+                   return_on_all_ranks: bool = False, *, buffer_space: bool = False) -> dict[Any, Any] | None:  # fmt: skip
+    """``get_parameter_state_dp_zero`` with the main params only (same arguments, same form: per buffer and
+    dtype ``{"param": world tensor, "numel_unpadded": n}``, gathered bucket by bucket on data-parallel rank 0
+    or on every rank): what Megatron's dp_zero-based formats (legacy ``torch``, ``fully_reshardable``) build
+    their params from while the packed moments go separately. Nothing is built for the moments.
+
+    ``buffer_space``: each bucket at its offset in the buffer (the world tensor as long as the buffer), the
+    space of ``param_index_map`` that ``fully_reshardable`` slices parameters from. Megatron's own world
+    tensors concatenate the buckets' unpadded parts, which shifts every parameter after a padded bucket (its
+    "param range exceeds unpadded buffer" warning, e.g. the shared embedding's own bucket with pipeline
+    parallelism): a fully_reshardable save of such a run stores those parameters shifted, zero-filled at the
+    end. Legacy ``torch`` keeps Megatron's form (stock loads it)."""
+    group = distopt.data_parallel_group_gloo if use_gloo_comm else distopt.data_parallel_group
+    if group is None:
+        raise ValueError("this checkpoint format gathers over Megatron's gloo data-parallel group, which this run "
+                         "does not have (--no-gloo-process-groups?); use --ckpt-format torch_dist")  # fmt: skip
+    rank, size = group.rank(), group.size()
+    root = torch.distributed.get_process_group_ranks(group)[0]
+    keep = rank == 0 or return_on_all_ranks
+    device = "cpu" if use_gloo_comm or not torch.cuda.is_available() else torch.cuda.current_device()
+    state: dict[Any, Any] = {"buckets_coalesced": True}
+    for gbuf_idx, dtype, _, bucket, param_map, start in _buckets(distopt):
+        numel = distopt.buffers[gbuf_idx].numel_unpadded
+        if keep:
+            size_w = distopt.buffers[gbuf_idx].numel if buffer_space else numel
+            world = state.setdefault(gbuf_idx, {}).setdefault(
+                dtype, {"param": torch.zeros(size_w, dtype=torch.float32), "numel_unpadded": numel})["param"]
+        if empty_data:
+            continue
+        n_local = bucket.grad_data.numel() // size
+        local = torch.zeros(n_local, dtype=torch.float32)
+        for model_param, rm in param_map.items():
+            shard = main_param(distopt, model_param).detach().reshape(-1).cpu()
+            local[rm["gbuf_local"].start : rm["gbuf_local"].end].copy_(shard)
+        local = local.to(device)
+        recv = [torch.zeros_like(local) for _ in range(size)] if keep else None
+        if return_on_all_ranks:
+            torch.distributed.all_gather(recv, local, group)
+        else:
+            torch.distributed.gather(local, recv, root, group)
+        if keep:
+            at, n = (int(bucket.offset), bucket.grad_data.numel()) if buffer_space else (start, int(bucket.numel_unpadded))
+            world[at : at + n].copy_(torch.cat(recv)[:n].cpu())
+    return state if keep else None
+
+
+@torch.no_grad()
 def legacy_state(distopt: Any) -> dict[str, Any] | None:
     """What ``get_parameter_state_dp_zero`` returns, packed (collective over the gloo data-parallel group;
     the dict on its rank 0, None elsewhere): Megatron's dp_zero form holding the main params (gathered
     bucket by bucket, as Megatron does) and, under ``"stquant"``, every rank's moments as in memory with
     their layout. Nothing dense is built for the moments."""
     group, rank, size, root = _dp_zero(distopt)
-    state: dict[Any, Any] = {"buckets_coalesced": True}
-    worlds: dict[tuple[int, Any], torch.Tensor] = {}
-    for gbuf_idx, dtype, _, bucket, param_map, start in _buckets(distopt):
-        n_local = bucket.grad_data.numel() // size
-        local = torch.zeros(n_local, dtype=torch.float32)
-        for model_param, rm in param_map.items():
-            shard = main_param(distopt, model_param).detach().reshape(-1).cpu()
-            local[rm["gbuf_local"].start : rm["gbuf_local"].end].copy_(shard)
-        recv = [torch.zeros(n_local, dtype=torch.float32) for _ in range(size)] if rank == 0 else None
-        torch.distributed.gather(local, recv, root, group)
-        if rank == 0:
-            numel = distopt.buffers[gbuf_idx].numel_unpadded
-            world = worlds.setdefault((gbuf_idx, dtype), torch.zeros(numel, dtype=torch.float32))
-            n = int(bucket.numel_unpadded)
-            world[start : start + n].copy_(torch.cat(recv)[:n])
+    state = params_dp_zero(distopt)
     chunk, entries = _pack_chunk(distopt)
     gathered: list[Any] = [None] * size if rank == 0 else None
     torch.distributed.gather_object({"nbytes": chunk.numel(), "entries": entries, "chunk": chunk}, gathered, root, group)
     if rank != 0:
         return None
-    for (gbuf_idx, dtype), world in worlds.items():
-        state.setdefault(gbuf_idx, {})[dtype] = PackedMoments(world, world.numel())
+    for gbuf_idx, dtypes in state.items():
+        if isinstance(gbuf_idx, int):
+            state[gbuf_idx] = {dtype: PackedMoments(w["param"], w["numel_unpadded"]) for dtype, w in dtypes.items()}
     state["stquant"] = {"format": PACKED_DP_ZERO, "layout": _layout(gathered),
                         "packed": torch.cat([g.pop("chunk") for g in gathered])}  # fmt: skip
     return state

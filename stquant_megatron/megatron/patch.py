@@ -338,7 +338,7 @@ def _load(orig):
         meta = (state_dict.get("optimizer") or {}).get("stquant") if isinstance(state_dict, dict) else None
         packed = isinstance(state_dict, dict) and packed_checkpoint.is_packed_type(state_dict.get("param_state_sharding_type"))
         if packed and not isinstance(inner, STQuantAdamW):
-            raise ValueError(f"this checkpoint's optimizer state is {packed_checkpoint.PACKED_DP_RESHARDABLE}; this "
+            raise ValueError(f"this checkpoint's optimizer state is {state_dict['param_state_sharding_type']}; this "
                              f"optimizer is {type(inner).__name__}, not stquant's")  # fmt: skip
         if packed:
             loaded = state_dict["param_state"].get("stquant")
@@ -349,7 +349,8 @@ def _load(orig):
             return orig(self, state_dict)
         self._stquant_prepared = packed_checkpoint.prepare(self, loaded, decoded)  # in this run's format; committed after the params
         try:
-            return orig(self, {**state_dict, "param_state_sharding_type": "dp_reshardable"})
+            base = packed_checkpoint.packed_kind(state_dict["param_state_sharding_type"])
+            return orig(self, {**state_dict, "param_state_sharding_type": base})
         finally:
             self._stquant_prepared = None
 
@@ -377,17 +378,23 @@ def _sharded(orig):
                                    metadata=None):  # fmt: skip
         model_sd = {} if model_sharded_state_dict is None else model_sharded_state_dict
         kind = sharding_type if sharding_type is not None else (metadata or {}).get("distrib_optim_sharding_type")
-        if not packed_checkpoint.is_packed_type(kind):
+        base = packed_checkpoint.packed_kind(kind)
+        if base is None:
             return orig(self, model_sd, is_loading, sharding_type, metadata)
         if not isinstance(self.optimizer, STQuantAdamW):
             raise ValueError(f"optimizer state of sharding type {kind!r} needs stquant's optimizer; this one is "
                              f"{type(self.optimizer).__name__}")  # fmt: skip
-        dense = {**(metadata or {}), "distrib_optim_sharding_type": "dp_reshardable"}
-        with packed_checkpoint.params_only(self):
-            sd = orig(self, model_sd, is_loading, None, dense)
-        sd["param_state"]["stquant"] = (packed_checkpoint.load_request(self) if is_loading
-                                        else packed_checkpoint.save_entries(self))  # fmt: skip
-        sd["param_state_sharding_type"] = packed_checkpoint.PACKED_DP_RESHARDABLE
+        with packed_checkpoint.params_only(self):  # Megatron's own form of the params; the moments go separately
+            sd = orig(self, model_sd, is_loading, None, {**(metadata or {}), "distrib_optim_sharding_type": base})
+        if sd.get("param_state") is None:  # fully_reshardable's memory-efficient save: params on DP rank 0 only
+            sd["param_state"] = {}
+        if base == "fully_reshardable":
+            sd["param_state"]["stquant"] = (packed_checkpoint.load_request_model_space(self, model_sd) if is_loading
+                                            else packed_checkpoint.save_entries_model_space(self, model_sd))  # fmt: skip
+        else:
+            sd["param_state"]["stquant"] = (packed_checkpoint.load_request(self) if is_loading
+                                            else packed_checkpoint.save_entries(self))  # fmt: skip
+        sd["param_state_sharding_type"] = packed_checkpoint.packed_type(base)
         return sd
 
     return patched_sharded_state_dict
@@ -421,9 +428,10 @@ def _metadata(orig):
     @functools.wraps(orig)
     def patched_build_sharded_state_dict_metadata(args, *a, **kw):
         metadata = orig(args, *a, **kw)
+        kind = metadata.get("distrib_optim_sharding_type")
         if (_active_config() is not None and checkpoint_format() == "packed"
-                and metadata.get("distrib_optim_sharding_type") == "dp_reshardable"):  # fmt: skip
-            metadata["distrib_optim_sharding_type"] = packed_checkpoint.PACKED_DP_RESHARDABLE
+                and kind in ("dp_reshardable", "fully_reshardable")):  # fmt: skip
+            metadata["distrib_optim_sharding_type"] = packed_checkpoint.packed_type(kind)
         return metadata
 
     return patched_build_sharded_state_dict_metadata
@@ -446,6 +454,8 @@ def _legacy_save_scope(orig):
 def _dp_zero_state(orig):
     @functools.wraps(orig)
     def patched_get_parameter_state_dp_zero(self, *args, **kwargs):
+        if getattr(self, "_stquant_params_only", False):  # a packed torch_dist checkpoint (fully_reshardable)
+            return packed_checkpoint.params_dp_zero(self, *args, **kwargs, buffer_space=True)
         # the legacy torch save (DistributedOptimizer / ChainedOptimizer.save_parameter_state, default
         # arguments); the torch_dist dp_zero and fully_reshardable forms call it with arguments: dense
         if (_LEGACY_SAVE["depth"] and not args and not kwargs and isinstance(self.optimizer, STQuantAdamW)
@@ -591,6 +601,11 @@ def patch(config: STQuantConfig | None = None, *, from_args: bool = False, check
     _replace_defined(DistributedOptimizer, "save_parameter_state", _legacy_save_scope)
     _replace_defined(ChainedOptimizer, "save_parameter_state", _legacy_save_scope)
     torch.serialization.add_safe_globals([packed_checkpoint.PackedMoments])
+    # Megatron-LM loads a checkpoint at another TP/PP size only for the model-space formats it lists
+    formats = getattr(DistributedOptimizer, "checkpoint_fully_reshardable_formats", None)
+    if isinstance(formats, set):
+        _replace(DistributedOptimizer, "checkpoint_fully_reshardable_formats",
+                 lambda orig: orig | {packed_checkpoint.PACKED_FULLY_RESHARDABLE})  # fmt: skip
     _replace_defined(DistributedOptimizer, "offload_to_cpu", _offload)  # RL training
     _replace_defined(DistributedOptimizer, "restore_from_cpu", _restore)
     # Megatron-LM's parser: patched now if imported, else the moment it is imported (importing it

@@ -70,9 +70,10 @@ __all__ = [
     "CHECKPOINT_FORMATS",
 ]
 
-CHECKPOINT_FORMATS = ("dp_reshardable", "fully_reshardable", "torch", "packed")
-"""torch_dist sharding types of the distributed optimizer's state, legacy ``torch``, and ``packed``
-(dp_reshardable with stquant's packed moments: ``stquant_megatron.megatron.packed_checkpoint``)."""
+CHECKPOINT_FORMATS = ("dp_reshardable", "fully_reshardable", "torch", "packed", "packed_fully_reshardable")
+"""torch_dist sharding types of the distributed optimizer's state, legacy ``torch``, ``packed``
+(dp_reshardable with stquant's packed moments: ``stquant_megatron.megatron.packed_checkpoint``) and
+``packed_fully_reshardable``."""
 
 CORPUS = (
     b"It was the best of times, it was the worst of times, it was the age of wisdom, it was the "
@@ -529,10 +530,10 @@ def _unwrap(model):
 
 
 def _sharding_type(fmt: str) -> str:
-    if fmt == "packed":
-        from stquant_megatron.megatron.packed_checkpoint import PACKED_DP_RESHARDABLE
+    if fmt in ("packed", "packed_fully_reshardable"):
+        from stquant_megatron.megatron.packed_checkpoint import packed_type
 
-        return PACKED_DP_RESHARDABLE
+        return packed_type("dp_reshardable" if fmt == "packed" else "fully_reshardable")
     return fmt
 
 
@@ -587,7 +588,8 @@ def model_state_snapshot(model) -> dict:
 def dense_shards(optimizer) -> list[dict]:
     """This rank's optimizer shards as dense fp32 CPU tensors, with where they sit in the model.
 
-    One entry per locally-owned model param: ``name`` (parameter name without wrapper prefixes),
+    One entry per locally-owned model param: ``name`` (parameter name without wrapper prefixes, layers and
+    experts numbered globally),
     ``start`` (index of the shard's first element in the flattened, TP-local parameter),
     ``shape`` (TP-local shape), ``partition_dim`` (TP split dimension, None if replicated across
     TP), ``tp_rank``/``tp_size``, ``tensors`` (``param`` / ``exp_avg`` / ``exp_avg_sq`` from
@@ -601,13 +603,9 @@ def dense_shards(optimizer) -> list[dict]:
 
     out = []
     for opt in distributed_optimizers(optimizer):
-        names = {}
-        for chunk in opt.model_chunks:
-            for name, p in chunk.named_parameters():
-                parts = name.split(".")
-                while parts and parts[0] == "module":
-                    parts.pop(0)
-                names[p] = ".".join(parts)
+        from ..megatron.patch import global_param_names
+
+        names = global_param_names(opt.model_chunks)  # layers by their global number: comparable across PP sizes
         inner = opt.optimizer
         for model_param, (gi, go) in opt.model_param_group_index_map.items():
             tensors = opt._get_main_param_and_optimizer_states(model_param)
