@@ -196,8 +196,8 @@ def load_meta(self: STQuantAdamW, meta: dict[str, Any]) -> None:
     global_step = _check_count("global_step", meta.get("global_step", 0))
     saved = meta.get("scheduler")
     if self.scheduler is not None and saved is not None and saved.get("bits") is not None:
-        self.scheduler.validate_state_dict(saved)
-        self.scheduler.load_state_dict(saved)
+        self.scheduler.validate_state_dict(saved, other_units=True)  # a host may load at another TP/PP layout
+        self.scheduler.load_state_dict(saved, other_units=True)
         self.scheduler.numel = None  # agreed again (collective) at the next step
         self._apply_widths(self.scheduler.current())
     self.global_step = global_step
