@@ -433,6 +433,34 @@ def test_moe_ep2_dense_and_expert_optimizers_pack_agree_and_resume(ckpt, tmp_pat
           f"wall straight {straight.wall_s:.1f} s, resumed {resumed.wall_s:.1f} s")  # fmt: skip
 
 
+@pytest.mark.megatron
+@pytest.mark.megatron_lm
+def test_moe_packed_fully_reshardable_checkpoint_resumes_exactly(tmp_path):
+    """4 experts, EP=2, packed fully_reshardable: the dense and the expert optimizer each write their moments
+    under their own model-space key (Megatron does not prefix chained optimizers' model-space keys), no dense
+    moments, and the resumed job repeats the saving job's iterations 4-6 exactly. (Loading it at EP=1 on these
+    two ranks fails in Megatron itself, dense or packed: EP=1 builds one optimizer where the checkpoint has a
+    chain of two, and ``ChainedOptimizer.load_state_dict`` cannot take that.)"""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    ck = str(tmp_path / "ckpt")
+    base = gpt_args(iters=ITERS) + MOE + ["--stquant", *SCHED, "--ckpt-format", "torch_dist",
+                                          "--stquant-checkpoint-format", "packed", "--dist-ckpt-optim-fully-reshardable"]  # fmt: skip
+    saver = run_megatron_lm("pretrain_gpt.py", base + ["--save", ck, "--save-interval", "3"], route="launch",
+                            workdir=str(tmp_path / "save"))  # fmt: skip
+    stored = FileSystemReader(os.path.join(ck, "iter_0000003")).read_metadata().state_dict_metadata
+    assert sorted(k.split("/")[0] for k in stored if "stquant_layout" in k) == [
+        "optimizer.fully_reshardable.dense.stquant_layout", "optimizer.fully_reshardable.expert.stquant_layout"]
+    assert not [k for k in stored if ".exp_avg" in k]
+    resumed = run_megatron_lm("pretrain_gpt.py", base + ["--load", ck, "--ckpt-step", "3"], route="launch",
+                              workdir=str(tmp_path / "resumed"))  # fmt: skip
+    assert resumed.iterations() == [4, 5, 6]
+    assert resumed.losses() == saver.losses()[3:] and resumed.grad_norms() == saver.grad_norms()[3:]
+    _record("GPT MoE 4 experts top-2, EP=2, `--stquant-avg-bits 4.0`, packed fully_reshardable checkpoint", "launch",
+            saver, "dense + expert moments under their own keys; resume identical")  # fmt: skip
+    print(f"MoE packed fully_reshardable EP=2: resumed {resumed.losses()} vs {saver.losses()[3:]}")
+
+
 AUTO = ["--stquant-avg-bits", "2.5", "--stquant-exp-avg-sq-format", "auto", "--stquant-warmup-steps", "2",
         "--stquant-interval", "2", "--stquant-stats-steps", "1", "--stquant-min-numel", "1024"]  # fmt: skip
 

@@ -147,7 +147,7 @@ def convert_to_dense(src: str, dst: str) -> dict[str, int]:
             raise ValueError(f"{pkey} is missing from {src!r}: the checkpoint is damaged")
         packed = state.pop(pkey)
         if layout.get("kind") == "fully_reshardable":
-            prefix = lkey.split("/")[0][: -len(f"{_MODEL_SPACE}.stquant_layout")]
+            prefix = lkey[: lkey.index(_MODEL_SPACE)]  # a chained optimizer's, if any
             n, model_space = _model_space_dense(layout, packed)
             entries += n
             for (moment, model_key), t in model_space.items():

@@ -341,6 +341,14 @@ def _world_layout(distopt: Any, chunk: torch.Tensor, entries: list, places: dict
     return layout
 
 
+def _model_space_prefix(distopt: Any) -> str:
+    """Where one optimizer's packed model-space moments go: a key per kind of optimizer (Megatron chains a dense
+    and an expert-parallel one for MoE, and does not prefix model-space keys per chained optimizer), the same
+    at every parallel layout."""
+    expert = any(not getattr(p, "allreduce", True) for p, *_ in _local_shards(distopt))
+    return f"{_MODEL_SPACE}.{'expert' if expert else 'dense'}"
+
+
 def save_entries_model_space(distopt: Any, model_sharded_state_dict: Any) -> dict[str, Any]:
     """This rank's packed moments and the world's layout as Megatron sharded objects (collective over the
     world: every rank's chunk length, entries and placements are gathered)."""
@@ -354,9 +362,9 @@ def save_entries_model_space(distopt: Any, model_sharded_state_dict: Any) -> dic
     layout = _world_layout(distopt, chunk, entries, {name: places[name] for name in {e["name"] for e in entries}})
     rank = torch.distributed.get_rank()
     return {
-        "layout": ShardedObject(f"{_MODEL_SPACE}.stquant_layout", layout, (1,), (0,), replica_id=rank),
+        "layout": ShardedObject(f"{_model_space_prefix(distopt)}.stquant_layout", layout, (1,), (0,), replica_id=rank),
         "packed": ShardedTensor(
-            key=f"{_MODEL_SPACE}.stquant_packed", data=chunk, dtype=torch.uint8, local_shape=(chunk.numel(),),
+            key=f"{_model_space_prefix(distopt)}.stquant_packed", data=chunk, dtype=torch.uint8, local_shape=(chunk.numel(),),
             global_shape=(layout["total"],), global_offset=(layout["ranks"][rank]["offset"],), axis_fragmentations=None,
             replica_id=0, prepend_axis_num=0, allow_shape_mismatch=False, flattened_range=None,
         ),
@@ -368,7 +376,8 @@ def load_request_model_space(distopt: Any, model_sharded_state_dict: Any) -> Pac
 
     distopt._stquant_placements = placements(distopt, model_sharded_state_dict)
     req = PackedRequest()
-    req["layout"] = ShardedObject(f"{_MODEL_SPACE}.stquant_layout", None, (1,), (0,), replica_id=torch.distributed.get_rank())
+    req["layout"] = ShardedObject(f"{_model_space_prefix(distopt)}.stquant_layout", None, (1,), (0,),
+                                  replica_id=torch.distributed.get_rank())  # fmt: skip
     req.owner = distopt
     return req
 
