@@ -3,10 +3,11 @@
 
 A GPT of 6 layers, hidden 512 (19.05M parameters, vocabulary 256, ``--mock-data``) trains on 2 CPU
 gloo ranks (data-parallel 2, bf16, distributed optimizer) under the test-only wrapper
-``stquant_megatron.testing.megatron_lm``, saves a ``torch_dist`` checkpoint (``dp_reshardable``) or a legacy
-``torch`` one after 2 of 3 iterations, and a second job loads it and trains the third (its loss must equal the
+``stquant_megatron.testing.megatron_lm``, saves a ``torch_dist`` checkpoint (``dp_reshardable``, or
+``fully_reshardable`` with ``--dist-ckpt-optim-fully-reshardable``) or a legacy ``torch`` one after 2 of 3 iterations, and a second job loads it and trains the third (its loss must equal the
 first job's). Per configuration (stock; ours with dense and with packed moments, at the default and at fixed
-4 bits; legacy: the default, dense and packed) it records:
+4 bits; fully_reshardable: the default, dense and packed; legacy: the default, dense and packed) it
+records:
 
 - the checkpoint's bytes on disk: all files, and per part from the torch_dist storage metadata (what
   the files hold): optimizer moments (``stquant_packed`` or the dense ``exp_avg``/``exp_avg_sq``
@@ -36,14 +37,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from provenance import hardware, provenance  # noqa: E402
 
 PACKED = ["--stquant-checkpoint-format", "packed"]
-CONFIGS = [  # (key, label, flags, --ckpt-format)
+CONFIGS = [  # (key, label, flags, checkpoint format: --ckpt-format, or fully_reshardable (torch_dist))
     ("stock", "stock Megatron", [], "torch_dist"),
     ("default-dense", "ours default (--stquant), dense checkpoint", ["--stquant"], "torch_dist"),
     ("default-packed", "ours default (--stquant), packed checkpoint", ["--stquant", *PACKED], "torch_dist"),
     ("fixed4-dense", "ours --stquant-bits 4, dense checkpoint", ["--stquant", "--stquant-bits", "4"], "torch_dist"),
     ("fixed4-packed", "ours --stquant-bits 4, packed checkpoint", ["--stquant", "--stquant-bits", "4", *PACKED], "torch_dist"),
-    # (no stock legacy row: on this CPU, stock Megatron's dp_zero loader asks the file for torch AdamW's
-    # per-parameter `step` tensors, which no legacy file holds; our dense legacy file has stock's form)
+    # (no stock fully_reshardable or legacy row: on this CPU, stock Megatron's loaders for both ask for torch
+    # AdamW's per-parameter `step` state, which neither format holds; our dense files have stock's form)
+    ("default-dense-fr", "ours default, dense, fully_reshardable", ["--stquant"], "fully_reshardable"),
+    ("default-packed-fr", "ours default, packed, fully_reshardable", ["--stquant", *PACKED], "fully_reshardable"),
     ("default-dense-torch", "ours default, dense, legacy torch", ["--stquant"], "torch"),
     ("default-packed-torch", "ours default, packed, legacy torch", ["--stquant", *PACKED], "torch"),
 ]  # fmt: skip
@@ -57,7 +60,7 @@ def disk_bytes(ckpt_dir: str) -> dict[str, int]:
     out = {"moments": 0, "optimizer_other": 0, "model": 0, "layout": 0}
     for index, info in md.storage_data.items():
         fqn = index.fqn
-        if "stquant_packed" in fqn or fqn.endswith((".exp_avg", ".exp_avg_sq")):
+        if "stquant_packed" in fqn or fqn.endswith((".exp_avg", ".exp_avg_sq")) or ".state.exp_avg" in fqn:
             part = "moments"
         elif "stquant_layout" in fqn:
             part = "layout"
@@ -100,7 +103,8 @@ def run(key: str, flags: list[str], fmt: str, work: str, layers: int, hidden: in
 
     ck = os.path.join(work, key)
     route = dict(route="launch") if flags else {}
-    base = gpt_args(layers=layers, hidden=hidden, heads=8, iters=3) + [*flags, "--ckpt-format", fmt]
+    ckpt = ["--ckpt-format", "torch_dist", "--dist-ckpt-optim-fully-reshardable"] if fmt == "fully_reshardable" else ["--ckpt-format", fmt]
+    base = gpt_args(layers=layers, hidden=hidden, heads=8, iters=3) + [*flags, *ckpt]
     saving = run_megatron_lm("pretrain_gpt.py", base + ["--save", ck, "--save-interval", "2"],
                              workdir=os.path.join(work, key + ".save"), **route)  # fmt: skip
     it = os.path.join(ck, "iter_0000002")
@@ -116,7 +120,7 @@ def run(key: str, flags: list[str], fmt: str, work: str, layers: int, hidden: in
     assert loading.iterations() == [3], loading.iterations()
     # the resumed job's iteration 3 is the saving job's (bit-exact resume)
     assert loading.losses() == saving.losses()[2:], (loading.losses(), saving.losses())
-    parts = disk_bytes(it) if fmt == "torch_dist" else legacy_disk_bytes(it)
+    parts = legacy_disk_bytes(it) if fmt == "torch" else disk_bytes(it)
     opts = [o for r in saving.records for o in (r["optimizers"] or [])]
     nparams = sum(o["params"] for o in opts)
     saves = [r["saves"][0] for r in saving.records]  # the save after iteration 2 (the final one follows)

@@ -706,7 +706,8 @@ def checkpoint_block(path: str) -> str:
     prov = data.get("provenance") or {}
     lines += ["", f"- Megatron-LM `pretrain_gpt.py` (fixture), GPT {data['layers']} layers x hidden {data['hidden']}, "
               f"{n:,} parameters, bf16, 2 CPU gloo ranks (DP=2), `--ckpt-format torch_dist` (dp_reshardable; rows "
-              "saying *legacy torch*: `--ckpt-format torch`, Megatron's dp_zero `distrib_optim.pt` gathered to data-parallel "
+              "saying *fully_reshardable*: `--dist-ckpt-optim-fully-reshardable`, model-space tensors; rows saying "
+              "*legacy torch*: `--ckpt-format torch`, Megatron's dp_zero `distrib_optim.pt` gathered to data-parallel "
               "rank 0); saved after iteration 2 of 3, loaded by a second job that trains iteration 3 with the saving job's "
               "loss exactly (asserted). *State in memory*: every rank's optimizer state (the step counters included), "
               "summed; *moments on disk*: the moments' bytes in the checkpoint's storage metadata (packed: codes, "
@@ -714,7 +715,7 @@ def checkpoint_block(path: str) -> str:
               "*checkpoint*: all files; *vs stock*: against stock Megatron in the same checkpoint format (legacy: "
               "against our dense legacy file, which has stock's form; stock Megatron's legacy loader cannot run on "
               "this CPU: it asks the file for torch AdamW's per-parameter `step` tensors, which no legacy file "
-              "holds). Save / load: the slower "
+              "holds; fully_reshardable likewise: against our dense file). Save / load: the slower "
               "rank's wall time of Megatron-LM's `save_checkpoint` / `load_checkpoint`; host memory: the larger "
               "rank's peak resident memory during the save above its level just before (sampled every 2 ms).",
               f"- Machine: {prov.get('hardware', '?')}; times on 2 shared cores are noisy (compare rows of one run).",

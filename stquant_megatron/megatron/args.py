@@ -73,10 +73,10 @@ def add_stquant_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     g.add_argument("--stquant-backend", default=d.backend, choices=("auto", "torch", "triton"),
                    help="fused-step implementation: auto = Triton on CUDA, PyTorch elsewhere")
     g.add_argument("--stquant-checkpoint-format", choices=("dense", "packed"), default="dense",
-                   help="optimizer moments in torch_dist dp_reshardable and legacy torch checkpoints: dense fp32 (Megatron's "
-                        "own, loadable by stock Megatron) or packed as in memory (about 1/8 of the moments' bytes; loads "
-                        "only with stquant-megatron or after `stquant-megatron checkpoint convert`; reshards across "
-                        "data-parallel sizes)")
+                   help="optimizer moments in checkpoints (torch_dist dp_reshardable and fully_reshardable, legacy torch): "
+                        "dense fp32 (Megatron's own, loadable by stock Megatron) or packed as in memory (about 1/8 of the "
+                        "moments' bytes; loads only with stquant-megatron or after `stquant-megatron checkpoint convert`; "
+                        "reshards as the format does: data-parallel sizes, and with fully_reshardable TP/PP sizes too)")
     g.add_argument("--stquant-compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the PyTorch (CPU) path: auto = units of 2**18+ elements")
     return parser

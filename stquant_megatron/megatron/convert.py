@@ -8,7 +8,10 @@ bucket space. The converter copies every stored item except the packed moments a
 decodes each entry (codes and scales, factored statistics, fp32 escapes) into the dense
 ``<bucket key>.exp_avg`` / ``.exp_avg_sq`` fp32 tensors that stock Megatron's ``dp_reshardable`` writes
 (padding between parameters: zeros, as it holds no state), and rewrites the sharding type in
-the common state (``common.pt``, or its stored object in megatron-core 0.19) to ``dp_reshardable``. Stock Megatron (or stquant with ``--stquant-checkpoint-format
+the common state (``common.pt``, or its stored object in megatron-core 0.19) to ``dp_reshardable``. A packed
+``fully_reshardable`` checkpoint becomes stock's model-space ``optimizer.state.exp_avg.<key>`` /
+``.exp_avg_sq.<key>`` tensors (each entry scattered to its global elements by its placement), sharding type
+``fully_reshardable``. Stock Megatron (or stquant with ``--stquant-checkpoint-format
 dense``) then loads the result like any dense checkpoint. The values are the dequantized moments: what
 the patched run itself would hand to a dense save.
 

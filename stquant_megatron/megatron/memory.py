@@ -435,9 +435,10 @@ def estimate(
         "ours_dense": ckpt_stock,
         "ours_packed": round(weights + 4 * buf_elems + packed_moment_bytes),
     }
-    notes.append("checkpoints (torch_dist dp_reshardable, whole model): STQuant writes dense fp32 moments by default, "
-                 "the same bytes as stock and loadable by stock Megatron; --stquant-checkpoint-format packed writes them as "
-                 "in memory (loads with stquant-megatron only, reshards across data-parallel sizes)")
+    notes.append("checkpoints (torch_dist dp_reshardable, whole model; fully_reshardable and legacy torch measured within "
+                 "1% of it): STQuant writes dense fp32 moments by default, the same bytes as stock and loadable by stock "
+                 "Megatron; --stquant-checkpoint-format packed writes them as in memory in all three formats (loads with "
+                 "stquant-megatron, or stock after `stquant-megatron checkpoint convert`; reshards as the format does)")
     if stquant_min_numel != 4096 and shape is None:
         notes.append("--stquant-min-numel is ignored without a model shape")
     if busiest_ours != busiest:

@@ -1,4 +1,5 @@
-"""Packed optimizer moments in Megatron's ``torch_dist`` checkpoints (``dp_reshardable`` layout).
+"""Packed optimizer moments in Megatron's checkpoints: ``torch_dist`` ``dp_reshardable`` (below),
+``fully_reshardable`` (model space: section "fully_reshardable") and legacy ``torch`` (section "legacy").
 
 Stock Megatron writes every moment as dense fp32 (8 B/param for Adam), whatever the state costs in
 memory. With ``--stquant-checkpoint-format packed`` (or ``STQUANT_CHECKPOINT_FORMAT``, or
@@ -26,7 +27,7 @@ each rank requests only the byte ranges of the entries that overlap its own para
   its dense fp32 values (one shard at a time, never the whole model) and quantized at this run's width:
   one extra rounding, ``|x' - x| <= half a level of x's new block`` (nearest) or one level (stochastic).
 - Tensor/pipeline/expert parallel sizes must be the saving run's (as for stock ``dp_reshardable``);
-  for those, save dense ``fully_reshardable`` checkpoints.
+  for those, save ``fully_reshardable`` checkpoints (packed or dense).
 
 Everything is validated (sizes, CRC32, ``checkpoint.saved_state``, finiteness) before the optimizer changes:
 a damaged checkpoint raises ``ValueError`` naming the parameter and moment, and the optimizer is left
