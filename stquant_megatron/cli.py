@@ -22,25 +22,32 @@ def main(argv: list[str] | None = None) -> int:
     _memory_args(mem)
     ck = sub.add_parser("checkpoint", help="checkpoint tools")
     cksub = ck.add_subparsers(dest="ckcmd", required=True)
-    conv = cksub.add_parser("convert", help="a packed checkpoint -> Megatron's dense format (offline, CPU)",
-                            description="Write the dense form (stock Megatron's) of a packed torch_dist (dp_reshardable) "
-                                        "or legacy torch checkpoint: one process, no GPU, no process group.")
-    conv.add_argument("src", help="the packed checkpoint's iter_XXXXXXX directory")
-    conv.add_argument("dst", help="a new directory for the dense checkpoint")
-    conv.add_argument("--to", choices=("dense",), default="dense", help="target format (dense; a patched run saves packed)")
+    conv = cksub.add_parser("convert", help="packed <-> Megatron's dense checkpoint format (offline, CPU)",
+                            description="--to dense: write the dense form (stock Megatron's) of a packed torch_dist "
+                                        "(dp_reshardable or fully_reshardable) or legacy torch checkpoint. --to packed: "
+                                        "pack the moments of a dense fully_reshardable checkpoint (stock's or ours). One "
+                                        "process, no GPU, no process group.")  # fmt: skip
+    conv.add_argument("src", help="the checkpoint's iter_XXXXXXX directory")
+    conv.add_argument("dst", help="a new directory for the converted checkpoint")
+    conv.add_argument("--to", choices=("dense", "packed"), default="dense", help="target format")
+    conv.add_argument("--bits", type=int, default=8, choices=range(2, 9), metavar="{2..8}",
+                      help="--to packed: width of the packed moments (a patched run loading it re-codes at its own)")
     args = ap.parse_args(argv)
     if args.cmd == "checkpoint":
-        from .megatron.convert import convert_to_dense
+        from .megatron.convert import convert_to_dense, convert_to_packed
 
         try:
-            counts = convert_to_dense(args.src, args.dst)
+            counts = convert_to_dense(args.src, args.dst) if args.to == "dense" else convert_to_packed(args.src, args.dst, args.bits)
         except ValueError as e:
             print(f"stquant-megatron checkpoint convert: {e}", file=sys.stderr)
             return 2
-        into = (f"{counts['bucket_tensors']} dense bucket tensors (stock Megatron's torch_dist dp_reshardable)"
-                if "bucket_tensors" in counts else f"{counts['files']} dense distrib_optim.pt file(s) (stock legacy torch)")
-        print(f"wrote {args.dst}: {counts['entries']} packed entries decoded into {into}; copy or link the tracker "
-              "file beside it as needed")  # fmt: skip
+        if args.to == "packed":
+            into = f"{counts['entries']} moments packed at {args.bits} bits ({counts['layouts']} layout(s), fully_reshardable)"
+        elif "bucket_tensors" in counts:
+            into = f"{counts['entries']} packed entries decoded into {counts['bucket_tensors']} dense tensors (stock Megatron's torch_dist)"
+        else:
+            into = f"{counts['entries']} packed entries decoded into {counts['files']} dense distrib_optim.pt file(s) (stock legacy torch)"
+        print(f"wrote {args.dst}: {into}; copy or link the tracker file beside it as needed")
         return 0
     if args.cmd == "memory":
         return _memory(args)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import zlib
 from typing import Any
 
 import torch
@@ -93,19 +94,21 @@ def _entry_values(e: dict, data: torch.Tensor, base: int, rank: int, prefix: str
     return values, where
 
 
-def convert_to_dense(src: str, dst: str) -> dict[str, int]:
-    """Write the dense form of the packed torch_dist or legacy torch checkpoint directory ``src`` (one ``iter_*`` folder)
-    to the new directory ``dst``. Returns counts (entries decoded, bucket tensors written). Raises
-    ValueError with what was wrong (not a torch_dist checkpoint, not packed, damaged entries)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
-
+def _check_dst(dst: str) -> None:
     if os.path.exists(dst) and os.listdir(dst):
         raise ValueError(f"{dst!r} exists and is not empty; give a new directory")
+
+
+def _read_torch_dist(src: str, dst: str) -> tuple[dict, dict, Any, str | None, str, Any]:
+    """(stored tensors and our layouts, Megatron's pickled objects as bytes, the common state, its stored key
+    (megatron-core 0.19) or None, the path of common.pt, the optimizer sharding type) of a torch_dist
+    checkpoint directory, read in this process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
+    _check_dst(dst)
     if not os.path.isfile(os.path.join(src, ".metadata")):
-        if _legacy_files(src):
-            return convert_legacy_to_dense(src, dst)
         raise ValueError(f"{src!r} is neither a torch_dist checkpoint directory (no .metadata) nor a legacy torch one "
                          "(no mp_rank_*/distrib_optim.pt); give the iter_XXXXXXX folder of a save")  # fmt: skip
     reader = FileSystemReader(src)
@@ -120,11 +123,7 @@ def convert_to_dense(src: str, dst: str) -> dict[str, int]:
     else:
         raise ValueError(f"{src!r} has neither common.pt nor a common_state object: not a Megatron torch_dist checkpoint")
     found = []
-    _walk_replace(common, lambda x: found.append(x) if is_packed_type(x) else None)
-    kind = found[0] if found else None
-    if not is_packed_type(kind):
-        raise ValueError(f"{src!r} has distrib_optim_sharding_type={kind!r}: it is not a packed stquant checkpoint "
-                         "(nothing to convert; stock Megatron loads it as it is)")  # fmt: skip
+    _walk_replace(common, lambda x: found.append(x) if isinstance(x, str) and x.split("+")[0] in _KINDS else None)
     state: dict[str, Any] = {}
     raw: dict[str, bytes] = {}  # Megatron's pickled objects, copied byte for byte
     for key, meta in md.state_dict_metadata.items():
@@ -135,6 +134,44 @@ def convert_to_dense(src: str, dst: str) -> dict[str, int]:
         elif isinstance(meta, BytesStorageMetadata):
             raw[key] = _raw_bytes(src, md, key)
     dcp.load(state, storage_reader=reader, no_dist=True)
+    return state, raw, common, common_key, common_pt, found[0] if found else None
+
+
+_KINDS = ("dp_reshardable", "fully_reshardable", "dp_zero_gather_scatter", "fully_sharded_model_space", "fsdp_dtensor")
+
+
+def _write_torch_dist(src: str, dst: str, state: dict, raw: dict, common: Any, common_key: str | None, common_pt: str) -> None:
+    """Write ``state`` (+ Megatron's objects byte for byte, the common state) as a torch_dist checkpoint ``dst``,
+    with the small files of ``src`` beside it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    state.update({key: io.BytesIO(b) for key, b in raw.items()})  # written back byte for byte (_RawBytesPlanner)
+    os.makedirs(dst, exist_ok=True)
+    if common_key is not None and not os.path.isfile(common_pt):
+        buf = io.BytesIO()
+        torch.save(common, buf)
+        state[common_key] = buf
+    dcp.save(state, storage_writer=FileSystemWriter(dst), planner=_raw_bytes_planner(), no_dist=True)
+    if os.path.isfile(common_pt):
+        torch.save(common, os.path.join(dst, "common.pt"))
+    for name in os.listdir(src):  # Megatron's own small files (metadata.json, ...): as they are
+        path = os.path.join(src, name)
+        if os.path.isfile(path) and not os.path.exists(os.path.join(dst, name)) and not name.endswith(".distcp"):
+            shutil.copy2(path, os.path.join(dst, name))
+
+
+def convert_to_dense(src: str, dst: str) -> dict[str, int]:
+    """Write the dense form of the packed torch_dist or legacy torch checkpoint directory ``src`` (one ``iter_*`` folder)
+    to the new directory ``dst``. Returns counts (entries decoded, bucket tensors written). Raises
+    ValueError with what was wrong (not a torch_dist checkpoint, not packed, damaged entries)."""
+    _check_dst(dst)
+    if not os.path.isfile(os.path.join(src, ".metadata")) and _legacy_files(src):
+        return convert_legacy_to_dense(src, dst)
+    state, raw, common, common_key, common_pt, kind = _read_torch_dist(src, dst)
+    if not is_packed_type(kind):
+        raise ValueError(f"{src!r} has distrib_optim_sharding_type={kind!r}: it is not a packed stquant checkpoint "
+                         "(nothing to convert; stock Megatron loads it as it is)")  # fmt: skip
     layouts = [k for k in state if k.split("/")[0].endswith(".stquant_layout")]
     if not layouts:
         raise ValueError(f"{src!r} says it is packed but holds no stquant_layout object: the checkpoint is damaged")
@@ -177,20 +214,8 @@ def convert_to_dense(src: str, dst: str) -> dict[str, int]:
                 raise ValueError(f"{key}: the checkpoint has no {key[: key.rindex('.')]}.param tensor beside it")
             state[key] = t
             buckets += 1
-    state.update({key: io.BytesIO(b) for key, b in raw.items()})  # written back byte for byte (_RawBytesPlanner)
-    os.makedirs(dst, exist_ok=True)
     common = _walk_replace(common, lambda x: packed_kind(x) if is_packed_type(x) else x)
-    if common_key is not None and not os.path.isfile(common_pt):
-        buf = io.BytesIO()
-        torch.save(common, buf)
-        state[common_key] = buf
-    dcp.save(state, storage_writer=FileSystemWriter(dst), planner=_raw_bytes_planner(), no_dist=True)
-    if os.path.isfile(common_pt):
-        torch.save(common, os.path.join(dst, "common.pt"))
-    for name in os.listdir(src):  # Megatron's own small files (metadata.json, ...): as they are
-        path = os.path.join(src, name)
-        if os.path.isfile(path) and not os.path.exists(os.path.join(dst, name)) and not name.endswith(".distcp"):
-            shutil.copy2(path, os.path.join(dst, name))
+    _write_torch_dist(src, dst, state, raw, common, common_key, common_pt)
     return {"entries": entries, "bucket_tensors": buckets}  # torch_dist (model-space tensors for fully_reshardable)
 
 
@@ -215,6 +240,75 @@ def _model_space_dense(layout: dict, packed: torch.Tensor) -> tuple[int, dict[tu
                 t.view(-1)[glob] = values[pos]
             count += 1
     return count, dense
+
+
+# ----------------------------------------------------------------------------------- dense -> packed
+def convert_to_packed(src: str, dst: str, bits: int = 8) -> dict[str, int]:
+    """Write the packed form of the dense ``fully_reshardable`` torch_dist checkpoint ``src`` (stock Megatron's
+    or a dense stquant one) to ``dst``: each model-space moment quantized whole at ``bits`` (nearest rounding,
+    the default config's block size and codebooks; tensors under its ``min_numel`` stay fp32), placed as one
+    entry covering its global tensor. A patched run at any TP/PP/DP size then loads it as it loads its own
+    packed fully_reshardable checkpoints (re-coding each shard at its widths). Other formats keep no
+    parameter boundaries in their files (bucket space): load them in a patched run and save packed."""
+    from ..config import STQuantConfig
+    from ..state import PackedState
+    from .packed_checkpoint import _HEADER, PACKED_FULLY_RESHARDABLE, _moment_record, _model_space_prefix_of
+
+    state, raw, common, common_key, common_pt, kind = _read_torch_dist(src, dst)
+    if kind != "fully_reshardable":
+        raise ValueError(f"{src!r} has distrib_optim_sharding_type={kind!r}; --to packed takes dense fully_reshardable "
+                         "checkpoints (--dist-ckpt-optim-fully-reshardable), whose files place every moment in model "
+                         "space. Load this one in a run with stquant-megatron and save it with "
+                         "--stquant-checkpoint-format packed")  # fmt: skip
+    cfg = STQuantConfig(bits=bits)
+    groups: dict[str, dict[str, Any]] = {}
+    for key in sorted(k for k in state if ".state.exp_avg." in k or ".state.exp_avg_sq." in k):
+        head, rest = key.split("optimizer.state.", 1)
+        moment, model_key = rest.split(".", 1)
+        if moment not in ("exp_avg", "exp_avg_sq") or f"{head}optimizer.state.param.{model_key}" not in state:
+            continue
+        dense = state.pop(key).float()
+        g = groups.setdefault(head + _model_space_prefix_of(model_key), {"parts": [torch.zeros(_HEADER, dtype=torch.uint8)],
+                                                                          "entries": [], "placements": {}})  # fmt: skip
+        shape, numel = list(dense.shape), dense.numel()
+        if numel >= cfg.min_numel:
+            signed = moment == "exp_avg"
+            dense = PackedState.zeros(numel, bits=bits, kind=cfg.codebook(moment, bits), signed=signed,
+                                      block_size=cfg.block_size).copy_(dense)  # fmt: skip
+        plain, tensors = _moment_record(dense)
+        offset, spec, crc = sum(t.numel() for t in g["parts"]), {}, 0
+        for tname, t in tensors.items():
+            b = t.detach().contiguous().reshape(-1).view(torch.uint8)
+            spec[tname] = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "offset": offset,
+                           "nbytes": b.numel()}  # fmt: skip
+            crc = zlib.crc32(b.numpy(), crc)
+            g["parts"].append(b)
+            offset += b.numel()
+        g["entries"].append({"name": model_key, "start": 0, "numel": numel, "moment": moment, "plain": plain,
+                             "tensors": spec, "crc32": crc})  # fmt: skip
+        strides = [1] * len(shape)
+        for d in range(len(shape) - 2, -1, -1):
+            strides[d] = strides[d + 1] * shape[d + 1]
+        g["placements"][model_key] = {"numel": numel, "main": True, "pieces": [
+            {"key": model_key, "global_shape": shape, "global_offset": [0] * len(shape), "prepend": 0, "shape": shape,
+             "stride": strides, "at": 0, "pad": False}]}  # fmt: skip
+    if not groups:
+        raise ValueError(f"{src!r} holds no dense optimizer.state.exp_avg / exp_avg_sq tensors: nothing to pack")
+    count = 0
+    for prefix, g in groups.items():
+        chunk = torch.cat(g["parts"])
+        chunk[:8] = torch.tensor([LAYOUT_VERSION], dtype=torch.int64).view(torch.uint8)
+        chunk[8:16] = torch.tensor([chunk.numel()], dtype=torch.int64).view(torch.uint8)
+        state[f"{prefix}.stquant_packed"] = chunk
+        layout = {"version": LAYOUT_VERSION, "kind": "fully_reshardable", "dp_size": 1, "total": chunk.numel(),
+                  "ranks": [{"offset": 0, "nbytes": chunk.numel(), "entries": g["entries"], "placements": g["placements"]}]}
+        buf = io.BytesIO()
+        torch.save([layout], buf)  # as Megatron stores a ShardedObject (a list of its shards)
+        state[f"{prefix}.stquant_layout/shard_0_1"] = buf
+        count += len(g["entries"])
+    common = _walk_replace(common, lambda x: PACKED_FULLY_RESHARDABLE if x == "fully_reshardable" else x)
+    _write_torch_dist(src, dst, state, raw, common, common_key, common_pt)
+    return {"entries": count, "layouts": len(groups)}
 
 
 # ----------------------------------------------------------------------------------- legacy torch

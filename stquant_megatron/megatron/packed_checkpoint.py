@@ -350,6 +350,11 @@ def _model_space_prefix(distopt: Any) -> str:
     return f"{_MODEL_SPACE}.{'expert' if expert else 'dense'}"
 
 
+def _model_space_prefix_of(model_key: str) -> str:
+    """The same, offline, from a parameter's model-space key (Megatron's expert modules are ``experts``)."""
+    return f"{_MODEL_SPACE}.{'expert' if '.experts.' in f'.{model_key}' else 'dense'}"
+
+
 def save_entries_model_space(distopt: Any, model_sharded_state_dict: Any) -> dict[str, Any]:
     """This rank's packed moments and the world's layout as Megatron sharded objects (collective over the
     world: every rank's chunk length, entries and placements are gathered)."""
