@@ -34,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # and tests/test_gpu_parity.py) and the Triton files never run.
 _TRITON = ["!stquant_megatron/kernels/triton_adam.py", "!stquant_megatron/kernels/triton_factored.py"]
 _CHECKPOINT_IO = ["!stquant_megatron/checkpoint.py", "!stquant_megatron/megatron/packed_checkpoint.py",
-                  "!stquant_megatron/megatron/convert.py"]  # fmt: skip
+                  "!stquant_megatron/megatron/model_space.py", "!stquant_megatron/megatron/convert.py"]  # fmt: skip
 _OPTIMIZER = ["stquant_megatron/**", "!stquant_megatron/megatron/**", "!stquant_megatron/testing/**",
               "!stquant_megatron/cli.py", "!stquant_megatron/report.py", "!stquant_megatron/launch.py",
               *_CHECKPOINT_IO, *_TRITON]  # fmt: skip

@@ -196,11 +196,35 @@ def load_meta(self: STQuantAdamW, meta: dict[str, Any]) -> None:
     global_step = _check_count("global_step", meta.get("global_step", 0))
     saved = meta.get("scheduler")
     if self.scheduler is not None and saved is not None and saved.get("bits") is not None:
-        self.scheduler.validate_state_dict(saved, other_units=True)  # a host may load at another TP/PP layout
-        self.scheduler.load_state_dict(saved, other_units=True)
+        saved = scheduler_onto_units(saved, self.scheduler)  # a host may load at another TP/PP layout
+        self.scheduler.validate_state_dict(saved)
+        self.scheduler.load_state_dict(saved)
         self.scheduler.numel = None  # agreed again (collective) at the next step
         self._apply_widths(self.scheduler.current())
     self.global_step = global_step
+
+def scheduler_onto_units(saved: dict[str, Any], scheduler: Any) -> dict[str, Any]:
+    """A scheduler checkpoint saved with other units than ``scheduler``'s (another tensor- or pipeline-parallel
+    layout makes some tensors units or not) mapped onto them: a unit of both keeps its width, moves and
+    window statistics, a new one starts at ``min_bits`` (as the scheduler adds units: the budget keeps
+    holding), the others are dropped, and so is the decision history (its rows name the old units).
+    Unchanged when the units agree or this scheduler has none yet; the result is validated by the caller."""
+    names, old = list(scheduler.names), saved.get("names")
+    if not names or not isinstance(old, list) or old == names or not isinstance(saved.get("bits"), list):
+        return saved
+    at = {k: i for i, k in enumerate(old)}
+
+    def per_unit(field: str, new: Any) -> list | None:
+        values = saved.get(field)
+        if not isinstance(values, list) or len(values) != len(old):
+            return values if values is None else []  # a damaged field: validation names it
+        return [values[at[k]] if k in at else new(values) for k in names]
+
+    window = per_unit("window", lambda w: [0.0] * (len(w[0]) if w and isinstance(w[0], list) else 0))
+    return {**saved, "names": names, "bits": per_unit("bits", lambda _: scheduler.min_bits),
+            "moves": per_unit("moves", lambda _: 0), "window": window, "history": [],
+            "factored_bits": per_unit("factored_bits", lambda _: 0.0)}  # fmt: skip
+
 
 def _load_moment(self: STQuantAdamW, p: torch.Tensor, key: str, value: Any, bits: int | None, recoded: list) -> Any:
     """A validated moment in this optimizer's format (packed at ``bits`` or the planned width)."""

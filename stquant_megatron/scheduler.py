@@ -176,6 +176,7 @@ class PrecisionScheduler:
             dist.all_gather_object(gathered, sorted(names), group=self.group)
             names = set().union(*map(set, gathered))
         names = sorted(names)
+        old = {k: i for i, k in enumerate(self.names)}
         replicas = replicas or {}
         local = torch.tensor([float(local_numel.get(k, 0)) for k in names], dtype=torch.float64)
         weight = torch.tensor([1.0 / max(1, replicas.get(k, 1)) for k in names], dtype=torch.float64)
@@ -189,7 +190,14 @@ class PrecisionScheduler:
             self.moves = torch.zeros(len(names), dtype=torch.long)
             self.window = torch.zeros(len(names), NUM_STATS, dtype=torch.float64, device=self._device())
             return
-        self._remap(names)
+        keep = [old.get(k) for k in names]
+        bits = torch.full((len(names),), self.min_bits, dtype=torch.long)
+        moves = torch.zeros(len(names), dtype=torch.long)
+        window = torch.zeros(len(names), NUM_STATS, dtype=torch.float64, device=self._device())
+        for i, j in enumerate(keep):
+            if j is not None:
+                bits[i], moves[i], window[i] = self.bits[j], self.moves[j], self.window[j]
+        self.names, self.bits, self.moves, self.window = names, bits, moves, window
 
     def _initial_bits(self) -> torch.Tensor:
         """``warmup_bits`` if set, else a neutral allocation (the same curve for every unit) under the
@@ -398,17 +406,16 @@ class PrecisionScheduler:
             "history": [d.row(self.names) for d in self.history],
         }  # fmt: skip
 
-    def validate_state_dict(self, sd: dict[str, Any], other_units: bool = False) -> None:
+    def validate_state_dict(self, sd: dict[str, Any]) -> None:
         """Raise ``ValueError`` (unit, field, value, allowed range) for anything this scheduler
-        cannot take; changes nothing. ``other_units``: the checkpoint may name other units than this
-        model's (saved at another parallel layout; ``load_state_dict`` maps them)."""
+        cannot take; changes nothing."""
         if not isinstance(sd, dict) or "names" not in sd or "bits" not in sd:
             got = sorted(sd) if isinstance(sd, dict) else type(sd).__name__
             raise ValueError(f"scheduler checkpoint lacks 'names'/'bits' (has {got})")
         names = sd["names"]
         if not isinstance(names, list) or not all(isinstance(k, str) for k in names) or len(set(names)) != len(names):
             raise ValueError("scheduler checkpoint: 'names' must be a list of distinct unit names")
-        if self.names and list(names) != self.names and not other_units:
+        if self.names and list(names) != self.names:
             diff = sorted(set(self.names) ^ set(names))[:5]
             raise ValueError(f"scheduler checkpoint units differ from this model's (first differences: {diff})")
         bits = sd["bits"]
@@ -439,12 +446,10 @@ class PrecisionScheduler:
             if not isinstance(h, dict) or len(h.get("bits", ())) != len(names):
                 raise ValueError("scheduler checkpoint: a history entry does not match the unit names")
 
-    def load_state_dict(self, sd: dict[str, Any], other_units: bool = False) -> None:
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Validate (``validate_state_dict``), then restore. Version 1 entries (full history, no
-        window) load with an empty window and their last ``history_keep`` decisions. With
-        ``other_units``, a checkpoint of other units is mapped onto this model's (``_remap``)."""
-        self.validate_state_dict(sd, other_units)
-        current = list(self.names)
+        window) load with an empty window and their last ``history_keep`` decisions."""
+        self.validate_state_dict(sd)
         names = list(sd["names"])
         self.names = names
         self.bits = None if sd["bits"] is None else torch.tensor(sd["bits"], dtype=torch.long)
@@ -461,25 +466,6 @@ class PrecisionScheduler:
         for h in (sd.get("history") or [])[-HISTORY_KEEP * 64 :]:  # the deque keeps the last history_keep
             self.history.append(Decision(int(h["step"]), dict(zip(names, h["bits"])), int(h["moved"]),
                                          float(h["avg_bits"]), dict(zip(names, h.get("errors") or []))))  # fmt: skip
-        if current and self.bits is not None:
-            self._remap(current)
-
-    def _remap(self, names: list[str]) -> None:
-        """Take the units ``names`` (units added by ``setup``, or this model's units after loading a checkpoint
-        saved with others: another tensor- or pipeline-parallel layout makes some tensors units or not): a unit
-        of both keeps its width, moves and statistics, a new one starts at ``min_bits`` (the budget keeps
-        holding), the others are dropped, and so is the decision history (its rows name the old units)."""
-        if list(names) == self.names:
-            return
-        old = {k: i for i, k in enumerate(self.names)}
-        bits = torch.full((len(names),), self.min_bits, dtype=torch.long)
-        moves = torch.zeros(len(names), dtype=torch.long)
-        window = torch.zeros(len(names), NUM_STATS, dtype=torch.float64, device=self._device())
-        for i, k in enumerate(names):
-            if k in old:
-                bits[i], moves[i], window[i] = self.bits[old[k]], self.moves[old[k]], self.window[old[k]]
-        self.names, self.bits, self.moves, self.window = list(names), bits, moves, window
-        self.history.clear()
 
 
 def _last_header(path: str) -> list[str] | None:

@@ -455,14 +455,16 @@ def test_statistics_sample_rotates_and_covers_each_unit_in_a_window():
     assert all(sched.sample_phase(s) == (sched.next_decision(s) - s) % SAMPLE_STRIDE for s in range(1, 40))
 
 
-def test_a_checkpoint_of_other_units_maps_onto_this_model_only_when_the_host_allows_it():
+def test_a_checkpoint_of_other_units_maps_onto_this_model_for_a_host_that_reshards():
     """Another TP/PP layout makes other tensors units (Megatron's ``load_meta``): the saved widths of the
     units both layouts have are kept, a unit the checkpoint lacks starts at min_bits, a saved unit this
-    model lacks is dropped; without ``other_units`` the same checkpoint is refused and nothing changes."""
+    model lacks is dropped; the scheduler itself still refuses the unmapped checkpoint, changing nothing."""
+    from stquant_megatron.checkpoint import scheduler_onto_units
     from stquant_megatron.scheduler import PrecisionScheduler
 
     saved = _two_unit_scheduler(0.0)
     saved.bits = torch.tensor([6, 3])  # a: 6, b: 3 (as a decision could leave them)
+    saved.moves = torch.tensor([2, 1])
     sd = saved.state_dict()
     here = PrecisionScheduler(avg_bits=4.25, min_bits=2, max_bits=8, max_error=float("inf"), interval=6,
                               warmup_steps=6, warmup_bits=None, stats_steps=2, max_move=2, hysteresis=0.0,
@@ -472,7 +474,9 @@ def test_a_checkpoint_of_other_units_maps_onto_this_model_only_when_the_host_all
     with pytest.raises(ValueError, match="units differ"):
         here.load_state_dict(copy.deepcopy(sd))
     assert here.current() == before
-    here.load_state_dict(copy.deepcopy(sd), other_units=True)
+    here.load_state_dict(scheduler_onto_units(copy.deepcopy(sd), here))
     assert here.current() == {"a": 6, "c": 2} and here.names == ["a", "c"]
+    assert here.moves.tolist() == [2, 0] and here.window[0].tolist() == saved.window[0].tolist()
     assert here.decisions == 1 and not here.history  # the history named the old units
     assert here.within_budget()
+    assert scheduler_onto_units(sd, saved) is sd  # the same units: as saved

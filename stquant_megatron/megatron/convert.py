@@ -29,12 +29,11 @@ from typing import Any
 
 import torch
 
+from .model_space import MODEL_SPACE, piece_index, prefix_of
 from .packed_checkpoint import (
-    _MODEL_SPACE,
     LAYOUT_VERSION,
     _decode_entry,
     _dense,
-    _piece_index,
     entry_where,
     factored_shard,
     is_packed_type,
@@ -187,7 +186,7 @@ def convert_to_dense(src: str, dst: str) -> dict[str, int]:
             raise ValueError(f"{pkey} is missing from {src!r}: the checkpoint is damaged")
         packed = state.pop(pkey)
         if layout.get("kind") == "fully_reshardable":
-            prefix = lkey[: lkey.index(_MODEL_SPACE)]  # a chained optimizer's, if any
+            prefix = lkey[: lkey.index(MODEL_SPACE)]  # a chained optimizer's, if any
             n, model_space = _model_space_dense(layout, packed)
             entries += n
             for (moment, model_key), t in model_space.items():
@@ -231,7 +230,7 @@ def _model_space_dense(layout: dict, packed: torch.Tensor) -> tuple[int, dict[tu
                 raise ValueError(f"{entry_where(e, r)}: no placement in the layout: the checkpoint is damaged")
             values, where = _entry_values(e, packed, rank["offset"], r)
             for piece in place["pieces"]:
-                pos, glob = _piece_index(piece, place["numel"], e["start"], e["start"] + e["numel"])
+                pos, glob = piece_index(piece, place["numel"], e["start"], e["start"] + e["numel"])
                 key = (e["moment"], piece["key"])
                 t = dense.setdefault(key, torch.zeros(piece["global_shape"], dtype=torch.float32))
                 if list(t.shape) != piece["global_shape"]:
@@ -252,7 +251,7 @@ def convert_to_packed(src: str, dst: str, bits: int = 8) -> dict[str, int]:
     parameter boundaries in their files (bucket space): load them in a patched run and save packed."""
     from ..config import STQuantConfig
     from ..state import PackedState
-    from .packed_checkpoint import _HEADER, PACKED_FULLY_RESHARDABLE, _moment_record, _model_space_prefix_of
+    from .packed_checkpoint import _HEADER, PACKED_FULLY_RESHARDABLE, _moment_record
 
     state, raw, common, common_key, common_pt, kind = _read_torch_dist(src, dst)
     if kind != "fully_reshardable":
@@ -268,7 +267,7 @@ def convert_to_packed(src: str, dst: str, bits: int = 8) -> dict[str, int]:
         if moment not in ("exp_avg", "exp_avg_sq") or f"{head}optimizer.state.param.{model_key}" not in state:
             continue
         dense = state.pop(key).float()
-        g = groups.setdefault(head + _model_space_prefix_of(model_key), {"parts": [torch.zeros(_HEADER, dtype=torch.uint8)],
+        g = groups.setdefault(head + prefix_of(model_key), {"parts": [torch.zeros(_HEADER, dtype=torch.uint8)],
                                                                           "entries": [], "placements": {}})  # fmt: skip
         shape, numel = list(dense.shape), dense.numel()
         if numel >= cfg.min_numel:

@@ -47,6 +47,7 @@ from .. import checkpoint
 from ..config import MOMENTS
 from ..optim import STQuantAdamW
 from ..state import QUANTIZED_STATES, FactoredState
+from . import model_space
 
 _WAY_BACK = ("load it with stquant-megatron installed (e.g. --stquant), or convert it to stock Megatron's dense form "
              "offline: stquant-megatron checkpoint convert SRC DST --to dense")  # fmt: skip
@@ -228,108 +229,21 @@ def save_entries(distopt: Any) -> dict[str, Any]:
 # shape and offset) and which of its local elements fill each (a strided view of the flat local tensor, so
 # that factories such as the SwiGLU fc1 split are exact). A loading rank maps its own shards and the saved
 # entries to global element indices per key; equal placement and range: the entry as it is (bit-exact).
-_MODEL_SPACE = "optimizer.fully_reshardable"
-
-
-def _sharded_leaves(tree: Any) -> list:
-    if isinstance(tree, dict):
-        return [x for v in tree.values() for x in _sharded_leaves(v)]
-    if isinstance(tree, (list, tuple)):
-        return [x for v in tree for x in _sharded_leaves(v)]
-    return [tree]
-
-
-def _placement(sh: Any, shape: tuple[int, ...]) -> dict[str, Any]:
-    """Where the elements of a local tensor of ``shape``, saved by Megatron as ``sh`` (its model
-    ShardedTensor or ShardedTensorFactory), live in model space."""
-    import dataclasses
-
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-
-    numel = 1
-    for n in shape:
-        numel *= int(n)
-    idx = torch.arange(numel, dtype=torch.int64).reshape(shape)
-    built = _sharded_leaves(dataclasses.replace(sh, data=idx).build()) if isinstance(sh, ShardedTensorFactory) else [sh]
-    pieces = []
-    for t in built:
-        data = idx if t is sh else t.data
-        ok = isinstance(t, ShardedTensor) and t.flattened_range is None and torch.is_tensor(data)
-        if not ok or data.untyped_storage().data_ptr() != idx.untyped_storage().data_ptr():
-            raise ValueError(f"{sh.key}: Megatron saves this parameter in a form packed checkpoints do not map "
-                             f"({type(t).__name__}); save with --stquant-checkpoint-format dense")  # fmt: skip
-        pieces.append({"key": t.key, "global_shape": [int(x) for x in t.global_shape],
-                       "global_offset": [int(x) for x in t.global_offset], "prepend": int(t.prepend_axis_num),
-                       "shape": list(data.shape), "stride": list(data.stride()), "at": int(data.storage_offset()),
-                       "pad": bool(t.allow_shape_mismatch)})  # fmt: skip
-    return {"numel": numel, "pieces": pieces}
-
-
-def _main_replica(replica_id: Any) -> bool:
-    """Whether a model tensor's replica id is the main one apart from its data-parallel part (the last): the
-    copy Megatron saves (tied output layers and tensor-parallel copies of replicated tensors are not)."""
-    ids = replica_id if isinstance(replica_id, (tuple, list)) else (replica_id, 0)
-    return all(int(x) == 0 for x in ids[:-1])
-
-
 def placements(distopt: Any, model_sharded_state_dict: Any) -> dict[str, dict[str, Any]]:
     """The placement of every parameter this rank holds a shard of, by its global name (``"main"``: whether
     this rank's copy is the one Megatron saves)."""
     from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories
 
     tensors, _ = extract_sharded_tensors_and_factories(model_sharded_state_dict)
-    by_param = {id(sh.data): sh for sh in _sharded_leaves(tensors)}
+    by_param = {id(sh.data): sh for sh in model_space.sharded_leaves(tensors)}
     out = {}
     for model_param, _, name, _, _ in _local_shards(distopt):
         sh = by_param.get(id(model_param))
         if sh is None:
             raise ValueError(f"{name}: not in the model's sharded state dict, which a packed fully_reshardable "
                              "checkpoint places the moments by (keep_vars=True?)")  # fmt: skip
-        out[name] = {**_placement(sh, tuple(model_param.shape)), "main": _main_replica(sh.replica_id)}
+        out[name] = {**model_space.placement(sh, tuple(model_param.shape)), "main": model_space.main_replica(sh.replica_id)}
     return out
-
-
-def _piece_index(piece: dict, numel: int, lo: int, hi: int, shape: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positions ``- lo`` of the local flat elements in ``[lo, hi)`` that fill ``piece``, their flat indices in
-    a global tensor of ``shape`` (default: the piece's own global shape; elements outside it are left out,
-    as a tensor Megatron saves with ``allow_shape_mismatch``, e.g. a vocabulary padded for another TP size,
-    is narrowed))."""
-    shape = piece["global_shape"] if shape is None else shape
-    pre, off = piece["prepend"], piece["global_offset"]
-    strides = [1] * len(shape)
-    for d in range(len(shape) - 2, -1, -1):
-        strides[d] = strides[d + 1] * shape[d + 1]
-    local = torch.arange(numel, dtype=torch.int64).as_strided(piece["shape"], piece["stride"], piece["at"])
-    glob = torch.full(piece["shape"], sum(off[d] * strides[d] for d in range(pre)), dtype=torch.int64)
-    inside = torch.ones(piece["shape"], dtype=torch.bool)
-    for d, n in enumerate(piece["shape"]):
-        view = [1] * len(piece["shape"])
-        view[d] = n
-        coord = off[pre + d] + torch.arange(n, dtype=torch.int64)
-        glob += (coord * strides[pre + d]).view(view)
-        inside &= (coord < shape[pre + d]).view(view)
-    sel = (local >= lo) & (local < hi) & inside
-    return local[sel] - lo, glob[sel]
-
-
-def _boxes(places: Any) -> dict[str, list[tuple[list[int], list[int]]]]:
-    """Global boxes (offset, extent) of the placements' pieces, by key."""
-    out: dict[str, list] = {}
-    for place in places:
-        for p in place["pieces"]:
-            out.setdefault(p["key"], []).append((p["global_offset"], [1] * p["prepend"] + p["shape"]))
-    return out
-
-
-def _meets(place: dict, boxes: dict) -> bool:
-    """Whether a placement's pieces meet any of ``boxes`` (a box test: it may say yes for a shard that only
-    its box overlaps)."""
-    for p in place["pieces"]:
-        lo, ext = p["global_offset"], [1] * p["prepend"] + p["shape"]
-        for lo_q, ext_q in boxes.get(p["key"], ()):
-            if len(lo) == len(lo_q) and all(a < b + m and b < a + n for a, n, b, m in zip(lo, ext, lo_q, ext_q)):
-                return True
-    return False
 
 
 def _world_layout(distopt: Any, chunk: torch.Tensor, entries: list, places: dict) -> dict[str, Any]:
@@ -347,12 +261,7 @@ def _model_space_prefix(distopt: Any) -> str:
     and an expert-parallel one for MoE, and does not prefix model-space keys per chained optimizer), the same
     at every parallel layout."""
     expert = any(not getattr(p, "allreduce", True) for p, *_ in _local_shards(distopt))
-    return f"{_MODEL_SPACE}.{'expert' if expert else 'dense'}"
-
-
-def _model_space_prefix_of(model_key: str) -> str:
-    """The same, offline, from a parameter's model-space key (Megatron's expert modules are ``experts``)."""
-    return f"{_MODEL_SPACE}.{'expert' if '.experts.' in f'.{model_key}' else 'dense'}"
+    return f"{model_space.MODEL_SPACE}.{'expert' if expert else 'dense'}"
 
 
 def save_entries_model_space(distopt: Any, model_sharded_state_dict: Any) -> dict[str, Any]:
@@ -428,8 +337,8 @@ def resolve_requests(sharded_state_dict: Any, checkpoint_dir: str, load) -> None
         _check_layout(layout, req["layout"].key)
         key = req["layout"].key[: -len("stquant_layout")] + "stquant_packed"
         pieces = {}
-        model_space = layout.get("kind") == "fully_reshardable"
-        wanted = _boxes(req.owner._stquant_placements.values()) if model_space else _wanted(req.owner)
+        in_model_space = layout.get("kind") == "fully_reshardable"
+        wanted = model_space.boxes(req.owner._stquant_placements.values()) if in_model_space else _wanted(req.owner)
         for r, j, lo, hi in _needed(layout, wanted):
             pieces[f"{r}.{j}"] = ShardedTensor(
                 key=key, data=torch.empty(hi - lo, dtype=torch.uint8), dtype=torch.uint8, local_shape=(hi - lo,),
@@ -447,13 +356,13 @@ def _wanted(distopt: Any) -> list[tuple[str, int, int]]:
 
 def _needed(layout: dict[str, Any], want: Any) -> list[tuple[int, int, int, int]]:
     """(saving rank, entry index, byte range in its chunk) of the layout's entries that overlap the shards
-    ``want`` (bucket space: ``_wanted``; model space: ``_boxes`` of this rank's placements); a factored entry
+    ``want`` (bucket space: ``_wanted``; model space: ``model_space.boxes`` of this rank's placements); a factored entry
     serves any shard of its matrix (its statistics describe the whole matrix)."""
     out = []
     if layout.get("kind") == "fully_reshardable":
         for r, rank in enumerate(layout["ranks"]):
             for j, e in enumerate(rank["entries"]):
-                if _meets(rank["placements"][e["name"]], want):
+                if model_space.meets(rank["placements"][e["name"]], want):
                     out.append((r, j, *span(e)))
         return out
     by_name: dict[str, list[tuple[int, int]]] = {}
@@ -551,22 +460,22 @@ def prepare(distopt: Any, loaded: Any, decoded: dict[str, Any]) -> list[tuple]:
     taken as it is; otherwise the shard's dense values are assembled from the entries that cover it."""
     layout = loaded["layout"]
     inner: STQuantAdamW = distopt.optimizer
-    model_space = layout.get("kind") == "fully_reshardable"
+    in_model_space = layout.get("kind") == "fully_reshardable"
     by_moment: dict[str, list] = {key: [] for key in MOMENTS}
     for piece_id, value in decoded.items():
         r, j = (int(x) for x in piece_id.split("."))
         e = layout["ranks"][r]["entries"][j]
-        place = layout["ranks"][r]["placements"][e["name"]] if model_space else None
+        place = layout["ranks"][r]["placements"][e["name"]] if in_model_space else None
         by_moment.setdefault(e["moment"], []).append((e, place, value))
     out, recoded = [], []
     for _, main, name, start, numel in _local_shards(distopt):
-        place = distopt._stquant_placements[name] if model_space else None
-        boxes = _boxes([place]) if model_space else None
+        place = distopt._stquant_placements[name] if in_model_space else None
+        boxes = model_space.boxes([place]) if in_model_space else None
         for key in MOMENTS:
             where = f"packed checkpoint {key} of {name!r} (elements {start}..{start + numel})"
             found = [(e, pl, v) for e, pl, v in by_moment[key]
-                     if (_meets(pl, boxes) if model_space else e["name"] == name)]  # fmt: skip
-            same = [(e, v) for e, pl, v in found if _same_place(pl, place)]  # the same parameter shard's matrix
+                     if (model_space.meets(pl, boxes) if in_model_space else e["name"] == name)]  # fmt: skip
+            same = [(e, v) for e, pl, v in found if model_space.same_place(pl, place)]  # the same parameter shard's matrix
             exact = [v for e, v in same if e["start"] == start and e["numel"] == numel]
             factored = [v for e, v in same if e["plain"].get("factored")]
             if exact:
@@ -576,10 +485,10 @@ def prepare(distopt: Any, loaded: Any, decoded: dict[str, Any]) -> list[tuple]:
                 if not isinstance(inner.state[main].get(key), FactoredState):
                     value = checkpoint_state(value, where).dequantize(device="cpu")  # this run packs it: the estimate
             else:
-                value, covered = (_assemble_model_space(found, place, start, numel, where) if model_space
+                value, covered = (_assemble_model_space(found, place, start, numel, where) if in_model_space
                                   else _assemble(found, start, numel, where))  # fmt: skip
                 if not bool(covered.all()):
-                    hint = ("" if model_space else " or tensor/pipeline-parallel layout (packed dp_reshardable "
+                    hint = ("" if in_model_space else " or tensor/pipeline-parallel layout (packed dp_reshardable "
                             "checkpoints reshard across data-parallel sizes only; save fully_reshardable for those)")
                     raise ValueError(f"{where}: the checkpoint covers {int(covered.sum())} of its {numel} elements; "
                                      f"it was saved for another model{hint}")  # fmt: skip
@@ -593,10 +502,6 @@ def prepare(distopt: Any, loaded: Any, decoded: dict[str, Any]) -> list[tuple]:
                 continue
             out.append((main, key, checkpoint._load_moment(inner, main, key, value, None, recoded)))
     return out
-
-
-def _same_place(a: dict | None, b: dict | None) -> bool:
-    return a is b or (a is not None and b is not None and a["numel"] == b["numel"] and a["pieces"] == b["pieces"])
 
 
 def _assemble(found: list, start: int, numel: int, where: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -621,7 +526,7 @@ def _assemble_model_space(found: list, place: dict, start: int, numel: int, wher
     covered = torch.zeros(numel, dtype=torch.bool)
     dense: dict[int, torch.Tensor] = {}
     for piece in place["pieces"]:
-        pos, glob = _piece_index(piece, place["numel"], start, start + numel)
+        pos, glob = model_space.piece_index(piece, place["numel"], start, start + numel)
         if not pos.numel():
             continue
         g0 = int(glob.min())
@@ -633,7 +538,7 @@ def _assemble_model_space(found: list, place: dict, start: int, numel: int, wher
                     continue
                 if len(q["global_shape"]) != len(piece["global_shape"]):
                     continue
-                qpos, qglob = _piece_index(q, pl["numel"], e["start"], e["start"] + e["numel"], piece["global_shape"])
+                qpos, qglob = model_space.piece_index(q, pl["numel"], e["start"], e["start"] + e["numel"], piece["global_shape"])
                 sel = (qglob >= g0) & (qglob < g0 + buf.numel())
                 if not bool(sel.any()):
                     continue
