@@ -70,6 +70,8 @@ def _run(rank, world, spec):
     model_kwargs = dict(num_layers=spec.get("layers", 2), hidden_size=64, bf16=spec.get("bf16", True))
     if spec.get("pos"):
         model_kwargs["position_embedding_type"] = spec["pos"]
+    if spec.get("swiglu"):  # Megatron saves the gated fc1 through a ShardedTensorFactory (two interleaved halves)
+        model_kwargs.update(gated_linear_unit=True, activation_func=torch.nn.functional.silu)
     model, opt = gpt.build_gpt_and_optimizer(lr=3e-3, **model_kwargs)
     res = {"inner": sorted({type(i).__name__ for i in _inners(opt)})}
     from megatron.core import parallel_state as _ps
@@ -170,9 +172,19 @@ def _assemble(ranks):
             if pd is None:  # replicated across TP: every copy must agree
                 assert all(torch.equal(views[0], v) for v in views[1:]), (name, k)
                 full[name][k] = views[0].reshape(-1)
+            elif _glu(name):  # each TP shard is [its part of the gate; its part of the up projection]
+                halves = [v.chunk(2, dim=0) for v in views]
+                full[name][k] = torch.cat([h[0] for h in halves] + [h[1] for h in halves]).reshape(-1)
             else:
                 full[name][k] = torch.cat(views, dim=pd).reshape(-1)
     return full
+
+
+_GLU = {"on": False}  # set by a check of a gated-linear-unit (SwiGLU) model
+
+
+def _glu(name: str) -> bool:
+    return _GLU["on"] and name.endswith(("mlp.linear_fc1.weight", "mlp.linear_fc1.bias"))
 
 
 def _requant_bound(ref, qmap, block):
@@ -193,11 +205,13 @@ def _requant_bound(ref, qmap, block):
     return s * torch.where(below, levels[0] - x, half) + s * 2.0**-20
 
 
-def _check_loaded_against_saved(saved_ranks, loaded_ranks):
+def _check_loaded_against_saved(saved_ranks, loaded_ranks, glu: bool = False):
     """Every loaded shard against the saved run's state, independently of the checkpoint code:
     main params exact; moments exact when stored dense, within one quantization step of the saved
     values when re-packed (a different DP/TP layout shifts the block boundaries). Returns the
-    number of packed moments compared (so a caller can insist there were some)."""
+    number of packed moments compared (so a caller can insist there were some). ``glu``: the model's
+    fc1 is gated (SwiGLU), its TP shards each hold a part of both halves."""
+    _GLU["on"] = glu
     full, packed = _assemble(saved_ranks), 0
     for shards in loaded_ranks:
         for e in shards:
@@ -207,7 +221,10 @@ def _check_loaded_against_saved(saved_ranks, loaded_ranks):
                 if e["partition_dim"] is not None:
                     shape = list(e["shape"])
                     shape[e["partition_dim"]] *= e["tp_size"]
-                    ref = ref.view(shape).chunk(e["tp_size"], dim=e["partition_dim"])[e["tp_rank"]].reshape(-1)
+                    if _glu(e["name"]):
+                        ref = torch.cat([h.chunk(e["tp_size"])[e["tp_rank"]] for h in ref.view(shape).chunk(2)]).reshape(-1)
+                    else:
+                        ref = ref.view(shape).chunk(e["tp_size"], dim=e["partition_dim"])[e["tp_rank"]].reshape(-1)
                 ref = ref[e["start"]:e["start"] + got.numel()]
                 where = f"{e['name']}.{k}[{e['start']}:+{got.numel()}]"
                 if k in e["packing"]:

@@ -246,7 +246,7 @@ def placements(distopt: Any, model_sharded_state_dict: Any) -> dict[str, dict[st
     return out
 
 
-def _world_layout(distopt: Any, chunk: torch.Tensor, entries: list, places: dict) -> dict[str, Any]:
+def _world_layout(chunk: torch.Tensor, entries: list, places: dict) -> dict[str, Any]:
     gathered: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, {"nbytes": chunk.numel(), "entries": entries, "placements": places})
     layout = _layout(gathered)
@@ -274,7 +274,7 @@ def save_entries_model_space(distopt: Any, model_sharded_state_dict: Any) -> dic
                          "supported; save with --stquant-checkpoint-format dense")  # fmt: skip
     places = placements(distopt, model_sharded_state_dict)
     chunk, entries = _pack_chunk(distopt, {name for name, p in places.items() if p["main"]})
-    layout = _world_layout(distopt, chunk, entries, {name: places[name] for name in {e["name"] for e in entries}})
+    layout = _world_layout(chunk, entries, {name: places[name] for name in {e["name"] for e in entries}})
     rank = torch.distributed.get_rank()
     return {
         "layout": ShardedObject(f"{_model_space_prefix(distopt)}.stquant_layout", layout, (1,), (0,), replica_id=rank),
