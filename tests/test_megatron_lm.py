@@ -331,6 +331,26 @@ def test_gpt_packed_checkpoint_reshards_to_one_rank_and_stock_refuses_it(tmp_pat
 
 @pytest.mark.megatron
 @pytest.mark.megatron_lm
+def test_gpt_packed_checkpoint_of_one_rank_resumes_on_two(tmp_path):
+    """DP 1 -> 2 through ``pretrain_gpt.py``: a packed torch_dist checkpoint of a one-rank job (the default
+    config, 2 micro-batches per step) resumes on two data-parallel ranks (one micro-batch each, the same
+    global batch): each loss within 1e-3 of the saving job's iterations 4-6."""
+    ck = str(tmp_path / "ckpt")
+    flags = ["--stquant", "--stquant-checkpoint-format", "packed", "--ckpt-format", "torch_dist"]
+    saver = run_megatron_lm("pretrain_gpt.py", gpt_args(iters=ITERS, mbs=2, gbs=4) + flags + ["--save", ck, "--save-interval", "3"],
+                            nproc=1, route="launch", workdir=str(tmp_path / "save"))  # fmt: skip
+    two = run_megatron_lm("pretrain_gpt.py", gpt_args(iters=ITERS, mbs=2, gbs=4) + flags + ["--load", ck, "--ckpt-step", "3"],
+                          route="launch", workdir=str(tmp_path / "dp2"))  # fmt: skip
+    ref = saver.losses()[3:]
+    assert two.iterations() == [4, 5, 6]
+    assert _rel_close(two.losses(), ref, 1e-3), (two.losses(), ref)
+    _record("GPT DP=1 bf16, `--stquant --stquant-checkpoint-format packed` → DP=2 job", "launch", saver,
+            "resumed losses within 1e-3 of the saving job's", losses=two.losses())  # fmt: skip
+    print(f"packed DP=1 -> DP=2: {two.losses()} vs {ref}")
+
+
+@pytest.mark.megatron
+@pytest.mark.megatron_lm
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
 def test_gpt_packed_fully_reshardable_checkpoint_loads_at_tp1_pp1(layout, tmp_path):
     """``--dist-ckpt-optim-fully-reshardable`` with packed moments (the default config: scheduled, stochastic
