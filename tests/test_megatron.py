@@ -615,3 +615,20 @@ def test_resume_across_a_format_switch(fmt, tmp_path):
     for r in run_distributed(_run, 2, spec, timeout=600):
         _check_factored_reload(r["before"], r["after"])
         assert _close(r["continued"], straight[0]["losses"][5:], 1e-4), (r["continued"], straight[0]["losses"])
+
+
+def test_tied_embedding_copies_stay_equal_across_pipeline_stages():
+    """PP=2 with tied embeddings: Megatron keeps a copy of the word embedding on the last stage and sums the two
+    copies' gradients, so stock Adam updates them identically. With the default config (scheduled widths,
+    stochastic rounding) the copy is the same unit as the embedding (one width, one random stream): after a
+    scheduler decision both stages hold the same main params and the same packed moments, bit for bit."""
+    cfg = dict(avg_bits=3.0, warmup_steps=2, interval=2, stats_steps=1, min_numel=1024)
+    ranks = run_distributed(_run, 2, dict(pp=2, config=cfg, steps=4, snapshot=True), timeout=400)
+    def copy(snap):  # the embedding's entries (param, codes, scales) by what follows its name, whatever its name
+        return {k.split("weight", 1)[1]: v for k, v in snap.items()
+                if k.startswith(("embedding.word_embeddings.weight", "output_layer.weight"))}  # fmt: skip
+
+    first, last = copy(ranks[0]["snap"]), copy(ranks[1]["snap"])
+    assert any(k.endswith(".codes") for k in first) and first.keys() == last.keys(), (sorted(first), sorted(last))
+    for k in first:
+        assert torch.equal(first[k], last[k]), (k, float((first[k].float() - last[k].float()).abs().max()))

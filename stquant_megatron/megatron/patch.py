@@ -139,7 +139,9 @@ def global_param_names(model_chunks) -> dict[torch.Tensor, str]:
     """Parameter -> name with the global layer number (``layers.<global>.``) and the global expert
     index (``local_experts.<global>.`` for SequentialMLP, ``weight<global>`` / ``bias<global>`` for
     grouped experts), identical on every pipeline, tensor and expert-parallel rank and distinct for
-    different tensors; wrapper prefixes (``module.``) removed."""
+    different tensors; wrapper prefixes (``module.``) removed. The last pipeline stage's copy of a tied
+    word embedding (Megatron keeps it equal to the first stage's by summing their gradients) is named as
+    the embedding: one unit, the same width and stochastic-rounding stream, so the copies stay equal."""
     names = {}
     for chunk in model_chunks:
         modules = dict(chunk.named_modules())
@@ -161,6 +163,8 @@ def global_param_names(model_chunks) -> dict[torch.Tensor, str]:
                     parts[-1] = f"{last.group(1)}{offset + int(last.group(2))}"
             while parts and parts[0] == "module":
                 parts.pop(0)
+            if getattr(p, "shared_embedding", False) and parts[-2:] == ["output_layer", "weight"]:
+                parts[-2:] = ["embedding", "word_embeddings", "weight"]  # the tied copy: one unit with the embedding
             names[p] = ".".join(parts)
     return names
 
@@ -219,16 +223,18 @@ def install(distopt: Any, config: STQuantConfig) -> STQuantAdamW:
 def _replicas(distopt: Any, model_param: torch.Tensor) -> int:
     """Ranks of the optimizer's group that keep the same elements of ``model_param`` apart from
     data-parallel sharding: the tensor-parallel size for a parameter that TP does not split (norms,
-    routers, ...), 1 for a TP-split one. The scheduler counts such copies once in the budget."""
+    routers, ...), 1 for a TP-split one, times 2 for a word embedding tied across pipeline stages. The
+    scheduler counts such copies once in the budget."""
+    copies = 2 if getattr(model_param, "shared_embedding", False) else 1  # a tied embedding: first and last stage
     if getattr(model_param, "tensor_model_parallel", False):
-        return 1
+        return copies
     expert = not getattr(model_param, "allreduce", True)
     group = getattr(distopt, "expert_tp_group" if expert else "tp_group", None)
     if group is not None:
-        return torch.distributed.get_world_size(group)
+        return copies * torch.distributed.get_world_size(group)
     from megatron.core import parallel_state as ps
 
-    return ps.get_expert_tensor_parallel_world_size() if expert else ps.get_tensor_model_parallel_world_size()
+    return copies * (ps.get_expert_tensor_parallel_world_size() if expert else ps.get_tensor_model_parallel_world_size())
 
 
 def _save_history(optimizer: STQuantAdamW, decision: Any, get_args) -> None:
