@@ -288,7 +288,7 @@ def test_gpt_checkpoints_interchange_with_stock(tmp_path):
 def test_gpt_packed_checkpoint_reshards_to_one_rank_and_stock_refuses_it(tmp_path):
     """A packed torch_dist checkpoint of a DP=2 job (scheduled, the default config) resumes on one rank
     (DP=1: shards re-coded from the saved codes; the same global batch in 2 micro-batches): the first
-    resumed loss is the saving job's next one (the params are exact), the next two within 1e-2; a stock
+    resumed loss is the saving job's next one (the params are exact), the next two within 1e-3; a stock
     job pointed at it stops at load with the message that names the way back, and writes nothing."""
     from stquant_megatron.megatron.packed_checkpoint import PACKED_DP_RESHARDABLE
     from stquant_megatron.testing.megatron_lm import MegatronLMError
@@ -306,7 +306,7 @@ def test_gpt_packed_checkpoint_reshards_to_one_rank_and_stock_refuses_it(tmp_pat
     ref = saver.losses()[3:]
     assert one.iterations() == [4, 5, 6]
     assert abs(one.losses()[0] - ref[0]) <= 1e-6 * ref[0], (one.losses(), ref)
-    assert _rel_close(one.losses(), ref, 1e-2), (one.losses(), ref)
+    assert _rel_close(one.losses(), ref, 1e-3), (one.losses(), ref)  # observed: equal
     with pytest.raises(MegatronLMError) as info:
         run_megatron_lm("pretrain_gpt.py", gpt_args(iters=ITERS) + ["--ckpt-format", "torch_dist", "--load", ck,
                                                                    "--ckpt-step", "3"], workdir=str(tmp_path / "stock"))  # fmt: skip
@@ -324,7 +324,7 @@ def test_gpt_packed_checkpoint_reshards_to_one_rank_and_stock_refuses_it(tmp_pat
     assert abs(stock.losses()[0] - ref[0]) <= 1e-6 * ref[0], (stock.losses(), ref)
     assert _rel_close(stock.losses(), ref, 1e-3), (stock.losses(), ref)
     _record("GPT DP=2 bf16, `--stquant --stquant-checkpoint-format packed` → DP=1 job; → stock job; → converter → stock",
-            "launch", saver, "DP=1 resume: first loss within 1e-6, then within 1e-2; stock job refused with the way back; "
+            "launch", saver, "DP=1 resume: first loss within 1e-6, then within 1e-3; stock job refused with the way back; "
             "converted offline (`stquant-megatron checkpoint convert`), a stock job resumes within 1e-3")
     print(f"packed DP=2 -> DP=1: {one.losses()} vs {ref}")
 
