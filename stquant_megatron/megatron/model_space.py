@@ -38,13 +38,17 @@ def placement(sh: Any, shape: tuple[int, ...]) -> dict[str, Any]:
     numel = 1
     for n in shape:
         numel *= int(n)
-    idx = torch.arange(numel, dtype=torch.int64).reshape(shape)
-    built = sharded_leaves(dataclasses.replace(sh, data=idx).build()) if isinstance(sh, ShardedTensorFactory) else [sh]
+    if isinstance(sh, ShardedTensorFactory):  # built on an index tensor: each piece is a view saying which elements
+        idx = torch.arange(numel, dtype=torch.int64).reshape(shape)
+        built = sharded_leaves(dataclasses.replace(sh, data=idx).build())
+    else:
+        idx = torch.empty(shape, dtype=torch.uint8, device="meta")  # the whole tensor, contiguous (no memory)
+        built = [sh]
     pieces = []
     for t in built:
         data = idx if t is sh else t.data
         ok = isinstance(t, ShardedTensor) and t.flattened_range is None and torch.is_tensor(data)
-        if not ok or data.untyped_storage().data_ptr() != idx.untyped_storage().data_ptr():
+        if not ok or (t is not sh and data.untyped_storage().data_ptr() != idx.untyped_storage().data_ptr()):
             raise ValueError(f"{sh.key}: Megatron saves this parameter in a form packed checkpoints do not map "
                              f"({type(t).__name__}); save with --stquant-checkpoint-format dense")  # fmt: skip
         pieces.append({"key": t.key, "global_shape": [int(x) for x in t.global_shape],
@@ -93,12 +97,12 @@ def boxes(places: Any) -> dict[str, list[tuple[list[int], list[int]]]]:
     return out
 
 
-def meets(place: dict, boxes: dict) -> bool:
-    """Whether a placement's pieces meet any of ``boxes`` (a box test: it may say yes for a shard that only
-    its box overlaps)."""
+def meets(place: dict, against: dict) -> bool:
+    """Whether a placement's pieces meet any of the boxes ``against`` (``boxes``; a box test: it may say yes
+    for a shard that only its box overlaps)."""
     for p in place["pieces"]:
         lo, ext = p["global_offset"], [1] * p["prepend"] + p["shape"]
-        for lo_q, ext_q in boxes.get(p["key"], ()):
+        for lo_q, ext_q in against.get(p["key"], ()):
             if len(lo) == len(lo_q) and all(a < b + m and b < a + n for a, n, b, m in zip(lo, ext, lo_q, ext_q)):
                 return True
     return False
@@ -108,6 +112,13 @@ def same_place(a: dict | None, b: dict | None) -> bool:
     return a is b or (a is not None and b is not None and a["numel"] == b["numel"] and a["pieces"] == b["pieces"])
 
 
+def prefix(expert: bool) -> str:
+    """Where one optimizer's packed model-space moments go: a key per kind of optimizer (Megatron chains a
+    dense and an expert-parallel one for MoE and does not prefix model-space keys per chained optimizer),
+    the same at every parallel layout."""
+    return f"{MODEL_SPACE}.{'expert' if expert else 'dense'}"
+
+
 def prefix_of(model_key: str) -> str:
-    """The same, offline, from a parameter's model-space key (Megatron's expert modules are ``experts``)."""
-    return f"{MODEL_SPACE}.{'expert' if '.experts.' in f'.{model_key}' else 'dense'}"
+    """``prefix`` of a parameter, offline, from its model-space key (Megatron's expert modules are ``experts``)."""
+    return prefix(".experts." in f".{model_key}")

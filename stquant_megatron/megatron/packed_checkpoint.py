@@ -257,11 +257,7 @@ def _world_layout(chunk: torch.Tensor, entries: list, places: dict) -> dict[str,
 
 
 def _model_space_prefix(distopt: Any) -> str:
-    """Where one optimizer's packed model-space moments go: a key per kind of optimizer (Megatron chains a dense
-    and an expert-parallel one for MoE, and does not prefix model-space keys per chained optimizer), the same
-    at every parallel layout."""
-    expert = any(not getattr(p, "allreduce", True) for p, *_ in _local_shards(distopt))
-    return f"{model_space.MODEL_SPACE}.{'expert' if expert else 'dense'}"
+    return model_space.prefix(any(not getattr(p, "allreduce", True) for p, *_ in _local_shards(distopt)))
 
 
 def save_entries_model_space(distopt: Any, model_sharded_state_dict: Any) -> dict[str, Any]:
