@@ -494,3 +494,20 @@ def test_offline_converter_packs_a_dense_fully_reshardable_checkpoint(tmp_path):
     res = run_distributed(_run, 1, dict(config=FIXED, steps=0, load=packed, fmt=FR, start=3, more=2), timeout=600)
     assert _close(res[0]["continued"][:1], saved[0]["continued"][:1], 2e-3), (res[0]["continued"], saved[0]["continued"])
     assert _close(res[0]["continued"][1:], saved[0]["continued"][1:], 1e-2), (res[0]["continued"], saved[0]["continued"])
+
+
+@pytest.mark.parametrize("fmt", ["packed", FR])
+def test_a_packed_checkpoint_loads_at_other_widths_and_block_sizes(fmt, tmp_path):
+    """Saved at 4 bits in blocks of 128, loaded by a run at 3 bits in blocks of 256 (same layout): every
+    moment is the saved one re-coded once at the new width and blocks (within half a level of its new
+    block: the bound checked element by element against the saving run's own values), and training goes on."""
+    ck = str(tmp_path / "c")
+    saved = run_distributed(_run, 2, dict(config=FIXED, steps=3, save=ck, fmt=fmt, more=2), timeout=600)
+    other = dict(bits=3, block_size=256, exp_avg_sq_format="packed")
+    res = run_distributed(_run, 2, dict(config=other, steps=0, load=ck, fmt=fmt, start=3, more=2), timeout=600)
+    assert _check_loaded_against_saved([r["saved_dense"] for r in saved], [r["loaded_dense"] for r in res]) > 0
+    for r in res:
+        codes = [v for k, v in r["loaded"].items() if k.endswith(".codes")]
+        assert codes and all(c.shape[1] == 3 and c.shape[2] == 256 // 8 for c in codes), [tuple(c.shape) for c in codes][:3]
+    assert _close(res[0]["continued"][:1], saved[0]["continued"][:1], 1e-6), (res[0]["continued"], saved[0]["continued"])
+    assert _close(res[0]["continued"][1:], saved[0]["continued"][1:], 2e-2), (res[0]["continued"], saved[0]["continued"])
