@@ -240,7 +240,9 @@ def test_gpt_model_parallel_tracks_stock(name, ga, route, flags, tol, bpp_range,
         sched = [r["optimizers"][0]["scheduler_bits"] for r in ours.records]
         assert sched[0] == sched[1] and len(set(sched[0].values()) - {32}) > 1, sched
         owned = [{u for u, b in r["optimizers"][0]["bits"].items() if b != 32} for r in ours.records]
-        assert owned[0] and owned[1] and not owned[0] & owned[1]  # the stages' units differ
+        # the stages' units differ, but for the tied word embedding: one unit, kept by both stages
+        assert owned[0] and owned[1] and owned[0] & owned[1] == {f"embedding.word_embeddings.weight.{m}"
+                                                                  for m in ("exp_avg", "exp_avg_sq")}, owned  # fmt: skip
         for r in ours.records:
             assert all(sched[0][u] == b for u, b in r["optimizers"][0]["bits"].items() if b != 32)
     shape = {"tp2-rope": "TP=2 bf16 RoPE (`--no-rope-fusion`)", "pp2-sched": "PP=2 bf16",
