@@ -57,6 +57,16 @@ def _snapshot(opt):
     return out
 
 
+def _assert_reloaded_exactly(results, what=""):
+    """Every rank's state after reloading its own checkpoint (``reload_same``) is what it saved: the same
+    entries (packed codes among them), each bit for bit."""
+    for r in results:
+        before, after = r["before"], r["after"]
+        assert before.keys() == after.keys() and any(k.endswith(".codes") for k in before), (what, sorted(before)[:4])
+        for k in before:
+            assert torch.equal(before[k], after[k]), (what, k)
+
+
 def _run(rank, world, spec):
     """One rank: build (patched or stock), train, optionally save/load; returns what the test checks."""
     from stquant_megatron.megatron import patch, unpatch
@@ -275,19 +285,15 @@ def test_fp32_params_pack_track_stock_and_round_trip(tmp_path):
     assert _close(ours[0]["losses"], stock[0]["losses"], 1e-3), (ours[0]["losses"], stock[0]["losses"])
     for r in ours:
         assert 2.0 < r["bytes_per_param"] < 3.0, r["bytes_per_param"]
-        assert any(k.endswith(".codes") for k in r["before"])
-        for k in r["before"]:
-            assert torch.equal(r["before"][k], r["after"][k]), k
+    _assert_reloaded_exactly(ours)
 
 
 @pytest.mark.parametrize("fmt", ["dp_reshardable", "fully_reshardable", "torch"])
 def test_checkpoint_round_trip_is_exact(fmt, tmp_path):
     spec = dict(config=dict(bits=4, **PACKED), steps=3, save=str(tmp_path / fmt), fmt=fmt, reload_same=True, more=2)
-    for r in run_distributed(_run, 2, spec, timeout=400):
-        before, after = r["before"], r["after"]
-        assert before.keys() == after.keys() and any(k.endswith(".codes") for k in before)
-        for k in before:
-            assert torch.equal(before[k], after[k]), k
+    results = run_distributed(_run, 2, spec, timeout=400)
+    _assert_reloaded_exactly(results, fmt)
+    for r in results:
         assert len(r["continued"]) == 2 and all(map(lambda x: x == x, r["continued"]))
 
 

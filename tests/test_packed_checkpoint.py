@@ -16,7 +16,7 @@ import torch
 
 from stquant_megatron.testing import run_distributed
 
-from test_megatron import _check_loaded_against_saved, _close, _run, _snapshot  # noqa: E402
+from test_megatron import _assert_reloaded_exactly, _check_loaded_against_saved, _close, _run, _snapshot  # noqa: E402
 
 pytestmark = pytest.mark.megatron
 
@@ -71,10 +71,7 @@ def test_packed_round_trip_is_exact_and_the_moments_take_their_packed_size(tmp_p
     spec = dict(config=FIXED, steps=3, reload_same=True, more=2, bytes=True)
     rp = run_distributed(_run, 2, dict(spec, save=packed, fmt="packed"), timeout=600)
     rd = run_distributed(_run, 2, dict(spec, save=dense, fmt="dp_reshardable"), timeout=600)
-    for r in rp:
-        assert r["before"].keys() == r["after"].keys() and any(k.endswith(".codes") for k in r["before"])
-        for k in r["before"]:
-            assert torch.equal(r["before"][k], r["after"][k]), k
+    _assert_reloaded_exactly(rp)
     # the continuation after the reload equals the dense format's (same state restored exactly both ways)
     assert rp[0]["continued"] == rd[0]["continued"]
     p, d = _disk_bytes(packed), _disk_bytes(dense)
@@ -228,10 +225,7 @@ def test_packed_legacy_torch_round_trip_is_exact_and_small(tmp_path):
     spec = dict(config=FIXED, steps=3, reload_same=True, more=2, bytes=True)
     rp = run_distributed(_run, 2, dict(spec, save=packed, **LEGACY), timeout=600)
     rd = run_distributed(_run, 2, dict(spec, save=dense, fmt="torch"), timeout=600)
-    for r in rp:
-        assert r["before"].keys() == r["after"].keys() and any(k.endswith(".codes") for k in r["before"])
-        for k in r["before"]:
-            assert torch.equal(r["before"][k], r["after"][k]), k
+    _assert_reloaded_exactly(rp)
     assert rp[0]["continued"] == rd[0]["continued"]
     state = _load_legacy(_distrib_optim(packed))
     moments = sum(r["state_bytes"] for r in rp) - 4 * sum(r["num_shards"] for r in rp)  # less the step counters
@@ -367,10 +361,7 @@ def test_packed_fully_reshardable_round_trip_is_exact_and_small(tmp_path):
     spec = dict(tp=2, config=FIXED, steps=3, reload_same=True, more=2, bytes=True)
     rp = run_distributed(_run, 2, dict(spec, save=packed, fmt=FR), timeout=600)
     rd = run_distributed(_run, 2, dict(spec, save=dense, fmt="fully_reshardable"), timeout=600)
-    for r in rp:
-        assert r["before"].keys() == r["after"].keys() and any(k.endswith(".codes") for k in r["before"])
-        for k in r["before"]:
-            assert torch.equal(r["before"][k], r["after"][k]), k
+    _assert_reloaded_exactly(rp)
     assert rp[0]["continued"] == rd[0]["continued"]
     p, d = _disk_bytes(packed), _disk_bytes(dense)
     assert p["stquant_packed"] > 0 and d["stquant_packed"] == 0
@@ -399,9 +390,7 @@ def test_packed_fully_reshardable_changes_tp_pp_and_dp(case, tmp_path):
     model = dict(swiglu=True) if "swiglu" in case else {}
     saved = run_distributed(_run, save_world, dict(save, **model, config=config, steps=3, save=ck, fmt=FR, more=2,
                                                    reload_same=True), timeout=600)  # fmt: skip
-    for r in saved:
-        assert r["before"].keys() == r["after"].keys()
-        assert all(torch.equal(r["before"][k], r["after"][k]) for k in r["before"]), case
+    _assert_reloaded_exactly(saved, case)
     res = run_distributed(_run, load_world, dict(load, **model, config=config, steps=0, load=ck, fmt=FR, start=3, more=2),
                           timeout=600)  # fmt: skip
     got, ref = res[0]["continued"], saved[0]["continued"] if saved[0]["continued"][0] is not None else saved[-1]["continued"]
